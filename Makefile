@@ -1,0 +1,50 @@
+# inferd: `make run` serves the demo model, `make test` runs the whole suite. Both set up what they need.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP_RUN  := $(VENV)/.stamp-run
+STAMP_DEV  := $(VENV)/.stamp-dev
+
+.PHONY: run test lint typecheck bench deps-system clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP_RUN): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[demo]'
+	touch $@
+
+$(STAMP_DEV): pyproject.toml | $(PY)
+	$(PIP) install --quiet -e '.[dev]'
+	touch $@ $(STAMP_RUN)
+
+run: $(STAMP_RUN)
+	$(PY) -m daemon.demo config.example.yaml
+	@echo
+	@echo "Try it (in another terminal):"
+	@echo "  curl -s -X POST http://127.0.0.1:8080/v2/models/demo/infer -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"inputs\":[{\"name\":\"input\",\"shape\":[1,4],\"datatype\":\"FP32\",\"data\":[5.1,3.5,1.4,0.2]}]}'"
+	@echo
+	$(VENV)/bin/inferd serve --config config.example.yaml
+
+# The broker the MQTT tests start; installed from Debian's packages when missing.
+deps-system:
+	@command -v mosquitto >/dev/null 2>&1 || ls /usr/sbin/mosquitto >/dev/null 2>&1 || { \
+	  echo "installing mosquitto"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
+
+lint: $(STAMP_DEV)
+	$(VENV)/bin/ruff check daemon adapters tests bench
+	$(VENV)/bin/mypy
+
+test: $(STAMP_DEV) deps-system lint
+	$(PY) -m pytest -q
+
+bench: $(STAMP_DEV)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache

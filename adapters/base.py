@@ -1,0 +1,159 @@
+"""The contract between the daemon and an inference runtime.
+
+An adapter knows one runtime and numpy, nothing else: it must never import the daemon, HTTP or MQTT code. The daemon
+hands it decrypted model files as bytes and gets back a :class:`Session`; plaintext therefore never has to touch disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+log = logging.getLogger("inferd.adapters")
+
+Device = Literal["cpu", "gpu", "auto"]
+
+#: KServe V2 datatype name -> numpy dtype. BYTES is not served by the numeric runtimes we wrap.
+V2_TO_NUMPY: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+NUMPY_TO_V2: dict[np.dtype[Any], str] = {v: k for k, v in V2_TO_NUMPY.items()}
+
+
+class AdapterError(Exception):
+    """A runtime refused a model or a run; the message is meant for the operator."""
+
+
+class AdapterUnavailable(AdapterError):
+    """The runtime package is not installed (or unusable); the message names the pip extra."""
+
+
+class DeviceUnavailable(AdapterError):
+    """The requested device cannot be used and fallback to the CPU was disabled."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output as the V2 protocol describes it (-1 marks a dynamic dimension)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return V2_TO_NUMPY[self.datatype]
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """Runtime-neutral knobs; each adapter maps them to its own settings and ignores none silently."""
+
+    device: Device = "cpu"
+    fallback: bool = True
+    threads: int = 1
+    inter_op_threads: int = 1
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    workers: int = 1
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Session(Protocol):
+    """A loaded model, ready to run."""
+
+    @property
+    def inputs(self) -> list[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> list[TensorSpec]: ...
+
+    @property
+    def device(self) -> str:
+        """The device that actually runs the model (e.g. ``cpu``, ``cuda:0``), for metadata and metrics."""
+        ...
+
+    @property
+    def platform(self) -> str:
+        """The V2 ``platform`` string (e.g. ``onnxruntime_onnx``)."""
+        ...
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one (possibly batched) inference; thread-safe, serialising inside if the runtime needs it."""
+        ...
+
+    def close(self) -> None:
+        """Release the runtime's resources; the session is not used afterwards."""
+        ...
+
+
+class Runtime(Protocol):
+    """What each adapter module exposes as ``RUNTIME``."""
+
+    name: str
+
+    def available_devices(self) -> list[str]: ...
+
+    def load(self, files: Mapping[str, bytes], options: SessionOptions) -> Session: ...
+
+
+def warn_fallback(runtime: str, asked: str, runs: str, why: str) -> None:
+    """The one WARNING line every adapter writes when it cannot honour the requested device."""
+    log.warning("device %s requested for %s is not usable (%s); running on %s", asked, runtime, why, runs)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: the affinity mask, capped by a cgroup v2/v1 CPU quota.
+
+    ``os.cpu_count()`` reports the host's CPUs, which oversubscribes thread pools inside containers and systemd
+    slices that set ``CPUQuota=``.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota + 0.999)))
+    return max(1, cpus)
+
+
+def _cgroup_quota() -> float | None:
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii") as f:
+            q = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii") as f:
+            p = int(f.read())
+        return q / p if q > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def check_inputs_present(specs: list[TensorSpec], inputs: Mapping[str, np.ndarray]) -> None:
+    """Adapters call this so a direct (non-daemon) caller gets a clear error rather than a runtime crash."""
+    missing = [s.name for s in specs if s.name not in inputs]
+    if missing:
+        raise AdapterError(f"missing inputs: {', '.join(missing)}")

@@ -1,0 +1,164 @@
+"""ONNX Runtime: the default runtime, CPU execution provider, CUDA when onnxruntime-gpu and a GPU are present."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from adapters.base import (
+    AdapterError,
+    AdapterUnavailable,
+    DeviceUnavailable,
+    SessionOptions,
+    TensorSpec,
+    check_inputs_present,
+    warn_fallback,
+)
+
+log = logging.getLogger("inferd.adapters.onnxruntime")
+
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+}
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
+        raise AdapterUnavailable(
+            f"onnxruntime is not installed ({exc}); install inferd with its core dependencies"
+        ) from exc
+    return onnxruntime
+
+
+def _spec(arg: Any) -> TensorSpec:
+    datatype = _ORT_TYPES.get(arg.type)
+    if datatype is None:
+        raise AdapterError(f"tensor {arg.name!r} has type {arg.type}, which inferd cannot serve")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
+    return TensorSpec(arg.name, datatype, shape)
+
+
+def choose_providers(device: str, fallback: bool, available: list[str]) -> tuple[list[str], str]:
+    """Execution providers for a device request, and the device that will actually run.
+
+    Kept pure (no runtime import) so the GPU selection and fallback rules are tested on machines without a GPU.
+    """
+    if device in ("gpu", "auto"):
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda:0"
+        if device == "gpu":
+            if not fallback:
+                raise DeviceUnavailable(
+                    "device gpu requested for onnxruntime but CUDAExecutionProvider is not available "
+                    "(install onnxruntime-gpu in place of onnxruntime) and fallback is disabled"
+                )
+            warn_fallback("onnxruntime", "gpu", "cpu", "CUDAExecutionProvider not available")
+    return ["CPUExecutionProvider"], "cpu"
+
+
+class OnnxSession:
+    """One InferenceSession; ORT's Run is thread-safe, so no lock is taken here."""
+
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, sess: Any, device: str) -> None:
+        self._sess = sess
+        self._device = device
+        self._inputs = [_spec(a) for a in sess.get_inputs()]
+        self._outputs = [_spec(a) for a in sess.get_outputs()]
+        self._output_names = [o.name for o in self._outputs]
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self._outputs
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_inputs_present(self._inputs, inputs)
+        try:
+            results = self._sess.run(self._output_names, inputs)
+        except Exception as exc:  # ORT raises its own Fail/InvalidArgument types
+            raise AdapterError(f"onnxruntime run failed: {exc}") from exc
+        return dict(zip(self._output_names, results))
+
+    def close(self) -> None:
+        self._sess = None
+
+
+class OnnxRuntime:
+    name = "onnxruntime"
+
+    def available_devices(self) -> list[str]:
+        ort = _import_ort()
+        devices = ["cpu"]
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            devices.append("gpu")
+        return devices
+
+    def load(self, files: Mapping[str, bytes], options: SessionOptions) -> OnnxSession:
+        ort = _import_ort()
+        model = _single_model_file(files)
+        if options.precision != "fp32":
+            raise AdapterError(
+                f"precision {options.precision} is not supported by the onnxruntime adapter; "
+                "pack an fp16 model or use the openvino runtime"
+            )
+        providers, device = choose_providers(options.device, options.fallback, ort.get_available_providers())
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = max(1, options.threads)
+        so.inter_op_num_threads = max(1, options.inter_op_threads)
+        so.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL if options.inter_op_threads > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        for key, value in options.extra.items():
+            so.add_session_config_entry(str(key), str(value))
+        try:
+            sess = ort.InferenceSession(model, sess_options=so, providers=providers)
+        except Exception as exc:
+            raise AdapterError(f"onnxruntime could not load the model: {exc}") from exc
+        actual = sess.get_providers()
+        if device != "cpu" and "CUDAExecutionProvider" not in actual:
+            # The provider was listed but failed to initialise (driver, CUDA libs): fall back like any other case.
+            if not options.fallback:
+                raise DeviceUnavailable("CUDAExecutionProvider failed to initialise and fallback is disabled")
+            warn_fallback("onnxruntime", options.device, "cpu", "CUDAExecutionProvider failed to initialise")
+            device = "cpu"
+        return OnnxSession(sess, device)
+
+
+def _single_model_file(files: Mapping[str, bytes]) -> bytes:
+    onnx_files = [n for n in files if n.endswith(".onnx")]
+    if len(onnx_files) != 1:
+        raise AdapterError(
+            f"the onnxruntime runtime needs exactly one .onnx file in the artifact, found {sorted(files)}"
+        )
+    data = files[onnx_files[0]]
+    return bytes(data)
+
+
+RUNTIME = OnnxRuntime()

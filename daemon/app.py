@@ -1,0 +1,107 @@
+"""Wires the parts together and owns the process lifecycle: start-up, readiness, signals, drain, shutdown.
+
+Nothing is implemented here beyond the wiring: each part lives in its own module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+
+from aiohttp import web
+
+from daemon import http_api, keys, protocol, sdnotify
+from daemon.config import Config
+from daemon.models import ModelManager
+from daemon.store import Store
+
+log = logging.getLogger("inferd.app")
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store(config.state_dir)
+        self.node_id = config.node_id or socket.gethostname()
+        self._stop = asyncio.Event()
+        self.manager: ModelManager | None = None
+        self.runner: web.AppRunner | None = None
+
+    def request_stop(self, signame: str) -> None:
+        if not self._stop.is_set():
+            log.info("received %s: draining and stopping", signame)
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        keks = keys.load_keks(list(self.config.keys.kek))
+        signers = keys.load_signers(list(self.config.keys.signers))
+        self.store.ensure()
+        manager = ModelManager(self.config, self.store, keks, signers)
+        self.manager = manager
+        server = self.config.server
+        app = http_api.build_app(manager, protocol.Limits(server.max_tensor_elements), server.max_body_bytes)
+        # aiohttp waits this long for handlers on cleanup; our own drain below comes first.
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=server.drain_timeout_s)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, server.host, server.port, reuse_address=True)
+        await site.start()
+        port = _bound_port(site)
+        log.info("listening on http://%s:%d", server.host, port, extra={"event_kind": "listening", "port": port})
+        sdnotify.notify(f"STATUS=loading {len(manager.entries)} model(s)")
+        await manager.load_all()
+        watchdog = asyncio.create_task(self._watchdog())
+        if manager.ready:
+            log.info("ready: %d model(s) serving", len(manager.entries), extra={"event_kind": "ready"})
+        else:
+            log.warning("serving with failures: %s", "; ".join(manager.not_ready_reasons()),
+                        extra={"event_kind": "ready"})
+        sdnotify.notify("READY=1\nSTATUS=serving")
+        try:
+            await self._stop.wait()
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            await self._shutdown(app, site)
+
+    async def _watchdog(self) -> None:
+        interval = sdnotify.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            sdnotify.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _shutdown(self, app: web.Application, site: web.TCPSite) -> None:
+        """Stop accepting, let accepted requests finish (bounded by drain_timeout_s), then release everything."""
+        sdnotify.notify("STOPPING=1")
+        state = app[http_api.STATE]
+        state["draining"] = True
+        await site.stop()
+        if state["in_flight"]:
+            idle = asyncio.Event()
+            state["idle"] = idle
+            log.info("draining %d in-flight request(s)", state["in_flight"])
+            try:
+                await asyncio.wait_for(idle.wait(), self.config.server.drain_timeout_s)
+            except asyncio.TimeoutError:
+                log.warning("drain timed out with %d request(s) in flight", state["in_flight"])
+        assert self.runner is not None
+        await self.runner.cleanup()
+        if self.manager is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.manager.close)
+        log.info("stopped", extra={"event_kind": "stopped"})
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp exposes no public accessor for the bound socket
+    sockets = getattr(server, "sockets", None)
+    if sockets:
+        return int(sockets[0].getsockname()[1])
+    return int(site._port)

@@ -1,0 +1,282 @@
+"""The ``inferd`` command.
+
+Every failure prints one line ``inferd: error: ...`` and exits non-zero; ``--debug`` adds the traceback. Runtime
+packages are imported only by the sub-commands that need them, so ``inferd --help`` and ``check-config`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from adapters import AdapterError
+from daemon.errors import InferdError
+
+EXIT_ERROR = 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (InferdError, AdapterError, ValueError, OSError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"inferd: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inferd", description="A model-serving daemon for edge and small servers.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--config", "-c", required=True, type=Path)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("check-config", help="validate a config file without serving")
+    s.add_argument("config", type=Path)
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("keygen", help="create a key-encryption key, or with --signing an Ed25519 key pair")
+    s.add_argument("--out", "-o", required=True, type=Path, help="key file to create (never overwritten)")
+    s.add_argument("--id", default=None, help="key id recorded in artifact headers (KEK only; default: file stem)")
+    s.add_argument("--signing", action="store_true", help="create an Ed25519 signing key pair (OUT and OUT.pub)")
+    s.set_defaults(func=cmd_keygen)
+
+    model = sub.add_parser("model", help="pack, inspect, verify, install and list model artifacts")
+    msub = model.add_subparsers(metavar="ACTION")
+
+    s = msub.add_parser("pack", help="encrypt and sign model file(s) into an artifact")
+    s.add_argument("files", nargs="+", type=Path, help="model file(s): .onnx, .xml + .bin, or .tflite")
+    s.add_argument("--name", required=True)
+    s.add_argument("--version", required=True)
+    s.add_argument("--runtime", required=True, choices=["onnxruntime", "openvino", "litert"])
+    s.add_argument("--kek", required=True, type=Path, help="KEK file (from 'inferd keygen')")
+    s.add_argument("--signing-key", required=True, type=Path, help="Ed25519 private key (from 'keygen --signing')")
+    s.add_argument("--out", "-o", required=True, type=Path)
+    s.add_argument(
+        "--reference-inputs",
+        type=Path,
+        help=".npz of inputs; their outputs are computed now and packed as the smoke test run at every load",
+    )
+    s.add_argument("--labels", type=Path, help="text file, one class label per line, packed as metadata")
+    s.add_argument("--description", default=None)
+    s.set_defaults(func=cmd_pack)
+
+    s = msub.add_parser("inspect", help="show an artifact's cleartext header (no key needed)")
+    s.add_argument("artifact", type=Path)
+    s.set_defaults(func=cmd_inspect)
+
+    s = msub.add_parser("verify", help="check an artifact's signature and decrypt it in memory")
+    s.add_argument("artifact", type=Path)
+    _key_args(s)
+    s.set_defaults(func=cmd_verify)
+
+    s = msub.add_parser("install", help="verify an artifact and install it into the store")
+    s.add_argument("artifact", type=Path)
+    s.add_argument("--config", "-c", required=True, type=Path)
+    s.add_argument("--activate", action="store_true", help="make it the active version (default: only if none)")
+    s.set_defaults(func=cmd_install)
+
+    s = msub.add_parser("list", help="list installed models and versions")
+    s.add_argument("--config", "-c", required=True, type=Path)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_list)
+    return p
+
+
+def _key_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--config", "-c", type=Path, help="take KEKs and trusted signers from this config")
+    s.add_argument("--kek", type=Path, action="append", default=[], help="KEK file (repeatable)")
+    s.add_argument("--signer", type=Path, action="append", default=[], help="trusted public key (repeatable)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from daemon import logs
+    from daemon.app import Daemon
+    from daemon.config import load_config
+
+    config = load_config(args.config)
+    logs.configure(config.logging.level, config.logging.format)
+    asyncio.run(Daemon(config).run())
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from daemon.config import load_config
+
+    config = load_config(args.config)
+    print(f"{args.config}: OK ({len(config.models)} model(s))")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from daemon import keys
+
+    if args.signing:
+        pub, sid = keys.generate_signing_key(args.out)
+        print(f"wrote signing key {args.out} (0600) and public key {pub}; signer id {sid}")
+    else:
+        kek = keys.generate_kek(args.out, args.id or args.out.stem)
+        print(f"wrote key-encryption key {args.out} (0600) with key id {kek.key_id}")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from daemon import artifact, keys
+    from daemon.fsutil import atomic_write
+
+    files = {f.name: f.read_bytes() for f in args.files}
+    if len(files) != len(args.files):
+        raise ValueError("two model files share a file name")
+    artifact.check_runtime_files(args.runtime, list(files))
+    metadata: dict[str, Any] = {}
+    if args.labels:
+        metadata["labels"] = [ln.strip() for ln in args.labels.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if args.description:
+        metadata["description"] = args.description
+    if args.reference_inputs:
+        files.update(_reference_files(args.runtime, files, args.reference_inputs))
+    kek = keys.load_kek(_path_source(args.kek))
+    signing_key = keys.load_signing_key(args.signing_key)
+    blob = artifact.pack(
+        files,
+        name=args.name,
+        version=args.version,
+        runtime=args.runtime,
+        kek=kek,
+        signing_key=signing_key,
+        metadata=metadata,
+    )
+    atomic_write(args.out, blob, mode=0o644)
+    print(f"packed {args.name}:{args.version} ({args.runtime}, {len(blob)} bytes) into {args.out}")
+    return 0
+
+
+def _reference_files(runtime: str, files: dict[str, bytes], npz: Path) -> dict[str, bytes]:
+    """Run the model once on the given inputs, in memory, and pack inputs and outputs as the smoke test."""
+    import numpy as np
+
+    from adapters import SessionOptions, get_runtime
+    from daemon.artifact import npy_bytes
+
+    with np.load(npz, allow_pickle=False) as data:
+        inputs = {k: data[k] for k in data.files}
+    session = get_runtime(runtime).load(files, SessionOptions())
+    try:
+        outputs = session.run(inputs)
+    finally:
+        session.close()
+    packed = {f"smoke/input/{k}.npy": npy_bytes(v) for k, v in inputs.items()}
+    packed.update({f"smoke/output/{k}.npy": npy_bytes(v) for k, v in outputs.items()})
+    return packed
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from daemon.artifact import read_header
+
+    header, _ = read_header(args.artifact.read_bytes())
+    print(json.dumps(header.public_dict(), indent=2))
+    return 0
+
+
+def _keys_for(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    from daemon import keys
+    from daemon.config import load_config
+
+    keks: dict[str, Any] = {}
+    signers: dict[str, Any] = {}
+    require = True
+    if args.config:
+        config = load_config(args.config)
+        keks.update(keys.load_keks(list(config.keys.kek)))
+        signers.update(keys.load_signers(list(config.keys.signers)))
+        require = config.keys.require_signature
+    keks.update(keys.load_keks([_path_source(p) for p in args.kek]))
+    signers.update(keys.load_signers([_path_source(p) for p in args.signer]))
+    if not keks:
+        raise ValueError("no KEK given: use --config or --kek")
+    return keks, signers, require
+
+
+def _path_source(path: Path) -> Any:
+    from daemon.config import KeySource
+
+    return KeySource(path=path)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from daemon.artifact import open_artifact
+
+    keks, signers, require = _keys_for(args)
+    opened = open_artifact(args.artifact.read_bytes(), keks, signers, require_signature=require)
+    h = opened.header
+    names = ", ".join(f"{n} ({len(b)} bytes)" for n, b in opened.files.items())
+    print(f"OK: {h.name}:{h.version} ({h.runtime}) signed by {h.signer}, decrypts with key {h.kek_id}: {names}")
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from daemon.artifact import open_artifact
+    from daemon.config import load_config
+    from daemon.store import Store
+
+    args.kek, args.signer = [], []
+    keks, signers, require = _keys_for(args)
+    blob = args.artifact.read_bytes()
+    open_artifact(blob, keks, signers, require_signature=require)  # never install what the daemon would refuse
+    store = Store(load_config(args.config).state_dir)
+    name, version, activated = store.install(blob, activate=args.activate)
+    print(f"installed {name}:{version}" + (" (active)" if activated else ""))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from daemon.artifact import read_header
+    from daemon.config import load_config
+    from daemon.store import Store
+
+    config = load_config(args.config)
+    store = Store(config.state_dir)
+    configured = {m.name: m for m in config.models}
+    rows = []
+    for name in sorted(set(store.model_names()) | set(configured)):
+        state = store.state(name)
+        cfg = configured.get(name)
+        versions: list[str | None] = list(store.versions(name)) or [None]
+        for version in versions:
+            header = read_header(store.read_artifact(name, version))[0] if version else None
+            rows.append(
+                {
+                    "model": name,
+                    "version": version,
+                    "active": version is not None and version == state.active,
+                    "runtime": header.runtime if header else (cfg.runtime if cfg else None),
+                    "device": cfg.device if cfg else None,
+                    "configured": cfg is not None,
+                    "created": header.created if header else None,
+                }
+            )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ["model", "version", "active", "runtime", "device", "configured", "created"]
+    table = [cols] + [["-" if r[c] is None else str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0

@@ -1,0 +1,253 @@
+"""YAML configuration -> typed, frozen, validated objects.
+
+Every default lives here (config.example.yaml mirrors them; a test keeps the two in step). Validation happens once at
+start-up; errors name the key path, the bad value and what was expected, and suggest the closest key for typos. No
+I/O happens inside the models: key files are read later, by :mod:`daemon.keys`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from daemon.errors import ConfigError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths are relative to the config file's folder, so a config works from any working directory."""
+    base = (info.context or {}).get("base_dir")
+    if base is not None and not value.is_absolute():
+        return (Path(base) / value).resolve()
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Model):
+    host: str = Field("127.0.0.1", description="Address the HTTP API listens on; loopback unless you mean it.")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free port, printed at start-up).")
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
+    )
+    max_tensor_elements: int = Field(
+        16 * 1024 * 1024, ge=1, description="Largest number of elements in one request tensor."
+    )
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish before exit."
+    )
+
+
+class KeySource(_Model):
+    """A key read from a file (mode 0600 or stricter) or from a systemd credential by name."""
+
+    path: ConfigPath | None = Field(None, description="Key file path.")
+    credential: str | None = Field(
+        None, description="Name of a systemd credential ($CREDENTIALS_DIRECTORY/<name>)."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> KeySource:
+        if (self.path is None) == (self.credential is None):
+            raise ValueError("give exactly one of 'path' or 'credential'")
+        return self
+
+
+class KeysConfig(_Model):
+    kek: list[KeySource] = Field(
+        default_factory=list,
+        description="Key-encryption keys; several may be listed (rotation): an artifact's key id picks one.",
+    )
+    signers: list[KeySource] = Field(
+        default_factory=list, description="Trusted Ed25519 public keys (PEM) that may sign artifacts."
+    )
+    require_signature: bool = Field(
+        True, description="Refuse artifacts whose signer is not listed in 'signers'."
+    )
+
+
+class LoggingConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: key=value on a terminal, JSON otherwise (journald, files)."
+    )
+
+
+class _ModelBase(_Model):
+    name: str = Field(pattern=NAME_PATTERN, description="Model name, as used in URLs and topics.")
+    device: Literal["cpu", "gpu", "auto"] = Field(
+        "cpu", description="cpu, gpu, or auto (a usable GPU if present, else the CPU)."
+    )
+    fallback: bool = Field(
+        True, description="With device gpu and no usable GPU: run on the CPU with a warning (false: refuse)."
+    )
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Inference precision.")
+    threads: int = Field(
+        0, ge=0, description="Threads one inference may use (0: the usable CPUs shared among the models)."
+    )
+    workers: int = Field(1, ge=1, le=64, description="Inferences of this model that may run at once.")
+    version: str | None = Field(
+        None, pattern=NAME_PATTERN, description="Pin this version; default: the store's active version."
+    )
+
+
+class OnnxModelConfig(_ModelBase):
+    runtime: Literal["onnxruntime"] = "onnxruntime"
+    inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads (parallel branches).")
+    session_config: dict[str, str] = Field(
+        default_factory=dict, description="Extra ONNX Runtime session config entries (advanced)."
+    )
+
+
+ModelConfig = Annotated[Union[OnnxModelConfig], Field(discriminator="runtime")]  # noqa: UP007
+
+
+class Config(_Model):
+    node_id: str | None = Field(
+        None, pattern=NAME_PATTERN, description="This daemon's name in logs and MQTT topics (default: hostname)."
+    )
+    state_dir: ConfigPath = Field(
+        Path("/var/lib/inferd"), description="Model store and state journals (artifacts stay encrypted here)."
+    )
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    keys: KeysConfig = Field(default_factory=KeysConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    models: list[ModelConfig] = Field(default_factory=list, description="The models this daemon serves.")
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> Config:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.name in seen:
+                raise ValueError(f"model {m.name!r} is listed twice")
+            seen.add(m.name)
+        return self
+
+
+def parse_config(data: Any, base_dir: Path | None = None, source: str = "config") -> Config:
+    """Validate already-parsed YAML; raises ConfigError with one line per problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        lines = [_describe(err) for err in exc.errors()]
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
+    return parse_config(data, base_dir=p.parent.resolve(), source=str(p))
+
+
+# --- error formatting -------------------------------------------------------------------------------------------
+
+_TAGS = {"onnxruntime", "openvino", "litert"}
+
+
+def _describe(err: Any) -> str:
+    loc = [part for part in err["loc"] if not (isinstance(part, str) and part in _TAGS)]
+    path = _format_loc(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        hint = _suggest(loc)
+        return f"{path}: unknown key{hint}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    value = err.get("input")
+    msg = err["msg"]
+    if kind == "union_tag_invalid":
+        return f"{path}.runtime: {value.get('runtime')!r} is not a known runtime (expected one of {sorted(_TAGS)})"
+    if kind == "union_tag_not_found":
+        return f"{path}.runtime: required key is missing (expected one of {sorted(_TAGS)})"
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    where = path or "config"
+    return f"{where}: {shown} is not valid: {msg}"
+
+
+def _format_loc(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _suggest(loc: list[Any]) -> str:
+    """' (did you mean 'x'?)' for a mistyped key, found by walking the model classes along the path."""
+    if not loc or not isinstance(loc[-1], str):
+        return ""
+    fields = _fields_at(Config, loc[:-1])
+    if not fields:
+        return ""
+    match = difflib.get_close_matches(loc[-1], fields, n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else f" (expected one of: {', '.join(sorted(fields))})"
+
+
+def _fields_at(model: Any, loc: list[Any]) -> list[str]:
+    annotation: Any = model
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(part, int):
+            args = typing.get_args(annotation)
+            annotation = args[0] if args else None
+            continue
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part)
+            if field is None:
+                return []
+            annotation = field.annotation
+        else:
+            return []
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated/Optional; a union of models becomes the union of their fields via the first member."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            members = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = members[0]
+        else:
+            return annotation

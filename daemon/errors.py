@@ -1,0 +1,73 @@
+"""The daemon's error hierarchy.
+
+Each error carries a transport-neutral ``code``; the HTTP and MQTT frontends each map codes to their own status in
+one table. Domain code raises these and never imports a transport library.
+"""
+
+from __future__ import annotations
+
+
+class InferdError(Exception):
+    """Base class: ``str(err)`` is the message a client or operator sees."""
+
+    code = "internal"
+
+
+class ConfigError(InferdError):
+    code = "config"
+
+
+class InvalidInput(InferdError):
+    """The request is malformed or does not match the model's inputs."""
+
+    code = "invalid_input"
+
+
+class PayloadTooLarge(InvalidInput):
+    code = "too_large"
+
+
+class ModelNotFound(InferdError):
+    code = "model_not_found"
+
+
+class VersionNotFound(ModelNotFound):
+    code = "version_not_found"
+
+
+class NotReady(InferdError):
+    """The model exists but cannot serve now (loading, failed to load, or the daemon is draining)."""
+
+    code = "not_ready"
+
+
+class Busy(InferdError):
+    """Load shedding: the model's queue is full; the client should retry later."""
+
+    code = "busy"
+
+
+class Timeout(InferdError):
+    code = "timeout"
+
+
+class InferenceFailed(InferdError):
+    """The runtime raised while running a request that passed validation."""
+
+    code = "inference_failed"
+
+
+class IntegrityError(InferdError):
+    """An artifact failed authentication, decryption or signature checks."""
+
+    code = "integrity"
+
+
+class KeyProblem(InferdError):
+    """A key is missing, unreadable, malformed or too widely readable."""
+
+    code = "key"
+
+
+class StoreError(InferdError):
+    code = "store"

@@ -1,0 +1,159 @@
+"""The HTTP frontend: KServe V2 REST routes on aiohttp.
+
+Only transport lives here: bodies in, bodies out, and the one table that maps error codes to HTTP statuses.
+Validation is :mod:`daemon.protocol`'s, routing :mod:`daemon.models`', running :mod:`daemon.scheduler`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+import daemon
+from daemon import protocol
+from daemon.errors import InferdError, NotReady
+from daemon.models import ModelManager
+
+log = logging.getLogger("inferd.http")
+
+#: transport-neutral error code -> HTTP status; the only place HTTP statuses for domain errors are chosen.
+HTTP_STATUS: dict[str, int] = {
+    "invalid_input": 400,
+    "too_large": 413,
+    "model_not_found": 404,
+    "version_not_found": 404,
+    "not_ready": 503,
+    "busy": 503,
+    "timeout": 504,
+    "inference_failed": 500,
+    "integrity": 500,
+    "internal": 500,
+}
+
+SERVER_NAME = "inferd"
+EXTENSIONS: list[str] = []
+
+MANAGER = web.AppKey("manager", ModelManager)
+LIMITS = web.AppKey("limits", protocol.Limits)
+STATE = web.AppKey("state", dict)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(doc), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response({"error": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as V2's ``{"error": ...}``; counts in-flight requests for the SIGTERM drain."""
+    state = request.app[STATE]
+    if state["draining"] and request.path.startswith("/v2/models/"):
+        return error_response(503, "server is shutting down", {"Connection": "close"})
+    state["in_flight"] += 1
+    try:
+        return await handler(request)
+    except InferdError as exc:
+        status = HTTP_STATUS.get(exc.code, 500)
+        if status >= 500 and exc.code in ("internal", "inference_failed", "integrity"):
+            log.error("request %s %s failed: %s", request.method, request.path, exc)
+        return error_response(status, str(exc))
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, f"request body exceeds the limit of {request.app[STATE]['max_body']} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, exc.reason, allow)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal server error")
+    finally:
+        state["in_flight"] -= 1
+        if state["in_flight"] == 0 and state["idle"] is not None:
+            state["idle"].set()
+
+
+async def live(request: web.Request) -> web.Response:
+    return json_response({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    if request.app[STATE]["draining"]:
+        return error_response(503, "server is shutting down")
+    if not manager.ready:
+        return error_response(503, "not ready: " + "; ".join(manager.not_ready_reasons()))
+    return json_response({"ready": True})
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return json_response({"name": SERVER_NAME, "version": daemon.__version__, "extensions": EXTENSIONS})
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    name = request.match_info["model"]
+    loaded = manager.route(name, request.match_info.get("version"))
+    entry = manager.entry(name)
+    return json_response(
+        {
+            "name": name,
+            "versions": list(entry.versions),
+            "platform": loaded.platform,
+            "inputs": protocol.tensor_metadata(loaded.session.inputs),
+            "outputs": protocol.tensor_metadata(loaded.session.outputs),
+            "parameters": {"version": loaded.version, **loaded.parameters()},
+        }
+    )
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    name = request.match_info["model"]
+    try:
+        loaded = manager.route(name, request.match_info.get("version"))
+    except NotReady as exc:
+        return error_response(503, str(exc))
+    return json_response({"name": name, "version": loaded.version, "ready": True})
+
+
+async def infer(request: web.Request) -> web.Response:
+    manager = request.app[MANAGER]
+    loaded = manager.route(request.match_info["model"], request.match_info.get("version"))
+    if "Inference-Header-Content-Length" in request.headers:
+        raise web.HTTPBadRequest(reason="the binary tensor extension is not enabled on this server")
+    body = await request.read()
+    req = protocol.decode_request(
+        protocol.loads(body), loaded.session.inputs, loaded.session.outputs, request.app[LIMITS]
+    )
+    results = await loaded.runner.run(req.inputs)
+    payload = protocol.encode_response(loaded.name, loaded.version, req, results)
+    return web.Response(body=payload, content_type="application/json")
+
+
+def build_app(manager: ModelManager, limits: protocol.Limits, max_body_bytes: int) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
+    app[MANAGER] = manager
+    app[LIMITS] = limits
+    app[STATE] = {"draining": False, "in_flight": 0, "idle": None, "max_body": max_body_bytes}
+    r = app.router
+    r.add_get("/v2/health/live", live)
+    r.add_get("/v2/health/ready", ready)
+    r.add_get("/v2", server_metadata)
+    r.add_get("/v2/", server_metadata)
+    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        r.add_get(base, model_metadata)
+        r.add_get(base + "/ready", model_ready)
+        r.add_post(base + "/infer", infer)
+    return app

@@ -1,0 +1,226 @@
+"""Loaded model versions: load from the store, warm up, route requests to a version, report readiness.
+
+A model moves through ``loading`` -> ``ready`` or ``failed``; a failed model is reported with its reason and the others
+keep serving. Decryption, runtime loading and warm-up are blocking, so they run in an executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from adapters import AdapterError, Session, SessionOptions, get_runtime
+from adapters.base import usable_cpus
+from daemon.artifact import Header, open_artifact
+from daemon.config import Config, ModelConfig
+from daemon.errors import InferdError, ModelNotFound, NotReady, VersionNotFound
+from daemon.keys import Kek
+from daemon.scheduler import Runner
+from daemon.store import Store
+
+log = logging.getLogger("inferd.models")
+
+SMOKE_RTOL = 1e-4
+SMOKE_ATOL = 1e-5
+
+
+@dataclass
+class LoadedVersion:
+    name: str
+    version: str
+    runtime: str
+    session: Session
+    runner: Runner
+    header: Header
+    threads: int
+    load_seconds: float
+
+    @property
+    def platform(self) -> str:
+        return self.session.platform
+
+    def parameters(self) -> dict[str, Any]:
+        """What V2 metadata reports under ``parameters``: how this version actually runs."""
+        return {
+            "runtime": self.runtime,
+            "device": self.session.device,
+            "threads": self.threads,
+            "workers": self.runner.workers,
+            "artifact_created": self.header.created,
+        }
+
+
+@dataclass
+class ModelEntry:
+    config: ModelConfig
+    status: str = "loading"
+    reason: str | None = None
+    active: LoadedVersion | None = None
+    versions: dict[str, LoadedVersion] = field(default_factory=dict)
+
+
+class ModelManager:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        keks: Mapping[str, Kek],
+        signers: Mapping[str, Ed25519PublicKey],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._keks = keks
+        self._signers = signers
+        self.entries: dict[str, ModelEntry] = {m.name: ModelEntry(m) for m in config.models}
+        self._auto_threads = max(1, usable_cpus() // max(1, sum(m.workers for m in config.models)))
+
+    # -- loading ----------------------------------------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        """Load every configured model; failures are recorded per model, never raised."""
+        for entry in self.entries.values():
+            await self._load_entry(entry)
+
+    async def _load_entry(self, entry: ModelEntry) -> None:
+        cfg = entry.config
+        entry.status, entry.reason = "loading", None
+        try:
+            version = cfg.version or self._store.state(cfg.name).active
+            if version is None:
+                raise ModelNotFound(
+                    f"model {cfg.name!r} has no active version in the store (install one with 'inferd model install')"
+                )
+            loaded = await asyncio.get_running_loop().run_in_executor(None, self._load_version, cfg, version)
+        except (InferdError, AdapterError) as exc:
+            entry.status, entry.reason = "failed", str(exc)
+            log.error("model %s failed to load: %s", cfg.name, exc)
+            return
+        entry.versions[loaded.version] = loaded
+        entry.active = loaded
+        entry.status = "ready"
+        log.info(
+            "model %s version %s ready on %s (%s, %d threads, %.2fs)",
+            cfg.name,
+            loaded.version,
+            loaded.session.device,
+            loaded.runtime,
+            loaded.threads,
+            loaded.load_seconds,
+        )
+
+    def _threads(self, cfg: ModelConfig) -> int:
+        return cfg.threads or self._auto_threads
+
+    def _load_version(self, cfg: ModelConfig, version: str) -> LoadedVersion:
+        started = time.monotonic()
+        blob = self._store.read_artifact(cfg.name, version)
+        opened = open_artifact(
+            blob, self._keks, self._signers, require_signature=self._config.keys.require_signature
+        )
+        del blob
+        header = opened.header
+        if header.name != cfg.name or header.version != version:
+            raise InferdError(
+                f"store entry {cfg.name}:{version} holds an artifact for {header.name}:{header.version}"
+            )
+        if header.runtime != cfg.runtime:
+            raise AdapterError(
+                f"model {cfg.name} is configured for runtime {cfg.runtime} but its artifact was packed for "
+                f"{header.runtime}"
+            )
+        threads = self._threads(cfg)
+        options = SessionOptions(
+            device=cfg.device,
+            fallback=cfg.fallback,
+            threads=threads,
+            inter_op_threads=getattr(cfg, "inter_op_threads", 1),
+            precision=cfg.precision,
+            workers=cfg.workers,
+            extra=getattr(cfg, "session_config", {}),
+        )
+        session = get_runtime(cfg.runtime).load(opened.model_files(), options)
+        try:
+            _warm_up(session, opened.reference(), f"{cfg.name}:{version}")
+        except Exception:
+            session.close()
+            raise
+        runner = Runner(session, cfg.workers, cfg.name)
+        return LoadedVersion(
+            cfg.name, version, cfg.runtime, session, runner, header, threads, time.monotonic() - started
+        )
+
+    # -- routing ----------------------------------------------------------------------------------------------
+
+    def entry(self, name: str) -> ModelEntry:
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ModelNotFound(f"unknown model {name!r}")
+        return entry
+
+    def route(self, name: str, version: str | None = None) -> LoadedVersion:
+        """The loaded version that serves a request: the explicit one, else the active one."""
+        entry = self.entry(name)
+        if entry.status != "ready" or entry.active is None:
+            why = f": {entry.reason}" if entry.reason else ""
+            raise NotReady(f"model {name!r} is not ready ({entry.status}{why})")
+        if version is None:
+            return entry.active
+        loaded = entry.versions.get(version)
+        if loaded is None:
+            raise VersionNotFound(
+                f"version {version!r} of model {name!r} is not loaded (loaded: {', '.join(entry.versions)})"
+            )
+        return loaded
+
+    @property
+    def ready(self) -> bool:
+        return all(e.status == "ready" for e in self.entries.values())
+
+    def not_ready_reasons(self) -> list[str]:
+        return [
+            f"{name}: {e.status}" + (f" ({e.reason})" if e.reason else "")
+            for name, e in self.entries.items()
+            if e.status != "ready"
+        ]
+
+    def close(self) -> None:
+        for entry in self.entries.values():
+            for loaded in entry.versions.values():
+                loaded.runner.close()
+                loaded.session.close()
+            entry.versions.clear()
+            entry.active = None
+            entry.status = "unloaded"
+
+
+def _warm_up(
+    session: Session,
+    reference: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None,
+    label: str,
+) -> None:
+    """First run pays the runtime's lazy allocations; with a packed reference it is also the smoke test."""
+    if reference is None:
+        feed = {
+            s.name: np.zeros(tuple(1 if d < 0 else d for d in s.shape), dtype=s.dtype) for s in session.inputs
+        }
+        session.run(feed)
+        return
+    inputs, expected = reference
+    results = session.run(inputs)
+    for name, want in expected.items():
+        got = results.get(name)
+        if got is None or got.shape != want.shape:
+            raise AdapterError(f"{label}: smoke test failed: output {name!r} missing or of the wrong shape")
+        if want.dtype.kind in "fc":
+            ok = np.allclose(got, want, rtol=SMOKE_RTOL, atol=SMOKE_ATOL)
+        else:
+            ok = np.array_equal(got, want)
+        if not ok:
+            raise AdapterError(f"{label}: smoke test failed: output {name!r} differs from the packed reference")

@@ -1,0 +1,197 @@
+"""Model versions on disk and each model's state journal.
+
+Layout (see docs/store.md)::
+
+    <state_dir>/models/<name>/<version>/artifact.inferd   encrypted artifact, as installed (never plaintext)
+    <state_dir>/models/<name>/state.json                  active version, previous, quarantined, history
+    <state_dir>/tmp/                                      staging; renamed into place only when complete
+
+Every write is a temp file or folder, fsynced, renamed into place, and the parent folder fsynced, so a power cut leaves
+the old state or the new one. Writers serialise on an flock so the CLI and the daemon never interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from daemon.artifact import read_header
+from daemon.config import NAME_PATTERN
+from daemon.errors import ModelNotFound, StoreError, VersionNotFound
+from daemon.fsutil import atomic_write, fsync_dir
+
+ARTIFACT_NAME = "artifact.inferd"
+STATE_NAME = "state.json"
+HISTORY_LIMIT = 100
+
+
+@dataclass
+class ModelState:
+    """The journal of one model: which version serves, which served before, which must never serve again."""
+
+    active: str | None = None
+    previous: str | None = None
+    quarantined: list[str] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, event: str, version: str, **extra: Any) -> None:
+        entry = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "event": event, "version": version}
+        entry.update(extra)
+        self.history.append(entry)
+        del self.history[:-HISTORY_LIMIT]
+
+
+class Store:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir
+        self.models_dir = state_dir / "models"
+        self.tmp_dir = state_dir / "tmp"
+
+    def ensure(self) -> None:
+        for d in (self.root, self.models_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self._clean_tmp()
+
+    def _clean_tmp(self) -> None:
+        """Staging left by a crash is garbage by construction: nothing points at it."""
+        for leftover in self.tmp_dir.iterdir():
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o750)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def versions(self, name: str) -> list[str]:
+        d = self.models_dir / name
+        if not d.is_dir():
+            return []
+        return sorted(
+            (p.name for p in d.iterdir() if (p / ARTIFACT_NAME).is_file()), key=_version_key
+        )
+
+    def artifact_path(self, name: str, version: str) -> Path:
+        return self.models_dir / name / version / ARTIFACT_NAME
+
+    def read_artifact(self, name: str, version: str) -> bytes:
+        path = self.artifact_path(name, version)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            if not (self.models_dir / name).is_dir():
+                raise ModelNotFound(f"model {name!r} is not installed in {self.models_dir}") from None
+            raise VersionNotFound(f"version {version!r} of model {name!r} is not installed") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def state(self, name: str) -> ModelState:
+        path = self.models_dir / name / STATE_NAME
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return ModelState()
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"state journal {path} is unreadable: {exc}") from None
+        return ModelState(
+            active=raw.get("active"),
+            previous=raw.get("previous"),
+            quarantined=list(raw.get("quarantined") or []),
+            history=list(raw.get("history") or []),
+        )
+
+    # -- writing ----------------------------------------------------------------------------------------------
+
+    def save_state(self, name: str, state: ModelState) -> None:
+        data = {
+            "active": state.active,
+            "previous": state.previous,
+            "quarantined": state.quarantined,
+            "history": state.history,
+        }
+        atomic_write(self.models_dir / name / STATE_NAME, json.dumps(data, indent=2).encode() + b"\n")
+
+    def install(self, blob: bytes, *, activate: bool = False) -> tuple[str, str, bool]:
+        """Install an artifact that the caller has already verified; returns (name, version, activated).
+
+        Versions are immutable: re-installing identical bytes is a no-op, different bytes under an installed version
+        are refused.
+        """
+        header, _ = read_header(blob)
+        name, version = header.name, header.version
+        for label, value in (("model name", name), ("version", version)):
+            if not _valid_name(value):
+                raise StoreError(f"artifact has an invalid {label} {value!r}")
+        self.ensure()
+        with self.locked():
+            target = self.models_dir / name / version
+            existing = target / ARTIFACT_NAME
+            if existing.exists():
+                if _sha256_file(existing) != hashlib.sha256(blob).hexdigest():
+                    raise StoreError(
+                        f"{name}:{version} is already installed with different content; versions are immutable"
+                    )
+            else:
+                staging = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self.tmp_dir))
+                atomic_write(staging / ARTIFACT_NAME, blob)
+                (self.models_dir / name).mkdir(parents=True, exist_ok=True, mode=0o750)
+                os.rename(staging, target)
+                fsync_dir(target.parent)
+            state = self.state(name)
+            if version in state.quarantined:
+                raise StoreError(f"{name}:{version} is quarantined (it failed before); remove it from quarantine first")
+            state.record("installed", version, sha256=hashlib.sha256(blob).hexdigest())
+            activated = False
+            if activate or state.active is None:
+                if state.active != version:
+                    state.previous, state.active = state.active, version
+                state.record("activated", version)
+                activated = True
+            self.save_state(name, state)
+        return name, version, activated
+
+
+def _valid_name(value: str) -> bool:
+    import re
+
+    return re.match(NAME_PATTERN, value) is not None and value not in (".", "..")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _version_key(v: str) -> tuple[Any, ...]:
+    """Numeric versions sort numerically (2 < 10), others lexically after them."""
+    parts: list[Any] = []
+    for piece in v.replace("-", ".").split("."):
+        parts.append((0, int(piece), "") if piece.isdigit() else (1, 0, piece))
+    return tuple(parts)
