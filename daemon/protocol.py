@@ -145,6 +145,8 @@ def decode_tensor(raw: dict[str, Any], spec: TensorSpec, limits: Limits) -> np.n
         arr = np.asarray(data)
     except ValueError:
         raise InvalidInput(f"input {name!r}: nested 'data' is ragged") from None
+    if spec.datatype == "UINT64" and arr.dtype.kind in "fO":
+        arr = _uint64_from_ints(data, arr, name)
     _check_kind(arr, spec)
     expected = math.prod(shape)
     if arr.size != expected:
@@ -158,6 +160,16 @@ def decode_tensor(raw: dict[str, Any], spec: TensorSpec, limits: Limits) -> np.n
         if lo < info.min or hi > info.max:
             raise InvalidInput(f"input {name!r}: values outside the {spec.datatype} range [{info.min}, {info.max}]")
     return arr.astype(target, copy=False).reshape(shape)
+
+
+def _uint64_from_ints(data: list[Any], arr: np.ndarray, name: str) -> np.ndarray:
+    """numpy infers float64 (or object) for integers above 2**63; re-read them exactly when all are integers."""
+    values = np.array(data, dtype=object).reshape(-1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return arr
+    if any(v < 0 or v >= 2**64 for v in values):
+        raise InvalidInput(f"input {name!r}: values outside the UINT64 range [0, {2**64 - 1}]")
+    return np.array(values.tolist(), dtype=np.uint64).reshape(arr.shape)
 
 
 def _check_kind(arr: np.ndarray, spec: TensorSpec) -> None:

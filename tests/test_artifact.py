@@ -1,0 +1,226 @@
+"""The encrypted artifact: round trip, and every way it can be damaged or mis-keyed giving its own error."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, KeySet, pack_model
+
+from daemon import artifact, keys
+from daemon.artifact import (
+    ArtifactFormatError,
+    ChunkTampered,
+    HeaderTampered,
+    SignatureInvalid,
+    Truncated,
+    UnknownKeyId,
+    UntrustedSigner,
+    WrongKey,
+    open_artifact,
+    read_header,
+)
+
+CHUNK = 1024
+
+
+@pytest.fixture
+def big_model() -> bytes:
+    """Random bytes standing in for a model: several chunks, and a pattern we can look for on disk."""
+    return os.urandom(5 * CHUNK + 100)
+
+
+def trusted(keyset: KeySet) -> tuple[dict, dict]:
+    pub = keys.load_public_key(keyset.public_path)
+    return {keyset.kek.key_id: keyset.kek}, {keys.signer_id(pub): pub}
+
+
+def test_round_trip(keyset: KeySet, big_model: bytes) -> None:
+    ref = np.arange(8, dtype=np.float32).reshape(2, 4)
+    blob = pack_model(
+        keyset,
+        big_model,
+        extra_files={"smoke/input/input.npy": artifact.npy_bytes(ref), "smoke/output/output.npy": artifact.npy_bytes(ref)},
+        metadata={"labels": ["a", "b"]},
+        chunk_size=CHUNK,
+    )
+    keks, signers = trusted(keyset)
+    opened = open_artifact(blob, keks, signers)
+    assert opened.model_files() == {"model.onnx": big_model}
+    assert opened.metadata == {"labels": ["a", "b"]}
+    ins, outs = opened.reference()  # type: ignore[misc]
+    np.testing.assert_array_equal(ins["input"], ref)
+    np.testing.assert_array_equal(outs["output"], ref)
+    assert opened.header.name == "mlp" and opened.header.version == "1" and opened.header.runtime == "onnxruntime"
+    assert big_model not in blob  # the payload is really encrypted
+
+
+def test_empty_and_exact_chunk_payloads(keyset: KeySet) -> None:
+    keks, signers = trusted(keyset)
+    for size in (1, CHUNK - 4, 4 * CHUNK):
+        model = os.urandom(size)
+        assert open_artifact(pack_model(keyset, model, chunk_size=CHUNK), keks, signers).files["model.onnx"] == model
+
+
+def _layout(blob: bytes) -> tuple[int, int, int]:
+    """(start of the header tag, start of the chunks, start of the signature)."""
+    _, tag_at = read_header(blob)
+    return tag_at, tag_at + artifact.TAG_LEN, len(blob) - artifact.SIG_LEN
+
+
+def test_tampered_header_is_detected(keyset: KeySet, big_model: bytes) -> None:
+    blob = pack_model(keyset, big_model, chunk_size=CHUNK)
+    tag_at, _, _ = _layout(blob)
+    # flip the model name inside the JSON header, keeping it valid JSON of the same length
+    assert b'"name":"mlp"' in blob[:tag_at]
+    tampered = blob.replace(b'"name":"mlp"', b'"name":"mlq"', 1)
+    keks, signers = trusted(keyset)
+    with pytest.raises(HeaderTampered, match="header authentication failed"):
+        open_artifact(tampered, keks, signers)
+
+
+def test_tampered_chunk_is_detected(keyset: KeySet, big_model: bytes) -> None:
+    blob = bytearray(pack_model(keyset, big_model, chunk_size=CHUNK))
+    _, chunks_at, _ = _layout(bytes(blob))
+    blob[chunks_at + 2 * (CHUNK + 16) + 5] ^= 0x01
+    keks, signers = trusted(keyset)
+    with pytest.raises(ChunkTampered, match="chunk 2 failed authentication"):
+        open_artifact(bytes(blob), keks, signers)
+
+
+def test_reordered_chunks_are_detected(keyset: KeySet, big_model: bytes) -> None:
+    blob = pack_model(keyset, big_model, chunk_size=CHUNK)
+    _, at, sig = _layout(blob)
+    size = CHUNK + 16
+    c0, c1 = blob[at : at + size], blob[at + size : at + 2 * size]
+    swapped = blob[:at] + c1 + c0 + blob[at + 2 * size :]
+    assert len(swapped) == len(blob)
+    keks, signers = trusted(keyset)
+    with pytest.raises(ChunkTampered, match="chunk 0"):
+        open_artifact(swapped, keks, signers)
+
+
+def test_truncated_artifacts_are_detected(keyset: KeySet, big_model: bytes) -> None:
+    blob = pack_model(keyset, big_model, chunk_size=CHUNK)
+    _, at, sig = _layout(blob)
+    keks, signers = trusted(keyset)
+    # drop one whole chunk's worth of ciphertext but keep the signature trailer
+    cut = blob[: sig - (CHUNK + 16)] + blob[sig:]
+    with pytest.raises(Truncated, match="truncated"):
+        open_artifact(cut, keks, signers)
+    # cut inside the header
+    with pytest.raises(Truncated):
+        open_artifact(blob[:20], keks, signers)
+
+
+def test_truncation_at_a_chunk_boundary_is_caught_by_the_last_chunk_flag(keyset: KeySet) -> None:
+    """Even a header that claims the shorter size cannot make chunk n-1 pass as the last chunk."""
+    model = os.urandom(3 * CHUNK)
+    blob = pack_model(keyset, model, chunk_size=CHUNK)
+    header, tag_at = read_header(blob)
+    keks, signers = trusted(keyset)
+    # an attacker without the data key cannot fix the header tag, so the header check fires first
+    doc = json.loads(blob[struct.calcsize(">8sHI") : tag_at])
+    doc["payload_size"] -= CHUNK
+    assert header.payload_size > CHUNK
+    new_header = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    forged = blob[:8] + struct.pack(">HI", 1, len(new_header)) + new_header + blob[tag_at:]
+    with pytest.raises(HeaderTampered):
+        open_artifact(forged, keks, signers)
+
+
+def test_wrong_kek(keyset: KeySet, big_model: bytes, tmp_path: Path) -> None:
+    blob = pack_model(keyset, big_model, chunk_size=CHUNK)
+    other = keys.generate_kek(tmp_path / "other.kek", keyset.kek.key_id)  # same id, different key
+    _, signers = trusted(keyset)
+    with pytest.raises(WrongKey, match="does not decrypt"):
+        open_artifact(blob, {other.key_id: other}, signers)
+
+
+def test_unknown_key_id(keyset: KeySet, big_model: bytes, tmp_path: Path) -> None:
+    blob = pack_model(keyset, big_model)
+    other = keys.generate_kek(tmp_path / "other.kek", "other")
+    _, signers = trusted(keyset)
+    with pytest.raises(UnknownKeyId, match="key id 'main', which is not configured"):
+        open_artifact(blob, {"other": other}, signers)
+
+
+def test_bad_signature(keyset: KeySet, big_model: bytes) -> None:
+    blob = bytearray(pack_model(keyset, big_model))
+    blob[-1] ^= 0xFF
+    keks, signers = trusted(keyset)
+    with pytest.raises(SignatureInvalid, match="signature .* is invalid"):
+        open_artifact(bytes(blob), keks, signers)
+
+
+def test_wrong_signing_key(keyset: KeySet, big_model: bytes, tmp_path: Path) -> None:
+    keys.generate_signing_key(tmp_path / "rogue.key")
+    rogue = keys.load_signing_key(tmp_path / "rogue.key")
+    blob = artifact.pack(
+        {"model.onnx": big_model}, name="m", version="1", runtime="onnxruntime", kek=keyset.kek, signing_key=rogue
+    )
+    keks, signers = trusted(keyset)
+    with pytest.raises(UntrustedSigner, match="not a trusted signer"):
+        open_artifact(blob, keks, signers)
+    # with signatures not required, an unknown signer is accepted; a known signer is always verified
+    assert open_artifact(blob, keks, signers, require_signature=False).files["model.onnx"] == big_model
+
+
+def test_not_an_artifact(keyset: KeySet) -> None:
+    keks, signers = trusted(keyset)
+    with pytest.raises(ArtifactFormatError, match="bad magic"):
+        open_artifact(b"\x08\x07onnx-model-bytes" * 10, keks, signers)
+
+
+def test_runtime_and_files_must_agree(keyset: KeySet, mlp_onnx: bytes) -> None:
+    with pytest.raises(ValueError, match="runtime litert reads .tflite files, not model.onnx"):
+        pack_model(keyset, mlp_onnx, runtime="litert")
+
+
+def _scan_for(root: Path, needle: bytes) -> list[Path]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file():
+            try:
+                if needle in path.read_bytes():
+                    found.append(path)
+            except OSError:
+                pass
+    return found
+
+
+def test_no_plaintext_model_on_disk_during_pack_install_and_serve(
+    keyset: KeySet, tmp_path: Path, mlp_onnx: bytes, start_daemon, site
+) -> None:
+    """Pack, install and serve with TMPDIR pointed at folders we then scan for the model's bytes."""
+    src = tmp_path / "src" / "model.onnx"
+    src.parent.mkdir()
+    src.write_bytes(mlp_onnx)
+    work_tmp = tmp_path / "tmp"
+    work_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(work_tmp)}
+    out = tmp_path / "out" / "mlp.inferd"
+    run = [sys.executable, "-m", "daemon"]
+    subprocess.run(
+        [*run, "model", "pack", str(src), "--name", "mlp", "--version", "1", "--runtime", "onnxruntime",
+         "--kek", str(keyset.kek_path), "--signing-key", str(keyset.signing_path), "-o", str(out)],
+        check=True, env=env, cwd=REPO, capture_output=True,
+    )
+    site.models = [{"name": "mlp", "runtime": "onnxruntime"}]
+    config = site.write_config()
+    subprocess.run([*run, "model", "install", str(out), "--config", str(config)], check=True, env=env, cwd=REPO,
+                   capture_output=True)
+    daemon = start_daemon(config, env={"TMPDIR": str(work_tmp)})
+    assert daemon.proc.poll() is None
+    # a distinctive slice of the model: the serialized weights
+    needle = mlp_onnx[len(mlp_onnx) // 2 : len(mlp_onnx) // 2 + 64]
+    assert _scan_for(work_tmp, needle) == []
+    assert _scan_for(site.root, needle) == []
+    assert _scan_for(out.parent, needle) == []
+    assert daemon.stop() == 0

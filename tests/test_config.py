@@ -1,0 +1,130 @@
+"""Config: typed validation with precise errors, and config.example.yaml kept in step with the defaults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import REPO
+from pydantic import BaseModel
+
+from daemon.config import Config, OnnxModelConfig, load_config, parse_config
+from daemon.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"servr": {}}, "servr: unknown key (did you mean 'server'?)"),
+        ({"server": {"prot": 1}}, "server.prot: unknown key (did you mean 'port'?)"),
+        ({"server": {"port": 70000}}, "server.port: 70000 is not valid: Input should be less than or equal to 65535"),
+        ({"server": {"port": "eighty"}}, "server.port: 'eighty' is not valid"),
+        ({"models": [{"name": "a", "runtime": "tensorrt"}]}, "models[0].runtime: 'tensorrt' is not a known runtime"),
+        ({"models": [{"name": "a"}]}, "models[0].runtime: required key is missing"),
+        ({"models": [{"name": "a", "runtime": "onnxruntime", "thread": 2}]}, "models[0].thread: unknown key (did you mean 'threads'?)"),
+        ({"models": [{"name": "a/b", "runtime": "onnxruntime"}]}, "models[0].name: 'a/b' is not valid"),
+        ({"models": [{"name": "a", "runtime": "onnxruntime", "device": "tpu"}]}, "models[0].device: 'tpu' is not valid"),
+        ({"models": [{"runtime": "onnxruntime"}]}, "models[0].name: required key is missing"),
+        ({"keys": {"kek": [{}]}}, "keys.kek[0]: dict is not valid: Value error, give exactly one of 'path' or 'credential'"),
+        (
+            {"models": [{"name": "a", "runtime": "onnxruntime"}, {"name": "a", "runtime": "onnxruntime"}]},
+            "model 'a' is listed twice",
+        ),
+        ([1, 2], "the top level must be a mapping"),
+    ],
+)
+def test_bad_configs_name_the_key_and_value(doc: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert message in str(err.value)
+
+
+def test_config_is_frozen() -> None:
+    config = parse_config({})
+    with pytest.raises(Exception, match="frozen"):
+        config.server.port = 1  # type: ignore[misc]
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("state_dir: st\nkeys:\n  kek:\n    - path: k/a.kek\n")
+    config = load_config(tmp_path / "c.yaml")
+    assert config.state_dir == tmp_path / "st"
+    assert config.keys.kek[0].path == tmp_path / "k" / "a.kek"
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("server:\n  port: [1,\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML at line \d+"):
+        load_config(tmp_path / "c.yaml")
+
+
+def _defaults(model: type[BaseModel]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        if field.is_required():
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            out[name] = _defaults(type(default))
+        else:
+            out[name] = default.as_posix() if isinstance(default, Path) else default
+    return out
+
+
+#: keys whose value in config.example.yaml is the demo's (marked "# demo" there), not the default
+DEMO_KEYS = {"state_dir", "keys.kek", "keys.signers", "models"}
+
+
+def _compare(defaults: dict[str, Any], example: dict[str, Any], prefix: str = "") -> list[str]:
+    problems = []
+    for key, value in defaults.items():
+        path = f"{prefix}{key}"
+        if path in DEMO_KEYS:
+            assert key in example, f"{path} is missing from config.example.yaml"
+            continue
+        if key not in example:
+            problems.append(f"{path} is missing from config.example.yaml")
+        elif isinstance(value, dict) and value and isinstance(example[key], dict):
+            problems += _compare(value, example[key], path + ".")
+        elif example[key] != value:
+            problems.append(f"{path}: example says {example[key]!r}, default is {value!r}")
+    for key in example:
+        if key not in defaults and f"{prefix}{key}" not in DEMO_KEYS:
+            problems.append(f"{prefix}{key} in config.example.yaml is not a config key")
+    return problems
+
+
+def test_example_config_mirrors_the_defaults() -> None:
+    example = yaml.safe_load((REPO / "config.example.yaml").read_text())
+    assert _compare(_defaults(Config), example) == []
+    # the example's model entry lists every per-model option with its default
+    model = dict(example["models"][0])
+    assert model.pop("name") == "demo"
+    assert model == _defaults(OnnxModelConfig)
+    load_config(REPO / "config.example.yaml")
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "daemon", "check-config", str(REPO / "config.example.yaml")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "OK (1 model(s))" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server:\n  prot: 80\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "daemon", "check-config", str(bad)], capture_output=True, text=True, cwd=REPO
+    )
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [f"inferd: error: {bad}: server.prot: unknown key (did you mean 'port'?)"]
+    assert "Traceback" not in res.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "daemon", "check-config", str(tmp_path / "nope.yaml")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert missing.returncode == 1 and "cannot read config" in missing.stderr

@@ -1,0 +1,139 @@
+"""`inferd serve` as a process: start-up failures, partial failures, and the SIGTERM drain."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, KeySet, Site, pack_model
+from httpclient import infer, request
+
+from daemon import artifact, keys
+
+
+def build_slow_model(n: int = 1024, depth: int = 24) -> bytes:
+    """[batch, n] -> depth chained MatMuls with one shared weight: tens of milliseconds a call on one thread."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.eye(n, dtype=np.float32) * 0.5 + 0.5 / n).astype(np.float32)
+    nodes, prev = [], "input"
+    for i in range(depth):
+        out = "output" if i == depth - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes, "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_model_that_fails_to_load_does_not_stop_the_others(site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                                              tmp_path: Path, start_daemon) -> None:
+    keys.generate_signing_key(tmp_path / "rogue.key")
+    rogue = artifact.pack({"model.onnx": mlp_onnx}, name="rogue", version="1", runtime="onnxruntime",
+                          kek=keyset.kek, signing_key=keys.load_signing_key(tmp_path / "rogue.key"))
+    site.install(pack_model(keyset, mlp_onnx, name="mlp"))
+    site.install(rogue)
+    site.models = [{"name": "mlp", "runtime": "onnxruntime"}, {"name": "rogue", "runtime": "onnxruntime"}]
+    daemon = start_daemon(site.write_config())
+    ready = request(daemon.url + "/v2/health/ready")
+    assert ready.status == 503 and "not a trusted signer" in ready.json()["error"]
+    assert request(daemon.url + "/v2/models/mlp/ready").status == 200
+    assert infer(daemon.url, "mlp", {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+                                                  "data": [1, 2, 3, 4]}]}).status == 200
+    assert any("model rogue failed to load" in e for e in daemon.events())
+    assert daemon.stop() == 0
+
+
+def test_runtime_mismatch_is_a_load_error(site: Site, keyset: KeySet, mlp_onnx: bytes, start_daemon) -> None:
+    site.install(pack_model(keyset, mlp_onnx, name="mlp", runtime="openvino"))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime"}]
+    daemon = start_daemon(site.write_config())
+    err = request(daemon.url + "/v2/health/ready").json()["error"]
+    assert "configured for runtime onnxruntime but its artifact was packed for openvino" in err
+    assert daemon.stop() == 0
+
+
+def test_smoke_test_failure_refuses_the_version(site: Site, keyset: KeySet, mlp_onnx: bytes, start_daemon) -> None:
+    x = np.ones((1, 4), np.float32)
+    wrong = np.zeros((1, 3), np.float32)
+    site.install(pack_model(keyset, mlp_onnx, extra_files={
+        "smoke/input/input.npy": artifact.npy_bytes(x), "smoke/output/output.npy": artifact.npy_bytes(wrong)}))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime"}]
+    daemon = start_daemon(site.write_config())
+    assert "smoke test failed: output 'output' differs" in request(daemon.url + "/v2/health/ready").json()["error"]
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("problem", ["mode", "missing"])
+def test_key_problems_stop_start_up_with_one_line(site: Site, keyset: KeySet, tmp_path: Path, problem: str) -> None:
+    kek = tmp_path / "k.kek"
+    keys.generate_kek(kek, "k")
+    if problem == "mode":
+        os.chmod(kek, 0o644)
+    else:
+        kek.unlink()
+    site.write_config()
+    text = site.config_path.read_text().replace(str(keyset.kek_path), str(kek))
+    site.config_path.write_text(text)
+    res = subprocess.run([sys.executable, "-m", "daemon", "serve", "--config", str(site.config_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("inferd: error: "), res.stderr
+    assert ("readable by group or others" if problem == "mode" else "cannot read key file") in lines[0]
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_burst_answers_every_accepted_request(site: Site, keyset: KeySet, start_daemon) -> None:
+    site.install(pack_model(keyset, build_slow_model(), name="slow"))
+    site.models = [{"name": "slow", "runtime": "onnxruntime", "threads": 1, "workers": 1}]
+    daemon = start_daemon(site.write_config())
+    n = 8
+    x = np.ones((16, 1024), np.float32) * 0.001
+    body = ('{"inputs":[{"name":"input","shape":[16,1024],"datatype":"FP32","data":' +
+            str(x.ravel().tolist()) + "}]}").encode()
+    sent = threading.Semaphore(0)
+    first_answer = threading.Event()
+    outcomes: list[object] = [None] * n
+
+    def client(i: int) -> None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+            conn.request("POST", "/v2/models/slow/infer", body=body, headers={"Content-Type": "application/json"})
+            sent.release()
+            resp = conn.getresponse()
+            outcomes[i] = (resp.status, resp.read())
+            first_answer.set()
+            conn.close()
+        except Exception as exc:  # recorded and judged below
+            sent.release()
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for _ in range(n):
+        assert sent.acquire(timeout=30)
+    assert first_answer.wait(timeout=60)
+    daemon.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=120)
+    assert daemon.proc.wait(timeout=60) == 0
+    statuses = [o[0] for o in outcomes if isinstance(o, tuple)]
+    assert all(not isinstance(o, Exception) for o in outcomes), outcomes
+    assert statuses == [200] * n, statuses  # all were accepted before SIGTERM, so all were answered
+    drained = [e for e in daemon.events() if e.startswith("draining")]
+    assert drained and int(drained[0].split()[1]) >= 2, drained  # several were still in flight at SIGTERM

@@ -1,0 +1,63 @@
+"""The model store: atomic installs, immutable versions, the state journal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import KeySet, pack_model
+
+from daemon.errors import ModelNotFound, StoreError, VersionNotFound
+from daemon.store import Store
+
+
+def test_install_activates_first_version_only(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    store = Store(tmp_path / "state")
+    assert store.install(pack_model(keyset, mlp_onnx, version="1")) == ("mlp", "1", True)
+    assert store.install(pack_model(keyset, mlp_onnx, version="2")) == ("mlp", "2", False)
+    assert store.state("mlp").active == "1"
+    assert store.install(pack_model(keyset, mlp_onnx, version="10"), activate=True) == ("mlp", "10", True)
+    state = store.state("mlp")
+    assert (state.active, state.previous) == ("10", "1")
+    assert store.versions("mlp") == ["1", "2", "10"]
+    assert [e["event"] for e in state.history] == ["installed", "activated", "installed", "installed", "activated"]
+    on_disk = json.loads((tmp_path / "state/models/mlp/state.json").read_text())
+    assert on_disk["active"] == "10"
+    assert list((tmp_path / "state/tmp").iterdir()) == []
+
+
+def test_versions_are_immutable(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    store = Store(tmp_path / "state")
+    blob = pack_model(keyset, mlp_onnx, version="1")
+    store.install(blob)
+    store.install(blob)  # identical bytes: a no-op
+    with pytest.raises(StoreError, match="already installed with different content"):
+        store.install(pack_model(keyset, mlp_onnx, version="1"))  # fresh keys and nonces: different bytes
+    assert store.read_artifact("mlp", "1") == blob
+
+
+def test_missing_models_and_versions(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    store = Store(tmp_path / "state")
+    with pytest.raises(ModelNotFound):
+        store.read_artifact("nope", "1")
+    store.install(pack_model(keyset, mlp_onnx))
+    with pytest.raises(VersionNotFound):
+        store.read_artifact("mlp", "9")
+
+
+def test_leftover_staging_is_cleaned(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state")
+    store.ensure()
+    (store.tmp_dir / "mlp-1-crashed").mkdir()
+    (store.tmp_dir / "mlp-1-crashed" / "artifact.inferd").write_bytes(b"half")
+    store.ensure()
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_corrupt_journal_is_a_clear_error(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    store = Store(tmp_path / "state")
+    store.install(pack_model(keyset, mlp_onnx))
+    (tmp_path / "state/models/mlp/state.json").write_text("{not json")
+    with pytest.raises(StoreError, match="state journal .* is unreadable"):
+        store.state("mlp")
