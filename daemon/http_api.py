@@ -58,11 +58,13 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as V2's ``{"error": ...}``; counts in-flight requests for the SIGTERM drain."""
     state = request.app[STATE]
-    if state["draining"] and request.path.startswith("/v2/models/"):
-        return error_response(503, "server is shutting down", {"Connection": "close"})
     state["in_flight"] += 1
     try:
-        return await handler(request)
+        response = await handler(request)
+        if state["draining"]:
+            # A request that reached us is served even while draining; the client is told to reconnect elsewhere.
+            response.force_close()
+        return response
     except InferdError as exc:
         status = HTTP_STATUS.get(exc.code, 500)
         if status >= 500 and exc.code in ("internal", "inference_failed", "integrity"):

@@ -35,7 +35,7 @@ def test_flat_and_nested_data_decode_identically() -> None:
     assert flat.inputs["x"].dtype == np.float32 and flat.inputs["flag"].dtype == np.bool_
 
 
-@pytest.mark.parametrize("datatype,values,dtype", [
+@pytest.mark.parametrize(("datatype", "values", "dtype"), [
     ("UINT8", [0, 255], np.uint8), ("INT8", [-128, 127], np.int8), ("UINT16", [0, 65535], np.uint16),
     ("INT16", [-5, 5], np.int16), ("UINT32", [0, 4294967295], np.uint32), ("INT32", [-1, 1], np.int32),
     ("UINT64", [0, 2**63], np.uint64), ("INT64", [-(2**63), 2**63 - 1], np.int64),

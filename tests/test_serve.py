@@ -137,3 +137,34 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(site: Site, keyse
     assert statuses == [200] * n, statuses  # all were accepted before SIGTERM, so all were answered
     drained = [e for e in daemon.events() if e.startswith("draining")]
     assert drained and int(drained[0].split()[1]) >= 2, drained  # several were still in flight at SIGTERM
+
+
+def test_systemd_notify_ready_and_stopping(site: Site, keyset: KeySet, mlp_onnx: bytes, tmp_path: Path,
+                                           start_daemon) -> None:
+    """Type=notify: READY=1 after the models loaded, STOPPING=1 on SIGTERM, over a real datagram socket."""
+    import socket
+
+    site.install(pack_model(keyset, mlp_onnx))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime"}]
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(60)
+        daemon = start_daemon(site.write_config(), env={"NOTIFY_SOCKET": str(sock_path)})
+        messages = []
+        while not any("READY=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        assert request(daemon.url + "/v2/health/ready").status == 200
+        daemon.proc.send_signal(signal.SIGTERM)
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        assert daemon.proc.wait(timeout=60) == 0
+
+
+def test_the_service_config_validates() -> None:
+    res = subprocess.run([sys.executable, "-m", "daemon", "check-config", str(REPO / "systemd" / "inferd.yaml")],
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    unit = (REPO / "systemd" / "inferd.service").read_text()
+    for line in ("Type=notify", "WatchdogSec=", "NoNewPrivileges=yes", "ProtectSystem=strict", "LoadCredential="):
+        assert line in unit
