@@ -37,7 +37,7 @@ deps-system:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
 
 lint: $(STAMP_DEV)
-	$(VENV)/bin/ruff check daemon adapters tests bench
+	$(VENV)/bin/ruff check daemon adapters tests $(wildcard bench)
 	$(VENV)/bin/mypy
 
 test: $(STAMP_DEV) deps-system lint
