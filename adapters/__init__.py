@@ -23,6 +23,8 @@ from adapters.base import (
 #: imports its runtime package only inside ``load``, raising AdapterUnavailable with the pip extra to install.
 RUNTIMES: dict[str, str] = {
     "onnxruntime": "adapters.onnxrt",
+    "openvino": "adapters.openvino_rt",
+    "litert": "adapters.litert",
 }
 
 __all__ = [

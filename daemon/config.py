@@ -112,14 +112,40 @@ class _ModelBase(_Model):
 
 
 class OnnxModelConfig(_ModelBase):
-    runtime: Literal["onnxruntime"] = "onnxruntime"
+    runtime: Literal["onnxruntime"]
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads (parallel branches).")
     session_config: dict[str, str] = Field(
         default_factory=dict, description="Extra ONNX Runtime session config entries (advanced)."
     )
 
 
-ModelConfig = Annotated[Union[OnnxModelConfig], Field(discriminator="runtime")]  # noqa: UP007
+class OpenVinoModelConfig(_ModelBase):
+    runtime: Literal["openvino"]
+    performance_hint: Literal["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"] = Field(
+        "LATENCY", description="OpenVINO PERFORMANCE_HINT: LATENCY for one request at a time, THROUGHPUT for many."
+    )
+    num_streams: int | Literal["AUTO"] | None = Field(
+        None, description="OpenVINO NUM_STREAMS (parallel inference streams); null: as the hint decides."
+    )
+    properties: dict[str, str] = Field(
+        default_factory=dict, description="Extra OpenVINO compile properties (advanced; CACHE_DIR is refused)."
+    )
+
+    @model_validator(mode="after")
+    def _positive_streams(self) -> OpenVinoModelConfig:
+        if isinstance(self.num_streams, int) and self.num_streams < 1:
+            raise ValueError("num_streams must be a positive integer, 'AUTO' or null")
+        return self
+
+
+class LiteRtModelConfig(_ModelBase):
+    runtime: Literal["litert"]
+    precision: Literal["fp32"] = Field("fp32", description="LiteRT serves models at the precision they were built in.")
+
+
+ModelConfig = Annotated[
+    Union[OnnxModelConfig, OpenVinoModelConfig, LiteRtModelConfig], Field(discriminator="runtime")  # noqa: UP007
+]
 
 
 class Config(_Model):
@@ -183,7 +209,7 @@ def _describe(err: Any) -> str:
     path = _format_loc(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
-        hint = _suggest(loc)
+        hint = _suggest(list(err["loc"]))
         return f"{path}: unknown key{hint}"
     if kind == "missing":
         return f"{path}: required key is missing"
@@ -222,6 +248,9 @@ def _suggest(loc: list[Any]) -> str:
 def _fields_at(model: Any, loc: list[Any]) -> list[str]:
     annotation: Any = model
     for part in loc:
+        if isinstance(part, str) and part in _TAGS:
+            annotation = _union_member(annotation, part)
+            continue
         annotation = _unwrap(annotation)
         if isinstance(part, int):
             args = typing.get_args(annotation)
@@ -238,6 +267,17 @@ def _fields_at(model: Any, loc: list[Any]) -> list[str]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return list(annotation.model_fields)
     return []
+
+
+def _union_member(annotation: Any, tag: str) -> Any:
+    """The member of a runtime-discriminated union whose ``runtime`` literal is ``tag``."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    for member in typing.get_args(annotation):
+        field = getattr(member, "model_fields", {}).get("runtime")
+        if field is not None and tag in typing.get_args(field.annotation):
+            return member
+    return annotation
 
 
 def _unwrap(annotation: Any) -> Any:

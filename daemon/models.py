@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from adapters import AdapterError, Session, SessionOptions, get_runtime
 from adapters.base import usable_cpus
 from daemon.artifact import Header, open_artifact
-from daemon.config import Config, ModelConfig
+from daemon.config import Config, ModelConfig, OnnxModelConfig, OpenVinoModelConfig
 from daemon.errors import InferdError, ModelNotFound, NotReady, VersionNotFound
 from daemon.keys import Kek
 from daemon.scheduler import Runner
@@ -136,15 +136,7 @@ class ModelManager:
                 f"{header.runtime}"
             )
         threads = self._threads(cfg)
-        options = SessionOptions(
-            device=cfg.device,
-            fallback=cfg.fallback,
-            threads=threads,
-            inter_op_threads=getattr(cfg, "inter_op_threads", 1),
-            precision=cfg.precision,
-            workers=cfg.workers,
-            extra=getattr(cfg, "session_config", {}),
-        )
+        options = session_options(cfg, threads)
         session = get_runtime(cfg.runtime).load(opened.model_files(), options)
         try:
             _warm_up(session, opened.reference(), f"{cfg.name}:{version}")
@@ -198,6 +190,28 @@ class ModelManager:
             entry.versions.clear()
             entry.active = None
             entry.status = "unloaded"
+
+
+def session_options(cfg: ModelConfig, threads: int) -> SessionOptions:
+    """Map a model's config onto the runtime-neutral options, runtime-specific settings going into ``extra``."""
+    extra: dict[str, Any] = {}
+    inter_op = 1
+    if isinstance(cfg, OnnxModelConfig):
+        extra = dict(cfg.session_config)
+        inter_op = cfg.inter_op_threads
+    elif isinstance(cfg, OpenVinoModelConfig):
+        extra = {"performance_hint": cfg.performance_hint, **cfg.properties}
+        if cfg.num_streams is not None:
+            extra["num_streams"] = cfg.num_streams
+    return SessionOptions(
+        device=cfg.device,
+        fallback=cfg.fallback,
+        threads=threads,
+        inter_op_threads=inter_op,
+        precision=cfg.precision,
+        workers=cfg.workers,
+        extra=extra,
+    )
 
 
 def _warm_up(

@@ -12,7 +12,7 @@ import yaml
 from conftest import REPO
 from pydantic import BaseModel
 
-from daemon.config import Config, OnnxModelConfig, load_config, parse_config
+from daemon.config import Config, LiteRtModelConfig, OnnxModelConfig, OpenVinoModelConfig, load_config, parse_config
 from daemon.errors import ConfigError
 
 
@@ -104,6 +104,7 @@ def test_example_config_mirrors_the_defaults() -> None:
     # the example's model entry lists every per-model option with its default
     model = dict(example["models"][0])
     assert model.pop("name") == "demo"
+    assert model.pop("runtime") == "onnxruntime"
     assert model == _defaults(OnnxModelConfig)
     load_config(REPO / "config.example.yaml")
 
@@ -128,3 +129,20 @@ def test_check_config_cli(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=REPO,
     )
     assert missing.returncode == 1 and "cannot read config" in missing.stderr
+
+
+def _commented_block(text: str, name: str) -> dict[str, Any]:
+    lines = text.split(f"# BEGIN {name}\n", 1)[1].split(f"# END {name}", 1)[0].splitlines()
+    return yaml.safe_load("\n".join(line[1:] for line in lines))[0]
+
+
+@pytest.mark.parametrize(("block", "model"), [("openvino options", OpenVinoModelConfig),
+                                               ("litert options", LiteRtModelConfig)])
+def test_example_documents_each_runtimes_own_options(block: str, model: type[BaseModel]) -> None:
+    entry = _commented_block((REPO / "config.example.yaml").read_text(), block)
+    entry.pop("name")
+    runtime = entry.pop("runtime")
+    assert runtime == model.model_fields["runtime"].annotation.__args__[0]
+    own = {k: v for k, v in _defaults(model).items() if k not in OnnxModelConfig.model_fields}
+    assert entry == own
+    parse_config({"models": [{"name": "x", "runtime": runtime, **entry}]})

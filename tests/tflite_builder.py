@@ -24,6 +24,17 @@ TFLITE_SCHEMA_VERSION = 3
 _BUFFER_ALIGNMENT = 16
 
 
+def random_mlp_weights(n_in: int = 4, hidden: int = 8, n_out: int = 3, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """(w1, b1, w2, b2) in the layout both builders take; seeded so every run builds the same model."""
+    rng = np.random.default_rng(seed)
+    return (
+        rng.normal(0, 0.5, (n_in, hidden)).astype(np.float32),
+        rng.normal(0, 0.1, (hidden,)).astype(np.float32),
+        rng.normal(0, 0.5, (hidden, n_out)).astype(np.float32),
+        rng.normal(0, 0.1, (n_out,)).astype(np.float32),
+    )
+
+
 def mlp_forward(x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> np.ndarray:
     """The numpy reference both builders must match."""
     return (np.maximum(x @ w1 + b1, 0) @ w2 + b2).astype(np.float32)
@@ -133,7 +144,7 @@ def _buffer(b: flatbuffers.Builder, data: np.ndarray | None) -> int:
     b.StartVector(1, len(payload), _BUFFER_ALIGNMENT)
     b.head = b.head - len(payload)
     b.Bytes[b.head : b.head + len(payload)] = payload
-    vec = b.EndVector(len(payload))
+    vec = b.EndVector()
     tflite.BufferStart(b)
     tflite.BufferAddData(b, vec)
     return int(tflite.BufferEnd(b))
@@ -172,7 +183,7 @@ def _ints(b: flatbuffers.Builder, values: list[int]) -> int:
     b.StartVector(4, len(values), 4)
     for v in reversed(values):
         b.PrependInt32(v)
-    return int(b.EndVector(len(values)))
+    return int(b.EndVector())
 
 
 def _offsets(b: flatbuffers.Builder, start: Callable[[flatbuffers.Builder, int], object], offsets: list[int]) -> int:
@@ -180,4 +191,4 @@ def _offsets(b: flatbuffers.Builder, start: Callable[[flatbuffers.Builder, int],
     start(b, len(offsets))
     for off in reversed(offsets):
         b.PrependUOffsetTRelative(off)
-    return int(b.EndVector(len(offsets)))
+    return int(b.EndVector())

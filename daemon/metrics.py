@@ -1,0 +1,232 @@
+"""Every metric inferd exports, defined in one place, plus the counters the statistics route reads.
+
+The request path updates plain Python counters (cheap, no locks: they are touched only from the event loop); a
+custom Prometheus collector turns them into metric families at scrape time. So `/metrics` and
+`/v2/models/{m}/stats` read the very same numbers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+
+#: request outcomes, as counted in inferd_requests_total{outcome=...}
+OUTCOMES = ("success", "invalid", "shed", "timeout", "failed")
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# name -> (type, help); documented in docs/metrics.md, which a test keeps in step with this table.
+METRICS: dict[str, tuple[str, str]] = {
+    "inferd_requests_total": ("counter", "Inference requests by model, version, protocol and outcome."),
+    "inferd_request_duration_seconds": ("histogram", "Time from request decoded to response ready."),
+    "inferd_queue_duration_seconds": ("histogram", "Time a request waited in the model's queue."),
+    "inferd_compute_duration_seconds": ("histogram", "Runtime time of one (batched) execution."),
+    "inferd_batch_size": ("histogram", "Rows in each execution (after dynamic batching)."),
+    "inferd_queue_depth": ("gauge", "Requests waiting in the model's queue."),
+    "inferd_in_flight": ("gauge", "Requests accepted and not yet answered."),
+    "inferd_model_loaded": ("gauge", "1 for each loaded model version, with its runtime and device."),
+    "inferd_model_ready": ("gauge", "1 when the configured model is ready, else 0."),
+}
+
+
+class Histogram:
+    """A fixed-bucket histogram: observe() is a bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, c in zip(self.bounds, self.counts):
+            running += c
+            out.append((_fmt(bound), running))
+        out.append(("+Inf", running + self.counts[-1]))
+        return out
+
+
+def _fmt(bound: float) -> str:
+    return repr(float(bound))
+
+
+@dataclass
+class Duration:
+    """Count and total nanoseconds, the unit of Triton's statistics extension."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.ns += int(seconds * 1e9)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class VersionStats:
+    """Counters for one loaded model version."""
+
+    model: str
+    version: str
+    requests: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))  # (protocol, outcome)
+    request_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    queue_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    compute_seconds: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    batch_rows: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute: Duration = field(default_factory=Duration)
+    by_batch: dict[int, Duration] = field(default_factory=lambda: defaultdict(Duration))
+    inference_count: int = 0  # rows inferred
+    execution_count: int = 0  # runtime executions (batches)
+    last_inference_ms: int = 0
+    queue_depth: int = 0
+    in_flight: int = 0
+
+    def request_done(self, protocol: str, outcome: str, seconds: float) -> None:
+        self.requests[(protocol, outcome)] += 1
+        if outcome == "success":
+            self.request_seconds.observe(seconds)
+            self.success.add(seconds)
+        else:
+            self.fail.add(seconds)
+
+    def queued(self, seconds: float) -> None:
+        self.queue_seconds.observe(seconds)
+        self.queue.add(seconds)
+
+    def executed(self, rows: int, seconds: float) -> None:
+        self.compute_seconds.observe(seconds)
+        self.compute.add(seconds)
+        self.batch_rows.observe(rows)
+        self.by_batch[rows].add(seconds)
+        self.inference_count += rows
+        self.execution_count += 1
+        self.last_inference_ms = int(time.time() * 1000)
+
+    def triton_stats(self) -> dict[str, Any]:
+        """This version in the shape of Triton's statistics extension (model_stats entry)."""
+        zero = Duration().as_dict()
+        return {
+            "name": self.model,
+            "version": self.version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": self.success.as_dict(),
+                "fail": self.fail.as_dict(),
+                "queue": self.queue.as_dict(),
+                "compute_input": zero,
+                "compute_infer": self.compute.as_dict(),
+                "compute_output": zero,
+            },
+            "batch_stats": [
+                {"batch_size": size, "compute_input": zero, "compute_infer": d.as_dict(), "compute_output": zero}
+                for size, d in sorted(self.by_batch.items())
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class LoadedInfo:
+    model: str
+    version: str
+    runtime: str
+    device: str
+
+
+class InferdCollector:
+    """Reads the live counters at scrape time; ``sources`` returns the current VersionStats and model states."""
+
+    def __init__(
+        self,
+        stats: Callable[[], Iterable[VersionStats]],
+        loaded: Callable[[], Iterable[LoadedInfo]],
+        readiness: Callable[[], Iterable[tuple[str, bool]]],
+    ) -> None:
+        self._stats = stats
+        self._loaded = loaded
+        self._readiness = readiness
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # collected lazily; names are fixed in METRICS
+
+    def collect(self) -> Iterator[Metric]:
+        help_ = {name: text for name, (_, text) in METRICS.items()}
+        req = CounterMetricFamily(
+            "inferd_requests", help_["inferd_requests_total"], labels=["model", "version", "protocol", "outcome"]
+        )
+        hists = {
+            "inferd_request_duration_seconds": HistogramMetricFamily(
+                "inferd_request_duration_seconds", help_["inferd_request_duration_seconds"], labels=["model", "version"]
+            ),
+            "inferd_queue_duration_seconds": HistogramMetricFamily(
+                "inferd_queue_duration_seconds", help_["inferd_queue_duration_seconds"], labels=["model", "version"]
+            ),
+            "inferd_compute_duration_seconds": HistogramMetricFamily(
+                "inferd_compute_duration_seconds", help_["inferd_compute_duration_seconds"], labels=["model", "version"]
+            ),
+            "inferd_batch_size": HistogramMetricFamily(
+                "inferd_batch_size", help_["inferd_batch_size"], labels=["model", "version"]
+            ),
+        }
+        depth = GaugeMetricFamily("inferd_queue_depth", help_["inferd_queue_depth"], labels=["model", "version"])
+        in_flight = GaugeMetricFamily("inferd_in_flight", help_["inferd_in_flight"], labels=["model", "version"])
+        for s in self._stats():
+            labels = [s.model, s.version]
+            for (protocol, outcome), n in sorted(s.requests.items()):
+                req.add_metric([*labels, protocol, outcome], n)
+            for name, h in (
+                ("inferd_request_duration_seconds", s.request_seconds),
+                ("inferd_queue_duration_seconds", s.queue_seconds),
+                ("inferd_compute_duration_seconds", s.compute_seconds),
+                ("inferd_batch_size", s.batch_rows),
+            ):
+                hists[name].add_metric(labels, h.cumulative(), h.total)
+            depth.add_metric(labels, s.queue_depth)
+            in_flight.add_metric(labels, s.in_flight)
+        loaded = GaugeMetricFamily(
+            "inferd_model_loaded", help_["inferd_model_loaded"], labels=["model", "version", "runtime", "device"]
+        )
+        for info in self._loaded():
+            loaded.add_metric([info.model, info.version, info.runtime, info.device], 1)
+        ready = GaugeMetricFamily("inferd_model_ready", help_["inferd_model_ready"], labels=["model"])
+        for model, ok in self._readiness():
+            ready.add_metric([model], 1 if ok else 0)
+        yield req
+        yield from hists.values()
+        yield depth
+        yield in_flight
+        yield loaded
+        yield ready
+
+
+def make_registry(collector: InferdCollector) -> CollectorRegistry:
+    """A registry of our own (not the global one) with inferd's metrics and the process's CPU and memory."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry
