@@ -53,6 +53,13 @@ class Daemon:
         await site.start()
         port = _bound_port(site)
         log.info("listening on http://%s:%d", server.host, port, extra={"event_kind": "listening", "port": port})
+        wanted, cpus, parts = manager.thread_budget()
+        if wanted > cpus:
+            log.warning(
+                "thread budget oversubscribed: the models may run %d threads at once (%s) but this process may use "
+                "%d CPU(s); lower 'threads' or 'workers'", wanted, "; ".join(parts), cpus,
+                extra={"event_kind": "oversubscribed"},
+            )
         sdnotify.notify(f"STATUS=loading {len(manager.entries)} model(s)")
         await manager.load_all()
         watchdog = asyncio.create_task(self._watchdog())

@@ -21,7 +21,9 @@ from prometheus_client.process_collector import ProcessCollector
 #: request outcomes, as counted in inferd_requests_total{outcome=...}
 OUTCOMES = ("success", "invalid", "shed", "timeout", "failed")
 
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 # name -> (type, help); documented in docs/metrics.md, which a test keeps in step with this table.

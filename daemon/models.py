@@ -148,6 +148,21 @@ class ModelManager:
             cfg.name, version, cfg.runtime, session, runner, header, threads, time.monotonic() - started
         )
 
+    def thread_budget(self) -> tuple[int, int, list[str]]:
+        """(threads the configured models may run at once, CPUs this process may use, per-model breakdown)."""
+        parts, total = [], 0
+        for entry in self.entries.values():
+            cfg = entry.config
+            threads = self._threads(cfg)
+            if isinstance(cfg, OpenVinoModelConfig):
+                used = threads  # INFERENCE_NUM_THREADS bounds the whole compiled model, all streams together
+                parts.append(f"{cfg.name}: {threads}")
+            else:
+                used = threads * cfg.workers
+                parts.append(f"{cfg.name}: {threads} threads x {cfg.workers} workers")
+            total += used
+        return total, usable_cpus(), parts
+
     # -- routing ----------------------------------------------------------------------------------------------
 
     def entry(self, name: str) -> ModelEntry:
