@@ -13,7 +13,7 @@ import socket
 
 from aiohttp import web
 
-from daemon import http_api, keys, protocol, sdnotify
+from daemon import http_api, keys, metrics, protocol, sdnotify
 from daemon.config import Config
 from daemon.models import ModelManager
 from daemon.store import Store
@@ -45,7 +45,12 @@ class Daemon:
         manager = ModelManager(self.config, self.store, keks, signers)
         self.manager = manager
         server = self.config.server
-        app = http_api.build_app(manager, protocol.Limits(server.max_tensor_elements), server.max_body_bytes)
+        registry = metrics.make_registry(
+            metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness)
+        )
+        app = http_api.build_app(
+            manager, protocol.Limits(server.max_tensor_elements), server.max_body_bytes, registry
+        )
         # aiohttp waits this long for handlers on cleanup; our own drain below comes first.
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=server.drain_timeout_s)
         await self.runner.setup()
@@ -102,7 +107,7 @@ class Daemon:
         assert self.runner is not None
         await self.runner.cleanup()
         if self.manager is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.manager.close)
+            await self.manager.close()
         log.info("stopped", extra={"event_kind": "stopped"})
 
 

@@ -109,6 +109,24 @@ class _ModelBase(_Model):
     version: str | None = Field(
         None, pattern=NAME_PATTERN, description="Pin this version; default: the store's active version."
     )
+    max_batch_size: int = Field(
+        32, ge=0, le=4096,
+        description="Dynamic batching: most rows in one execution (0 or 1: off; needs a dynamic first dimension).",
+    )
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, le=1000,
+        description="How long a batch may wait for more requests (0: batch only what is already queued).",
+    )
+    preferred_batch_sizes: list[int] = Field(
+        default_factory=list, description="Batch sizes to dispatch at once, without waiting out the delay."
+    )
+    queue_size: int = Field(
+        256, ge=1, description="Requests that may wait for this model; beyond it they are refused (HTTP 503)."
+    )
+    timeout_ms: float = Field(
+        0.0, ge=0, description="Default time a request may wait in the queue (0: no limit); per request: "
+        "parameters.timeout_ms."
+    )
 
 
 class OnnxModelConfig(_ModelBase):

@@ -12,9 +12,10 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import daemon
-from daemon import protocol
+from daemon import protocol, service
 from daemon.errors import InferdError, NotReady
 from daemon.models import ModelManager
 
@@ -35,11 +36,15 @@ HTTP_STATUS: dict[str, int] = {
 }
 
 SERVER_NAME = "inferd"
-EXTENSIONS: list[str] = []
+EXTENSIONS: list[str] = ["binary_tensor_data", "statistics"]
+HEADER_LENGTH = "Inference-Header-Content-Length"
+#: seconds a shed client is told to wait before retrying
+RETRY_AFTER_S = 1
 
 MANAGER = web.AppKey("manager", ModelManager)
 LIMITS = web.AppKey("limits", protocol.Limits)
 STATE = web.AppKey("state", dict)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -69,7 +74,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         status = HTTP_STATUS.get(exc.code, 500)
         if status >= 500 and exc.code in ("internal", "inference_failed", "integrity"):
             log.error("request %s %s failed: %s", request.method, request.path, exc)
-        return error_response(status, str(exc))
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.code == "busy" else None
+        return error_response(status, str(exc), headers)
     except web.HTTPRequestEntityTooLarge:
         return error_response(413, f"request body exceeds the limit of {request.app[STATE]['max_body']} bytes")
     except web.HTTPException as exc:
@@ -132,21 +138,55 @@ async def model_ready(request: web.Request) -> web.Response:
 
 async def infer(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    loaded = manager.route(request.match_info["model"], request.match_info.get("version"))
-    if "Inference-Header-Content-Length" in request.headers:
-        raise web.HTTPBadRequest(reason="the binary tensor extension is not enabled on this server")
+    loaded = service.admit(manager, request.match_info["model"], request.match_info.get("version"), "http")
+    header_length = _header_length(request)
     body = await request.read()
-    req = protocol.decode_request(
-        protocol.loads(body), loaded.session.inputs, loaded.session.outputs, request.app[LIMITS]
+    reply = await service.infer(loaded, body, header_length, request.app[LIMITS], "http")
+    if reply.header_length is None:
+        return web.Response(body=reply.body, content_type="application/json")
+    return web.Response(
+        body=reply.body,
+        content_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(reply.header_length)},
     )
-    results = await loaded.runner.run(req.inputs)
-    payload = protocol.encode_response(loaded.name, loaded.version, req, results)
-    return web.Response(body=payload, content_type="application/json")
 
 
-def build_app(manager: ModelManager, limits: protocol.Limits, max_body_bytes: int) -> web.Application:
+def _header_length(request: web.Request) -> int | None:
+    raw = request.headers.get(HEADER_LENGTH)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(reason=f"{HEADER_LENGTH} must be an integer, got {raw!r}") from None
+
+
+async def model_stats(request: web.Request) -> web.Response:
+    """Triton's statistics extension: every loaded version, or the ones of one model (and version)."""
+    manager = request.app[MANAGER]
+    name = request.match_info.get("model")
+    version = request.match_info.get("version")
+    if name is None:
+        stats = manager.all_stats()
+    else:
+        entry = manager.entry(name)
+        if version is not None:
+            manager.route(name, version)  # 404 for a version that is not loaded
+        stats = [v.stats for v in entry.versions.values() if version is None or v.version == version]
+    return json_response({"model_stats": [s.triton_stats() for s in stats]})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(
+    manager: ModelManager, limits: protocol.Limits, max_body_bytes: int, registry: CollectorRegistry
+) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
     app[MANAGER] = manager
+    app[REGISTRY] = registry
     app[LIMITS] = limits
     app[STATE] = {"draining": False, "in_flight": 0, "idle": None, "max_body": max_body_bytes}
     r = app.router
@@ -154,8 +194,11 @@ def build_app(manager: ModelManager, limits: protocol.Limits, max_body_bytes: in
     r.add_get("/v2/health/ready", ready)
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/", server_metadata)
+    r.add_get("/v2/models/stats", model_stats)
+    r.add_get("/metrics", metrics)
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         r.add_get(base, model_metadata)
         r.add_get(base + "/ready", model_ready)
         r.add_post(base + "/infer", infer)
+        r.add_get(base + "/stats", model_stats)
     return app

@@ -22,7 +22,8 @@ from daemon.artifact import Header, open_artifact
 from daemon.config import Config, ModelConfig, OnnxModelConfig, OpenVinoModelConfig
 from daemon.errors import InferdError, ModelNotFound, NotReady, VersionNotFound
 from daemon.keys import Kek
-from daemon.scheduler import Runner
+from daemon.metrics import LoadedInfo, VersionStats
+from daemon.scheduler import BatchPolicy, Scheduler
 from daemon.store import Store
 
 log = logging.getLogger("inferd.models")
@@ -37,7 +38,8 @@ class LoadedVersion:
     version: str
     runtime: str
     session: Session
-    runner: Runner
+    scheduler: Scheduler
+    stats: VersionStats
     header: Header
     threads: int
     load_seconds: float
@@ -52,7 +54,8 @@ class LoadedVersion:
             "runtime": self.runtime,
             "device": self.session.device,
             "threads": self.threads,
-            "workers": self.runner.workers,
+            "workers": self.scheduler.workers,
+            "dynamic_batching": self.scheduler.batching,
             "artifact_created": self.header.created,
         }
 
@@ -102,6 +105,7 @@ class ModelManager:
             entry.status, entry.reason = "failed", str(exc)
             log.error("model %s failed to load: %s", cfg.name, exc)
             return
+        loaded.scheduler.start()
         entry.versions[loaded.version] = loaded
         entry.active = loaded
         entry.status = "ready"
@@ -143,9 +147,10 @@ class ModelManager:
         except Exception:
             session.close()
             raise
-        runner = Runner(session, cfg.workers, cfg.name)
+        stats = VersionStats(cfg.name, version)
+        scheduler = Scheduler(session, cfg.workers, batch_policy(cfg), stats, cfg.name)
         return LoadedVersion(
-            cfg.name, version, cfg.runtime, session, runner, header, threads, time.monotonic() - started
+            cfg.name, version, cfg.runtime, session, scheduler, stats, header, threads, time.monotonic() - started
         )
 
     def thread_budget(self) -> tuple[int, int, list[str]]:
@@ -197,14 +202,39 @@ class ModelManager:
             if e.status != "ready"
         ]
 
-    def close(self) -> None:
+    def all_stats(self) -> list[VersionStats]:
+        return [v.stats for e in self.entries.values() for v in e.versions.values()]
+
+    def loaded_info(self) -> list[LoadedInfo]:
+        return [
+            LoadedInfo(v.name, v.version, v.runtime, v.session.device)
+            for e in self.entries.values()
+            for v in e.versions.values()
+        ]
+
+    def readiness(self) -> list[tuple[str, bool]]:
+        return [(name, e.status == "ready") for name, e in self.entries.items()]
+
+    async def close(self) -> None:
+        """Stop every scheduler (runs in progress finish), then release the runtimes' sessions."""
+        loop = asyncio.get_running_loop()
         for entry in self.entries.values():
             for loaded in entry.versions.values():
-                loaded.runner.close()
-                loaded.session.close()
+                await loaded.scheduler.close()
+                await loop.run_in_executor(None, loaded.session.close)
             entry.versions.clear()
             entry.active = None
             entry.status = "unloaded"
+
+
+def batch_policy(cfg: ModelConfig) -> BatchPolicy:
+    return BatchPolicy(
+        max_batch_size=cfg.max_batch_size,
+        max_queue_delay_s=cfg.max_queue_delay_ms / 1000,
+        preferred_batch_sizes=tuple(cfg.preferred_batch_sizes),
+        queue_size=cfg.queue_size,
+        timeout_s=cfg.timeout_ms / 1000 if cfg.timeout_ms else None,
+    )
 
 
 def session_options(cfg: ModelConfig, threads: int) -> SessionOptions:

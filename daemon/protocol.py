@@ -50,10 +50,54 @@ def loads(body: bytes | bytearray | memoryview | str) -> Any:
         raise InvalidInput(f"malformed JSON: {exc}") from None
 
 
-def decode_request(
-    doc: Any, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], limits: Limits
+def decode_body(
+    body: bytes | bytearray | memoryview,
+    header_length: int | None,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    limits: Limits,
 ) -> InferRequest:
-    """Validate a parsed V2 inference request against the model's tensors."""
+    """A request body in any of its forms: JSON, JSON + binary tensors, or one raw binary tensor (header length 0)."""
+    if header_length is None:
+        return decode_request(loads(body), inputs, outputs, limits)
+    view = memoryview(body)
+    if header_length < 0 or header_length > len(view):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length {header_length} is outside the body of {len(view)} bytes"
+        )
+    if header_length == 0:
+        return decode_raw(view, inputs, limits)
+    return decode_request(loads(view[:header_length]), inputs, outputs, limits, binary=view[header_length:])
+
+
+def decode_raw(view: memoryview, inputs: Sequence[TensorSpec], limits: Limits) -> InferRequest:
+    """Triton's raw form: the whole body is the only input's tensor; a dynamic first dimension is inferred."""
+    if len(inputs) != 1:
+        raise InvalidInput(f"a raw binary body needs a model with one input; this one has {len(inputs)}")
+    spec = inputs[0]
+    if any(d < 0 for d in spec.shape[1:]) or not spec.shape:
+        raise InvalidInput(f"a raw binary body needs input {spec.name!r} to have fixed dimensions after the first")
+    row = math.prod(spec.shape[1:]) * spec.dtype.itemsize
+    if spec.shape[0] >= 0:
+        shape = spec.shape
+    elif row == 0 or len(view) % row:
+        raise InvalidInput(
+            f"a raw body of {len(view)} bytes is not a whole number of {spec.name!r} rows of {row} bytes"
+        )
+    else:
+        shape = (len(view) // row, *spec.shape[1:])
+    raw = {"datatype": spec.datatype, "shape": list(shape), "parameters": {"binary_data_size": len(view)}}
+    return InferRequest({spec.name: _binary_tensor(raw, spec, limits, view, 0)[0]})
+
+
+def decode_request(
+    doc: Any,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    limits: Limits,
+    binary: memoryview | None = None,
+) -> InferRequest:
+    """Validate a parsed V2 inference request against the model's tensors (binary tensors read from ``binary``)."""
     if not isinstance(doc, dict):
         raise InvalidInput("the request body must be a JSON object")
     req_id = doc.get("id")
@@ -65,6 +109,7 @@ def decode_request(
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
     specs = {s.name: s for s in inputs}
     decoded: dict[str, np.ndarray] = {}
+    offset = 0
     for i, raw in enumerate(raw_inputs):
         if not isinstance(raw, dict):
             raise InvalidInput(f"inputs[{i}] must be an object")
@@ -76,8 +121,17 @@ def decode_request(
             raise InvalidInput(f"unknown input {name!r}; the model's inputs are: {', '.join(specs)}")
         if name in decoded:
             raise InvalidInput(f"input {name!r} is given twice")
-        _parameters(raw.get("parameters"), f"inputs[{i}].parameters")
-        decoded[name] = decode_tensor(raw, spec, limits)
+        tensor_params = _parameters(raw.get("parameters"), f"inputs[{i}].parameters")
+        if "binary_data_size" in tensor_params:
+            if binary is None:
+                raise InvalidInput(
+                    f"input {name!r} has binary_data_size but the request has no Inference-Header-Content-Length"
+                )
+            decoded[name], offset = _binary_tensor(raw, spec, limits, binary, offset)
+        else:
+            decoded[name] = decode_tensor(raw, spec, limits)
+    if binary is not None and offset != len(binary):
+        raise InvalidInput(f"the binary section has {len(binary) - offset} bytes that no input claims")
     missing = [n for n in specs if n not in decoded]
     if missing:
         raise InvalidInput(f"missing input(s): {', '.join(missing)}")
@@ -133,6 +187,37 @@ def check_header(raw: dict[str, Any], spec: TensorSpec, limits: Limits) -> tuple
     return tuple(shape)
 
 
+def _binary_tensor(
+    raw: dict[str, Any], spec: TensorSpec, limits: Limits, binary: memoryview, offset: int
+) -> tuple[np.ndarray, int]:
+    """A numpy view over the request body (no copy) for one binary input; returns it and the next offset."""
+    name = spec.name
+    shape = check_header(raw, spec, limits)
+    if raw.get("data") is not None:
+        raise InvalidInput(f"input {name!r} has both 'data' and binary_data_size")
+    size = raw["parameters"]["binary_data_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(f"input {name!r}: binary_data_size must be a non-negative integer")
+    expected = math.prod(shape) * spec.dtype.itemsize
+    if size != expected:
+        raise InvalidInput(
+            f"input {name!r}: binary_data_size {size} does not match shape {list(shape)} of {spec.datatype} "
+            f"({expected} bytes)"
+        )
+    if offset + size > len(binary):
+        raise InvalidInput(
+            f"input {name!r}: binary_data_size {size} runs past the end of the body "
+            f"({len(binary) - offset} bytes left)"
+        )
+    chunk = binary[offset : offset + size]
+    arr = np.frombuffer(chunk, dtype=spec.dtype).reshape(shape)
+    if not arr.flags.aligned:  # runtimes may read aligned words only; copy the rare misaligned tensor
+        arr = arr.copy()
+    if spec.datatype == "BOOL" and arr.size and arr.view(np.uint8).max() > 1:
+        raise InvalidInput(f"input {name!r}: BOOL bytes must be 0 or 1")
+    return arr, offset + size
+
+
 def decode_tensor(raw: dict[str, Any], spec: TensorSpec, limits: Limits) -> np.ndarray:
     shape = check_header(raw, spec, limits)
     name = spec.name
@@ -141,6 +226,8 @@ def decode_tensor(raw: dict[str, Any], spec: TensorSpec, limits: Limits) -> np.n
         raise InvalidInput(f"input {name!r}: 'data' is missing")
     if not isinstance(data, list):
         data = [data]
+    if spec.dtype.kind == "f":
+        return _float_tensor(data, spec, shape)
     try:
         arr = np.asarray(data)
     except ValueError:
@@ -160,6 +247,31 @@ def decode_tensor(raw: dict[str, Any], spec: TensorSpec, limits: Limits) -> np.n
         if lo < info.min or hi > info.max:
             raise InvalidInput(f"input {name!r}: values outside the {spec.datatype} range [{info.min}, {info.max}]")
     return arr.astype(target, copy=False).reshape(shape)
+
+
+def _float_tensor(data: list[Any], spec: TensorSpec, shape: tuple[int, ...]) -> np.ndarray:
+    """The hot path for float inputs: one conversion straight to the model's dtype, no intermediate float64 copy."""
+    name = spec.name
+    try:
+        arr = np.array(data, dtype=spec.dtype)
+    except (ValueError, TypeError):
+        kind = "ragged" if _is_ragged(data) else "not numbers"
+        msg = "nested 'data' is ragged" if kind == "ragged" else f"datatype {spec.datatype} needs numbers in 'data'"
+        raise InvalidInput(f"input {name!r}: {msg}") from None
+    expected = math.prod(shape)
+    if arr.size != expected:
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} needs {expected} values, 'data' has {arr.size}")
+    if arr.ndim > 1 and arr.shape != shape:
+        raise InvalidInput(f"input {name!r}: nested 'data' has shape {list(arr.shape)}, not {list(shape)}")
+    return arr.reshape(shape)
+
+
+def _is_ragged(data: list[Any]) -> bool:
+    try:
+        np.asarray(data)
+    except ValueError:
+        return True
+    return False
 
 
 def _uint64_from_ints(data: list[Any], arr: np.ndarray, name: str) -> np.ndarray:
@@ -208,20 +320,48 @@ def output_tensor_json(name: str, arr: np.ndarray) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": list(arr.shape), "data": np.ascontiguousarray(flat)}
 
 
+def wants_binary(request: InferRequest, params: dict[str, Any]) -> bool:
+    """Per output ``binary_data`` wins; otherwise the request-level ``binary_data_output``; JSON by default."""
+    if "binary_data" in params:
+        return bool(params["binary_data"])
+    return bool(request.parameters.get("binary_data_output", False))
+
+
 def encode_response(
     model_name: str,
     model_version: str,
     request: InferRequest,
     results: dict[str, np.ndarray],
     parameters: dict[str, Any] | None = None,
-) -> bytes:
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary outputs follow it (else None).
+
+    A binary output carries ``parameters.binary_data_size`` and an empty ``data`` list, so the JSON part still
+    validates against the V2 schema, which requires ``data``; clients read the tensor from the binary section.
+    """
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.id is not None:
         doc["id"] = request.id
     if parameters:
         doc["parameters"] = parameters
-    doc["outputs"] = [output_tensor_json(n, a) for n, a, _ in select_outputs(results, request.outputs)]
-    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    tensors: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, arr, params in select_outputs(results, request.outputs):
+        if wants_binary(request, params):
+            datatype = NUMPY_TO_V2.get(arr.dtype)
+            if datatype is None:
+                raise InvalidInput(f"output {name!r} has dtype {arr.dtype}, which V2 cannot carry")
+            data = np.ascontiguousarray(arr).tobytes()
+            chunks.append(data)
+            tensors.append({"name": name, "datatype": datatype, "shape": list(arr.shape),
+                            "parameters": {"binary_data_size": len(data)}, "data": []})
+        else:
+            tensors.append(output_tensor_json(name, arr))
+    doc["outputs"] = tensors
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
 
 
 def error_body(message: str) -> bytes:

@@ -104,9 +104,9 @@ def test_response_encoding_is_exact_for_float32_and_selects_outputs() -> None:
     y = np.array([[0.1, 1 / 3]], dtype=np.float32)
     z = np.array([True])
     req = InferRequest({}, id="abc", outputs=None)
-    out = orjson.loads(encode_response("m", "1", req, {"y": y, "z": z}))
+    out = orjson.loads(encode_response("m", "1", req, {"y": y, "z": z})[0])
     assert out["id"] == "abc" and out["model_name"] == "m" and out["model_version"] == "1"
     assert np.array(out["outputs"][0]["data"], dtype=np.float32).tolist() == y.ravel().tolist()
     assert out["outputs"][1] == {"name": "z", "datatype": "BOOL", "shape": [1], "data": [True]}
     only_z = decode_request(doc(outputs=[{"name": "y"}]), SPECS, OUTS, LIMITS)
-    assert [o["name"] for o in orjson.loads(encode_response("m", "1", only_z, {"y": y, "z": z}))["outputs"]] == ["y"]
+    assert [o["name"] for o in orjson.loads(encode_response("m", "1", only_z, {"y": y, "z": z})[0])["outputs"]] == ["y"]
