@@ -1,0 +1,156 @@
+"""The scheduler in-process, with real ONNX Runtime sessions: batching is exact, bounded, shed, timed out, and
+never blocks the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from conftest import mlp_reference
+from test_serve import build_slow_model
+
+from adapters import SessionOptions, get_runtime
+from daemon.errors import Busy, Timeout
+from daemon.metrics import VersionStats
+from daemon.scheduler import BatchPolicy, Scheduler, batchable
+
+
+def session(model: bytes):
+    return get_runtime("onnxruntime").load({"m.onnx": model}, SessionOptions(threads=1))
+
+
+async def run_with(model: bytes, policy: BatchPolicy, workers: int, coro_factory):
+    stats = VersionStats("m", "1")
+    sched = Scheduler(session(model), workers, policy, stats, "m")
+    sched.start()
+    try:
+        return await coro_factory(sched), stats
+    finally:
+        await sched.close()
+
+
+def test_batched_results_equal_unbatched_for_mixed_sizes(mlp_onnx: bytes) -> None:
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(int(rng.integers(1, 7)), 4)).astype(np.float32) for _ in range(60)]
+
+    async def burst(sched: Scheduler) -> list[np.ndarray]:
+        outs = await asyncio.gather(*(sched.submit({"input": x}) for x in xs))
+        return [o["output"] for o in outs]
+
+    batched, stats = asyncio.run(run_with(mlp_onnx, BatchPolicy(max_batch_size=16), 1, burst))
+    unbatched, plain = asyncio.run(run_with(mlp_onnx, BatchPolicy(max_batch_size=0), 1, burst))
+    for x, b, u in zip(xs, batched, unbatched):
+        assert b.shape == (x.shape[0], 3)
+        # ONNX Runtime's Gemm is not bit-exact across batch sizes (different kernels): float32 rounding only
+        np.testing.assert_allclose(b, u, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(b, mlp_reference(x), rtol=1e-5, atol=1e-5)
+    assert max(stats.by_batch) <= 16  # batches respect max_batch_size
+    assert stats.execution_count < len(xs)  # and batching really happened
+    assert stats.inference_count == sum(x.shape[0] for x in xs)
+    assert set(plain.by_batch) <= {1, 2, 3, 4, 5, 6} and plain.execution_count == len(xs)
+
+
+def test_incompatible_shapes_are_never_mixed_in_one_batch() -> None:
+    from onnx import TensorProto, helper
+
+    # a model with two dynamic dims: rows of different widths cannot be concatenated
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "w"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    xs = [np.full((1, 2 + i % 3), i - 5, np.float32) for i in range(30)]
+
+    async def burst(sched: Scheduler):
+        return await asyncio.gather(*(sched.submit({"x": x}) for x in xs))
+
+    outs, stats = asyncio.run(run_with(model.SerializeToString(), BatchPolicy(max_batch_size=8), 1, burst))
+    for x, o in zip(xs, outs):
+        np.testing.assert_array_equal(o["y"], np.maximum(x, 0))
+    assert stats.execution_count < 30
+
+
+def test_a_lone_request_waits_at_most_the_queue_delay(mlp_onnx: bytes) -> None:
+    delay = 0.05
+
+    async def lone(sched: Scheduler) -> float:
+        t0 = time.monotonic()
+        await sched.submit({"input": np.ones((1, 4), np.float32)})
+        return time.monotonic() - t0
+
+    elapsed, stats = asyncio.run(run_with(mlp_onnx, BatchPolicy(max_batch_size=8, max_queue_delay_s=delay), 1, lone))
+    assert stats.by_batch.keys() == {1}
+    # it waited for company (up to the delay) but not much longer; the margin absorbs a noisy 2-core machine
+    assert stats.queue.ns / 1e9 <= delay + 0.25
+    assert elapsed >= delay * 0.9
+
+
+def test_full_queue_sheds_at_once_and_accepted_requests_complete() -> None:
+    slow = build_slow_model(n=256, depth=8)
+    x = np.ones((4, 256), np.float32)
+
+    async def flood(sched: Scheduler):
+        tasks = [asyncio.ensure_future(sched.submit({"input": x})) for _ in range(40)]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results, stats = asyncio.run(run_with(slow, BatchPolicy(max_batch_size=0, queue_size=5), 1, flood))
+    shed = [r for r in results if isinstance(r, Busy)]
+    done = [r for r in results if isinstance(r, dict)]
+    assert len(shed) + len(done) == 40 and len(done) == 5 and len(shed) == 35
+    first = done[0]["output"]
+    assert all(np.array_equal(d["output"], first) for d in done)
+
+
+def test_a_request_that_expires_in_the_queue_never_runs() -> None:
+    slow = build_slow_model(n=512, depth=24)
+
+    async def scenario(sched: Scheduler):
+        busy = asyncio.ensure_future(sched.submit({"input": np.ones((32, 512), np.float32)}))
+        await asyncio.sleep(0)  # let the dispatcher take the first request
+        with pytest.raises(Timeout, match="timed out after 1 ms in the queue"):
+            await sched.submit({"input": np.ones((1, 512), np.float32)}, timeout_s=0.001)
+        await busy
+
+    _, stats = asyncio.run(run_with(slow, BatchPolicy(max_batch_size=0), 1, scenario))
+    assert stats.execution_count == 1 and stats.inference_count == 32  # only the first one ran
+    assert stats.queue_depth == 0
+
+
+def test_the_event_loop_keeps_beating_during_heavy_inference() -> None:
+    slow = build_slow_model(n=512, depth=24)
+
+    async def scenario(sched: Scheduler) -> float:
+        worst = 0.0
+        stop = asyncio.Event()
+
+        async def heartbeat() -> None:
+            nonlocal worst
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                await asyncio.sleep(0.005)
+                worst = max(worst, time.perf_counter() - t0 - 0.005)
+
+        beat = asyncio.ensure_future(heartbeat())
+        await asyncio.gather(*(sched.submit({"input": np.ones((16, 512), np.float32)}) for _ in range(12)))
+        stop.set()
+        await beat
+        return worst
+
+    worst, stats = asyncio.run(run_with(slow, BatchPolicy(max_batch_size=0), 2, scenario))
+    assert stats.execution_count == 12
+    # each run takes tens of milliseconds; a blocked loop would show lags of that size
+    assert worst < 0.1, worst
+
+
+def test_batchable_needs_a_dynamic_first_dimension(mlp_onnx: bytes) -> None:
+    from onnx import TensorProto, helper
+
+    assert batchable(session(mlp_onnx))
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert not batchable(session(model.SerializeToString()))
