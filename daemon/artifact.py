@@ -257,7 +257,9 @@ def read_header(blob: bytes | memoryview) -> tuple[Header, int]:
         raise ArtifactFormatError(
             f"artifact format version {fmt} is not supported (this inferd reads {FORMAT_VERSION})"
         )
-    if hlen > MAX_HEADER or _PREFIX.size + hlen > len(view):
+    if hlen > MAX_HEADER:
+        raise ArtifactFormatError(f"artifact header of {hlen} bytes exceeds the {MAX_HEADER} byte limit")
+    if _PREFIX.size + hlen > len(view):
         raise Truncated("artifact is truncated inside its header")
     try:
         h = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + hlen]))
@@ -277,8 +279,16 @@ def read_header(blob: bytes | memoryview) -> tuple[Header, int]:
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise ArtifactFormatError(f"artifact header is malformed: {exc}") from None
-    if header.chunk_size <= 0 or header.payload_size < 0 or len(header.nonce_prefix) != 7:
-        raise ArtifactFormatError("artifact header has impossible sizes")
+    if h.get("format") != FORMAT_VERSION:
+        raise ArtifactFormatError(f"artifact header says format {h.get('format')!r}, its prefix says {fmt}")
+    if (
+        header.chunk_size <= 0
+        or header.payload_size < 0
+        or len(header.nonce_prefix) != 7
+        or len(header.wrap_nonce) != 12
+        or len(header.wrapped_key) != 48
+    ):
+        raise ArtifactFormatError("artifact header has impossible sizes or nonces")
     return header, _PREFIX.size + hlen
 
 

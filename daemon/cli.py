@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("artifact", type=Path)
     s.add_argument("--config", "-c", required=True, type=Path)
     s.add_argument("--activate", action="store_true", help="make it the active version (default: only if none)")
+    s.add_argument("--kek", type=Path, action="append", default=[],
+                   help="KEK file to verify with instead of the config's keys (e.g. when they are systemd credentials)")
+    s.add_argument("--signer", type=Path, action="append", default=[], help="trusted public key, with --kek")
     s.set_defaults(func=cmd_install)
 
     s = msub.add_parser("list", help="list installed models and versions")
@@ -128,6 +131,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     from daemon import keys
 
     if args.signing:
+        if args.id:
+            raise ValueError("--id names KEKs; a signing key's id is its fingerprint, printed after creation")
         pub, sid = keys.generate_signing_key(args.out)
         print(f"wrote signing key {args.out} (0600) and public key {pub}; signer id {sid}")
     else:
@@ -203,9 +208,10 @@ def _keys_for(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
     require = True
     if args.config:
         config = load_config(args.config)
-        keks.update(keys.load_keks(list(config.keys.kek)))
-        signers.update(keys.load_signers(list(config.keys.signers)))
         require = config.keys.require_signature
+        if not (args.kek or args.signer):  # explicit key files replace the config's (credentials outside systemd)
+            keks.update(keys.load_keks(list(config.keys.kek)))
+            signers.update(keys.load_signers(list(config.keys.signers)))
     keks.update(keys.load_keks([_path_source(p) for p in args.kek]))
     signers.update(keys.load_signers([_path_source(p) for p in args.signer]))
     if not keks:
@@ -235,7 +241,6 @@ def cmd_install(args: argparse.Namespace) -> int:
     from daemon.config import load_config
     from daemon.store import Store
 
-    args.kek, args.signer = [], []
     keks, signers, require = _keys_for(args)
     blob = args.artifact.read_bytes()
     open_artifact(blob, keks, signers, require_signature=require)  # never install what the daemon would refuse

@@ -182,6 +182,8 @@ class Config(_Model):
     def _unique_models(self) -> Config:
         seen: set[str] = set()
         for m in self.models:
+            if m.name == "stats":
+                raise ValueError("'stats' is reserved (GET /v2/models/stats): choose another model name")
             if m.name in seen:
                 raise ValueError(f"model {m.name!r} is listed twice")
             seen.add(m.name)

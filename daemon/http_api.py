@@ -72,7 +72,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return response
     except InferdError as exc:
         status = HTTP_STATUS.get(exc.code, 500)
-        if status >= 500 and exc.code in ("internal", "inference_failed", "integrity"):
+        if status >= 500 and exc.code not in ("not_ready", "busy"):
             log.error("request %s %s failed: %s", request.method, request.path, exc)
         headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.code == "busy" else None
         return error_response(status, str(exc), headers)

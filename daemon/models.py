@@ -105,6 +105,10 @@ class ModelManager:
             entry.status, entry.reason = "failed", str(exc)
             log.error("model %s failed to load: %s", cfg.name, exc)
             return
+        except Exception as exc:  # a runtime or library bug must cost one model, never the daemon
+            entry.status, entry.reason = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
+            log.exception("model %s failed to load", cfg.name)
+            return
         loaded.scheduler.start()
         entry.versions[loaded.version] = loaded
         entry.active = loaded
@@ -275,8 +279,8 @@ def _warm_up(
     results = session.run(inputs)
     for name, want in expected.items():
         got = results.get(name)
-        if got is None or got.shape != want.shape:
-            raise AdapterError(f"{label}: smoke test failed: output {name!r} missing or of the wrong shape")
+        if got is None or got.shape != want.shape or got.dtype != want.dtype:
+            raise AdapterError(f"{label}: smoke test failed: output {name!r} missing, or of the wrong shape or dtype")
         if want.dtype.kind in "fc":
             ok = np.allclose(got, want, rtol=SMOKE_RTOL, atol=SMOKE_ATOL)
         else:

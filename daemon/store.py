@@ -58,12 +58,13 @@ class Store:
         self.tmp_dir = state_dir / "tmp"
 
     def ensure(self) -> None:
+        """Create the folders and drop staging left by a crash (garbage by construction: nothing points at it)."""
         for d in (self.root, self.models_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self._clean_tmp()
+        with self.locked():
+            self._clean_tmp()
 
     def _clean_tmp(self) -> None:
-        """Staging left by a crash is garbage by construction: nothing points at it."""
         for leftover in self.tmp_dir.iterdir():
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -146,32 +147,40 @@ class Store:
         for label, value in (("model name", name), ("version", version)):
             if not _valid_name(value):
                 raise StoreError(f"artifact has an invalid {label} {value!r}")
-        self.ensure()
+        for d in (self.root, self.models_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+        digest = hashlib.sha256(blob).hexdigest()
         with self.locked():
-            target = self.models_dir / name / version
-            existing = target / ARTIFACT_NAME
-            if existing.exists():
-                if _sha256_file(existing) != hashlib.sha256(blob).hexdigest():
-                    raise StoreError(
-                        f"{name}:{version} is already installed with different content; versions are immutable"
-                    )
-            else:
-                staging = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self.tmp_dir))
-                atomic_write(staging / ARTIFACT_NAME, blob)
-                (self.models_dir / name).mkdir(parents=True, exist_ok=True, mode=0o750)
-                os.rename(staging, target)
-                fsync_dir(target.parent)
             state = self.state(name)
             if version in state.quarantined:
-                raise StoreError(f"{name}:{version} is quarantined (it failed before); remove it from quarantine first")
-            state.record("installed", version, sha256=hashlib.sha256(blob).hexdigest())
+                raise StoreError(f"{name}:{version} is quarantined: it failed its checks before and is not installed")
+            target = self.models_dir / name / version
+            existing = target / ARTIFACT_NAME
+            fresh = not existing.exists()
+            if not fresh and _sha256_file(existing) != digest:
+                raise StoreError(
+                    f"{name}:{version} is already installed with different content; versions are immutable"
+                )
+            if fresh:
+                staging = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self.tmp_dir))
+                os.chmod(staging, 0o750)  # noqa: S103 - the service group reads what root installs
+                atomic_write(staging / ARTIFACT_NAME, blob)
+                model_dir = self.models_dir / name
+                if not model_dir.exists():
+                    model_dir.mkdir(mode=0o750)
+                    fsync_dir(self.models_dir)
+                os.rename(staging, target)
+                fsync_dir(model_dir)
+                state.record("installed", version, sha256=digest)
             activated = False
-            if activate or state.active is None:
-                if state.active != version:
-                    state.previous, state.active = state.active, version
+            if (activate or state.active is None) and state.active != version:
+                state.previous, state.active = state.active, version
                 state.record("activated", version)
                 activated = True
-            self.save_state(name, state)
+            elif state.active == version:
+                activated = True
+            if fresh or activated:
+                self.save_state(name, state)
         return name, version, activated
 
 

@@ -110,3 +110,20 @@ def test_response_encoding_is_exact_for_float32_and_selects_outputs() -> None:
     assert out["outputs"][1] == {"name": "z", "datatype": "BOOL", "shape": [1], "data": [True]}
     only_z = decode_request(doc(outputs=[{"name": "y"}]), SPECS, OUTS, LIMITS)
     assert [o["name"] for o in orjson.loads(encode_response("m", "1", only_z, {"y": y, "z": z})[0])["outputs"]] == ["y"]
+
+
+@pytest.mark.parametrize("bad", [["1.5", 2.0], [None, 1.0], [True, False], [1e39, 1.0]])
+def test_float_inputs_take_finite_numbers_only(bad: list) -> None:
+    spec = [TensorSpec("v", "FP32", (2,))]
+    with pytest.raises(InvalidInput, match="needs numbers|outside the finite FP32 range"):
+        decode_request({"inputs": [{"name": "v", "shape": [2], "datatype": "FP32", "data": bad}]}, spec, [], LIMITS)
+
+
+def test_non_finite_outputs_are_a_server_error_in_json_but_fine_in_binary() -> None:
+    from daemon.errors import InferenceFailed
+
+    y = np.array([np.nan, 1.0], dtype=np.float32)
+    with pytest.raises(InferenceFailed, match="NaN or infinite"):
+        encode_response("m", "1", InferRequest({}), {"y": y})
+    body, hlen = encode_response("m", "1", InferRequest({}, parameters={"binary_data_output": True}), {"y": y})
+    assert hlen is not None and np.isnan(np.frombuffer(body[hlen:], np.float32)[0])

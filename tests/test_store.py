@@ -61,3 +61,25 @@ def test_corrupt_journal_is_a_clear_error(tmp_path: Path, keyset: KeySet, mlp_on
     (tmp_path / "state/models/mlp/state.json").write_text("{not json")
     with pytest.raises(StoreError, match="state journal .* is unreadable"):
         store.state("mlp")
+
+
+def test_quarantined_version_is_refused_before_anything_is_written(tmp_path: Path, keyset: KeySet,
+                                                                  mlp_onnx: bytes) -> None:
+    store = Store(tmp_path / "state")
+    store.install(pack_model(keyset, mlp_onnx, version="1"))
+    state = store.state("mlp")
+    state.quarantined.append("2")
+    store.save_state("mlp", state)
+    with pytest.raises(StoreError, match="quarantined"):
+        store.install(pack_model(keyset, mlp_onnx, version="2"))
+    assert store.versions("mlp") == ["1"] and list(store.tmp_dir.iterdir()) == []
+
+
+def test_reinstalling_the_same_bytes_changes_nothing(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    store = Store(tmp_path / "state")
+    blob = pack_model(keyset, mlp_onnx, version="1")
+    store.install(blob)
+    history = store.state("mlp").history
+    store.install(blob)
+    assert store.state("mlp").history == history
+    assert (tmp_path / "state/models/mlp/1").stat().st_mode & 0o777 == 0o750
