@@ -3,11 +3,13 @@
 Why it looks like this:
 - The queue is bounded: when it is full a request is refused at once (``Busy``), so memory stays flat under any
   offered load and clients get a fast, retryable answer instead of a slow timeout.
-- ``workers`` dispatcher coroutines each run at most one execution at a time on a pool of the same size, so the
-  runtime never sees more concurrent runs than the thread budget allows.
-- A dispatcher takes the oldest request and, when the model has a dynamic batch dimension, every queued request with
-  the same per-row shape, up to ``max_batch_size`` rows; it waits up to ``max_queue_delay`` for more only if a delay
-  is configured. Requests are concatenated along the batch axis and the outputs split back exactly by row counts.
+- ``workers`` threads each run one execution at a time, so the runtime never sees more concurrent runs than the
+  thread budget allows. Dispatch happens on the event loop right when a request arrives or a run completes (no
+  dispatcher coroutine, no executor future in between: on a small box each extra hop is a context switch).
+- Dispatch takes the oldest request and, when the model has a dynamic batch dimension, every queued request with
+  the same per-row shape, up to ``max_batch_size`` rows; a short batch is held open up to ``max_queue_delay`` for
+  more only if a delay is configured. Requests are concatenated along the batch axis and the outputs split back
+  exactly by row counts.
 - A request's deadline covers its time in the queue: one that expires before it starts is answered with ``Timeout``
   and never runs. Work that has started is not abandoned (the runtime cannot be interrupted).
 """
@@ -16,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +38,10 @@ class BatchPolicy:
     preferred_batch_sizes: tuple[int, ...] = ()
     queue_size: int = 256
     timeout_s: float | None = None
+
+
+#: what a worker hands back: (per-request outputs, rows run, seconds) or the exception the batch raised
+_Outcome = tuple[list[dict[str, np.ndarray]], int, float] | BaseException
 
 
 class _Job:
@@ -63,15 +70,23 @@ class Scheduler:
         self._session = session
         self._policy = policy
         self._stats = stats
+        self._label = label
         self.workers = workers
         self.batching = policy.max_batch_size > 1 and batchable(session)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"infer-{label}")
         self._queue: deque[_Job] = deque()
-        self._arrived = asyncio.Event()
-        self._dispatchers: list[asyncio.Task[None]] = []
+        self._idle = workers
+        self._work: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._held: list[_Job] | None = None  # a batch kept open for max_queue_delay, waiting for company
+        self._held_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self._dispatchers = [asyncio.create_task(self._dispatch()) for _ in range(self.workers)]
+        self._loop = asyncio.get_running_loop()
+        for i in range(self.workers):
+            t = threading.Thread(target=self._worker, name=f"infer-{self._label}-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
 
     @property
     def queue_depth(self) -> int:
@@ -94,7 +109,7 @@ class Scheduler:
             job.timer = loop.call_later(timeout, self._expire, job, timeout)
         self._queue.append(job)
         self._stats.queue_depth += 1
-        self._arrived.set()
+        self._pump()
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -143,51 +158,89 @@ class Scheduler:
         self._queue = kept
         return taken
 
-    async def _next_batch(self) -> list[_Job]:
-        while True:
+    # -- dispatch: runs on the event loop after every arrival and every completion, no coroutine in between ----
+
+    def _pump(self) -> None:
+        """Hand batches to idle workers while there are both; keep a short batch open if a delay is configured."""
+        while self._idle:
+            if self._held is not None:
+                batch = self._held
+                if not self._grow(batch):
+                    return  # still waiting for company; the delay timer releases it
+                self._release()
+                continue
             job = self._take()
-            if job is not None:
-                break
-            self._arrived.clear()
-            await self._arrived.wait()
-        batch = [job]
-        if not self.batching:
-            return batch
+            if job is None:
+                return
+            batch = [job]
+            if self.batching and not self._grow(batch) and self._policy.max_queue_delay_s > 0:
+                assert self._loop is not None
+                self._held = batch
+                self._held_timer = self._loop.call_later(self._policy.max_queue_delay_s, self._release_and_pump)
+                return
+            self._send(batch)
+
+    def _grow(self, batch: list[_Job]) -> bool:
+        """Add compatible queued requests to ``batch``; True when it should go now (full or a preferred size)."""
         limit = self._policy.max_batch_size
-        rows = job.rows
-        deadline = time.monotonic() + self._policy.max_queue_delay_s
-        while rows < limit:
-            more = self._take_compatible(job.key, limit - rows)
+        rows = sum(j.rows for j in batch)
+        if rows < limit:
+            more = self._take_compatible(batch[0].key, limit - rows)
             batch += more
             rows += sum(j.rows for j in more)
-            remaining = deadline - time.monotonic()
-            if rows >= limit or rows in self._policy.preferred_batch_sizes or remaining <= 0:
-                break
-            self._arrived.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-        return batch
+        return rows >= limit or rows in self._policy.preferred_batch_sizes
 
-    async def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _release(self) -> None:
+        batch, self._held = self._held, None
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        if batch:
+            self._send(batch)
+
+    def _release_and_pump(self) -> None:
+        self._held_timer = None
+        if self._held is not None and self._idle:
+            self._grow(self._held)
+            self._release()
+        self._pump()
+
+    def _send(self, batch: list[_Job]) -> None:
+        self._idle -= 1
+        now = time.monotonic()
+        for job in batch:
+            self._stats.queued(now - job.enqueued)
+        self._work.put(batch)
+
+    def _worker(self) -> None:
+        """A pool thread: run batches until told to stop; results go back to the loop in one callback."""
+        assert self._loop is not None
         while True:
-            batch = await self._next_batch()
-            if self._queue:
-                self._arrived.set()  # let an idle dispatcher pick up what this batch left behind
-            now = time.monotonic()
-            for job in batch:
-                self._stats.queued(now - job.enqueued)
+            batch = self._work.get()
+            if batch is None:
+                return
             try:
-                outputs, rows, seconds = await loop.run_in_executor(self._pool, self._execute, batch)
-            except Exception as exc:
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            self._stats.executed(rows, seconds)  # on the loop: stats are only ever touched from here
+                outcome: _Outcome = self._execute(batch)
+            except BaseException as exc:  # delivered to every request of the batch
+                outcome = exc
+            try:
+                self._loop.call_soon_threadsafe(self._complete, batch, outcome)
+            except RuntimeError:  # the loop closed under us during shutdown
+                return
+
+    def _complete(self, batch: list[_Job], outcome: _Outcome) -> None:
+        self._idle += 1
+        if isinstance(outcome, BaseException):
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(outcome)
+        else:
+            outputs, rows, seconds = outcome
+            self._stats.executed(rows, seconds)
             for job, out in zip(batch, outputs):
                 if not job.future.done():
                     job.future.set_result(out)
+        self._pump()
 
     def _execute(self, batch: list[_Job]) -> tuple[list[dict[str, np.ndarray]], int, float]:
         """Runs on a pool thread: concatenate, run, split. Only numpy and the runtime here."""
@@ -218,13 +271,17 @@ class Scheduler:
 
     async def close(self) -> None:
         """Stop dispatching; requests still queued are failed, runs in progress finish."""
-        for task in self._dispatchers:
-            task.cancel()
-        for task in self._dispatchers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        while self._queue:
-            job = self._queue.popleft()
+        held, self._held = self._held or [], None
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+        failure = InferenceFailed("the model was unloaded before this request ran")
+        for job in [*held, *self._queue]:
             if not job.future.done():
-                job.future.set_exception(InferenceFailed("the model was unloaded before this request ran"))
-        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+                job.future.set_exception(failure)
+        self._queue.clear()
+        self._idle = 0  # nothing more is sent
+        for _ in self._threads:
+            self._work.put(None)
+        loop = asyncio.get_running_loop()
+        for t in self._threads:
+            await loop.run_in_executor(None, t.join)

@@ -98,7 +98,8 @@ def test_full_queue_sheds_at_once_and_accepted_requests_complete() -> None:
     results, stats = asyncio.run(run_with(slow, BatchPolicy(max_batch_size=0, queue_size=5), 1, flood))
     shed = [r for r in results if isinstance(r, Busy)]
     done = [r for r in results if isinstance(r, dict)]
-    assert len(shed) + len(done) == 40 and len(done) == 5 and len(shed) == 35
+    # the first is dispatched at once (one worker), five wait in the queue, the rest are refused
+    assert len(shed) + len(done) == 40 and len(done) == 6 and len(shed) == 34
     first = done[0]["output"]
     assert all(np.array_equal(d["output"], first) for d in done)
 
