@@ -47,6 +47,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c", required=True, type=Path)
     s.set_defaults(func=cmd_serve)
 
+    s = sub.add_parser("bench", help="load-test a running daemon over HTTP and print throughput and latency")
+    s.add_argument("--url", default="http://127.0.0.1:8080", help="the daemon (default: loopback, port 8080)")
+    s.add_argument("--model", required=True)
+    s.add_argument("--version", default=None)
+    s.add_argument("--concurrency", "-c", type=int, default=16, help="simultaneous clients (connections)")
+    s.add_argument("--duration", "-d", type=float, default=10.0, help="seconds to measure (at most 3600)")
+    s.add_argument("--requests", "-n", type=int, default=None, help="stop after this many requests")
+    s.add_argument("--batch", type=int, default=1, help="rows per request for a dynamic first dimension")
+    s.add_argument("--binary", action="store_true", help="binary tensor extension instead of JSON")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=cmd_bench)
+
     s = sub.add_parser("check-config", help="validate a config file without serving")
     s.add_argument("config", type=Path)
     s.set_defaults(func=cmd_check_config)
@@ -117,6 +129,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(config.logging.level, config.logging.format)
     asyncio.run(Daemon(config).run())
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    from daemon import loadgen
+
+    if not 0 < args.duration <= 3600 or not 1 <= args.concurrency <= 1024 or args.batch < 1:
+        raise ValueError("--duration must be in (0, 3600], --concurrency in [1, 1024], --batch >= 1")
+    parts = urlsplit(args.url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"--url must be http://HOST:PORT, got {args.url!r}")
+    host, port = parts.hostname, parts.port or 80
+    path = f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "")
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=10) as resp:  # noqa: S310 - http only
+            metadata = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise ValueError(f"{path}: {exc.code} {exc.read().decode(errors='replace')}") from None
+    except urllib.error.URLError as exc:
+        raise ValueError(f"cannot reach {args.url}: {exc.reason}") from None
+    bodies = loadgen.random_bodies(metadata, 16, args.batch, args.binary)
+    requests = [loadgen.build_request(host, port, path + "/infer", b, h) for b, h in bodies]
+    result = asyncio.run(
+        loadgen.run(host, port, requests, args.concurrency, args.duration, args.requests,
+                    progress=loadgen.tty_progress(args.duration))
+    )
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    summary = {
+        "model": args.model, "concurrency": args.concurrency, "encoding": "binary" if args.binary else "json",
+        "batch": args.batch, "requests": result.count, "seconds": round(result.seconds, 3),
+        "throughput": round(result.throughput, 1),
+        "p50_ms": round(result.percentile(50), 3), "p90_ms": round(result.percentile(90), 3),
+        "p99_ms": round(result.percentile(99), 3),
+        "statuses": {str(k): v for k, v in sorted(result.statuses.items())}, "connection_errors": result.errors,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{result.count} requests in {result.seconds:.2f}s from {args.concurrency} clients: "
+              f"{result.throughput:,.0f} req/s; latency p50 {summary['p50_ms']} ms, p90 {summary['p90_ms']} ms, "
+              f"p99 {summary['p99_ms']} ms; statuses {summary['statuses']}")
+    return 0 if set(result.statuses) <= {200} and not result.errors else EXIT_ERROR
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -161,3 +161,43 @@ def tty_progress(total_s: float) -> Callable[[int, float], None] | None:
         sys.stderr.flush()
 
     return show
+
+
+def random_bodies(
+    metadata: dict, count: int, batch: int, binary: bool, seed: int = 0
+) -> list[tuple[bytes, dict[str, str]]]:
+    """``count`` V2 request bodies with random inputs shaped from model metadata (-1 dims: ``batch`` first, 1 after)."""
+    import json
+
+    import numpy as np
+
+    from adapters.base import V2_TO_NUMPY
+
+    rng = np.random.default_rng(seed)
+    bodies = []
+    for _ in range(count):
+        tensors, blobs = [], []
+        for spec in metadata["inputs"]:
+            shape = [d if d >= 0 else (batch if i == 0 else 1) for i, d in enumerate(spec["shape"])]
+            dtype = V2_TO_NUMPY.get(spec["datatype"])
+            if dtype is None:
+                raise ValueError(f"input {spec['name']!r} has datatype {spec['datatype']}, which bench cannot generate")
+            if dtype.kind == "f":
+                arr = rng.normal(size=shape).astype(dtype)
+            elif dtype.kind == "b":
+                arr = rng.integers(0, 2, size=shape).astype(bool)
+            else:
+                arr = rng.integers(0, 10, size=shape).astype(dtype)
+            tensor = {"name": spec["name"], "shape": shape, "datatype": spec["datatype"]}
+            if binary:
+                tensor["parameters"] = {"binary_data_size": arr.nbytes}
+                blobs.append(arr.tobytes())
+            else:
+                tensor["data"] = arr.ravel().tolist()
+            tensors.append(tensor)
+        header = json.dumps({"inputs": tensors}).encode()
+        if binary:
+            bodies.append((header + b"".join(blobs), {"Inference-Header-Content-Length": str(len(header))}))
+        else:
+            bodies.append((header, {"Content-Type": "application/json"}))
+    return bodies

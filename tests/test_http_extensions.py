@@ -215,3 +215,23 @@ def test_queue_timeout_over_http(served: DaemonProcess) -> None:
     assert "timed out after 1 ms in the queue" in timed_out[0].json()["error"]
     after = scrape(served)
     assert _count(after, "timeout", "slow") - _count(before, "timeout", "slow") == len(timed_out)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_inferd_bench_command(served: DaemonProcess, binary: bool) -> None:
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cmd = [sys.executable, "-m", "daemon", "bench", "--url", served.url, "--model", "mlp", "-c", "4", "-d", "5",
+           "-n", "200", "--batch", "2", "--json"] + (["--binary"] if binary else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["requests"] >= 200 and summary["statuses"] == {"200": summary["requests"]}
+    assert summary["encoding"] == ("binary" if binary else "json")
+    assert 0 < summary["p50_ms"] <= summary["p99_ms"]
+    bad = subprocess.run([sys.executable, "-m", "daemon", "bench", "--url", served.url, "--model", "nope"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert bad.returncode == 1 and "404" in bad.stderr and "unknown model" in bad.stderr
