@@ -10,6 +10,7 @@ import contextlib
 import logging
 import signal
 import socket
+from typing import Any
 
 from aiohttp import web
 
@@ -29,6 +30,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self.manager: ModelManager | None = None
         self.runner: web.AppRunner | None = None
+        self.mqtt: Any = None  # daemon.mqtt_api.MqttFrontend when MQTT is on (imported only then: paho is not free)
 
     def request_stop(self, signame: str) -> None:
         if not self._stop.is_set():
@@ -45,12 +47,19 @@ class Daemon:
         manager = ModelManager(self.config, self.store, keks, signers)
         self.manager = manager
         server = self.config.server
+        limits = protocol.Limits(server.max_tensor_elements)
+        if self.config.mqtt.enabled:
+            from daemon.mqtt_api import MqttFrontend
+
+            password = None
+            if self.config.mqtt.password is not None:
+                password = keys.read_secret_file(keys.source_path(self.config.mqtt.password)).decode().strip()
+            self.mqtt = MqttFrontend(self.config.mqtt, self.node_id, manager, limits, password)
         registry = metrics.make_registry(
-            metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness)
+            metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness, self._mqtt_metrics)
         )
-        app = http_api.build_app(
-            manager, protocol.Limits(server.max_tensor_elements), server.max_body_bytes, registry
-        )
+        app = http_api.build_app(manager, limits, server.max_body_bytes, registry)
+        app[http_api.STATE]["mqtt"] = self._mqtt_health
         # aiohttp waits this long for handlers on cleanup; our own drain below comes first.
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=server.drain_timeout_s)
         await self.runner.setup()
@@ -67,6 +76,8 @@ class Daemon:
             )
         sdnotify.notify(f"STATUS=loading {len(manager.entries)} model(s)")
         await manager.load_all()
+        if self.mqtt is not None:
+            self.mqtt.start()  # after loading, so queued QoS 1 requests meet ready models
         watchdog = asyncio.create_task(self._watchdog())
         if manager.ready:
             log.info("ready: %d model(s) serving", len(manager.entries), extra={"event_kind": "ready"})
@@ -82,6 +93,19 @@ class Daemon:
                 await watchdog
             await self._shutdown(app, site)
 
+    def _mqtt_metrics(self) -> dict[str, Any] | None:
+        if self.mqtt is None:
+            return None
+        s = self.mqtt.state
+        return {"connected": s.connected, "connects": s.connects, "dropped_qos0": s.dropped_qos0}
+
+    def _mqtt_health(self) -> tuple[str, bool] | None:
+        """(state shown in /v2/health/ready, whether it makes the daemon unready) or None when MQTT is off."""
+        if self.mqtt is None:
+            return None
+        connected = bool(self.mqtt.state.connected)
+        return ("connected" if connected else "disconnected"), (not connected and self.config.mqtt.required_for_ready)
+
     async def _watchdog(self) -> None:
         interval = sdnotify.watchdog_interval()
         if interval is None:
@@ -93,6 +117,8 @@ class Daemon:
     async def _shutdown(self, app: web.Application, site: web.TCPSite) -> None:
         """Stop accepting, let accepted requests finish (bounded by drain_timeout_s), then release everything."""
         sdnotify.notify("STOPPING=1")
+        if self.mqtt is not None:
+            await self.mqtt.stop(self.config.server.drain_timeout_s)
         state = app[http_api.STATE]
         state["draining"] = True
         await site.stop()

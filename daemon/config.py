@@ -93,6 +93,59 @@ class LoggingConfig(_Model):
     )
 
 
+class MqttTlsConfig(_Model):
+    enabled: bool = Field(False, description="Connect to the broker over TLS.")
+    ca_file: ConfigPath | None = Field(None, description="CA that signs the broker's certificate (default: system).")
+    cert_file: ConfigPath | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    key_file: ConfigPath | None = Field(None, description="Client private key (PEM) for mutual TLS.")
+    verify: bool = Field(True, description="Verify the broker's certificate and host name (only turn off to debug).")
+
+    @model_validator(mode="after")
+    def _pair(self) -> MqttTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("give both 'cert_file' and 'key_file', or neither")
+        return self
+
+
+class MqttConfig(_Model):
+    enabled: bool = Field(False, description="Serve inference requests over MQTT as well as HTTP.")
+    host: str = Field("127.0.0.1", description="Broker host.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is the usual TLS port).")
+    client_id: str | None = Field(
+        None, description="Fixed client id; the persistent session is tied to it (default: inferd-<node_id>)."
+    )
+    topic_prefix: str | None = Field(
+        None, description="Prefix of every topic (default: inferd/<node_id>); no wildcards."
+    )
+    username: str | None = Field(None, description="Broker user name.")
+    password: KeySource | None = Field(None, description="Broker password, from a file or a systemd credential.")
+    tls: MqttTlsConfig = Field(default_factory=MqttTlsConfig)
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive interval.")
+    session_expiry_s: int = Field(
+        3600, ge=0, description="How long the broker keeps this daemon's session (and its unanswered requests)."
+    )
+    receive_maximum: int = Field(
+        32, ge=1, le=65535, description="QoS 1 requests the broker may have in flight to this daemon at once."
+    )
+    shared_group: str | None = Field(
+        None, pattern=NAME_PATTERN,
+        description="Join $share/<group>/... so several daemons split one request stream.",
+    )
+    reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles (with jitter) up to max.")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect delay.")
+    required_for_ready: bool = Field(
+        False, description="Report /v2/health/ready as not ready while the broker is unreachable."
+    )
+
+    @model_validator(mode="after")
+    def _topics(self) -> MqttConfig:
+        if self.topic_prefix is not None and any(c in self.topic_prefix for c in "+#\0"):
+            raise ValueError("topic_prefix must not contain MQTT wildcards")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+        return self
+
+
 class _ModelBase(_Model):
     name: str = Field(pattern=NAME_PATTERN, description="Model name, as used in URLs and topics.")
     device: Literal["cpu", "gpu", "auto"] = Field(
@@ -176,6 +229,7 @@ class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     keys: KeysConfig = Field(default_factory=KeysConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
     models: list[ModelConfig] = Field(default_factory=list, description="The models this daemon serves.")
 
     @model_validator(mode="after")

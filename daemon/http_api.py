@@ -100,9 +100,16 @@ async def ready(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
     if request.app[STATE]["draining"]:
         return error_response(503, "server is shutting down")
-    if not manager.ready:
-        return error_response(503, "not ready: " + "; ".join(manager.not_ready_reasons()))
-    return json_response({"ready": True})
+    reasons = manager.not_ready_reasons()
+    mqtt = request.app[STATE]["mqtt"]()
+    if mqtt is not None and mqtt[1]:
+        reasons.append(f"mqtt: {mqtt[0]}")
+    if reasons:
+        return error_response(503, "not ready: " + "; ".join(reasons))
+    doc: dict[str, Any] = {"ready": True}
+    if mqtt is not None:
+        doc["mqtt"] = mqtt[0]
+    return json_response(doc)
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -188,7 +195,7 @@ def build_app(
     app[MANAGER] = manager
     app[REGISTRY] = registry
     app[LIMITS] = limits
-    app[STATE] = {"draining": False, "in_flight": 0, "idle": None, "max_body": max_body_bytes}
+    app[STATE] = {"draining": False, "in_flight": 0, "idle": None, "max_body": max_body_bytes, "mqtt": lambda: None}
     r = app.router
     r.add_get("/v2/health/live", live)
     r.add_get("/v2/health/ready", ready)

@@ -37,6 +37,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "inferd_in_flight": ("gauge", "Requests accepted and not yet answered."),
     "inferd_model_loaded": ("gauge", "1 for each loaded model version, with its runtime and device."),
     "inferd_model_ready": ("gauge", "1 when the configured model is ready, else 0."),
+    "inferd_mqtt_connected": ("gauge", "1 while connected to the MQTT broker (absent when MQTT is off)."),
+    "inferd_mqtt_connects_total": ("counter", "Successful MQTT (re)connections."),
+    "inferd_mqtt_dropped_total": ("counter", "QoS 0 MQTT requests dropped because too many were in progress."),
 }
 
 
@@ -168,10 +171,12 @@ class InferdCollector:
         stats: Callable[[], Iterable[VersionStats]],
         loaded: Callable[[], Iterable[LoadedInfo]],
         readiness: Callable[[], Iterable[tuple[str, bool]]],
+        mqtt: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self._stats = stats
         self._loaded = loaded
         self._readiness = readiness
+        self._mqtt = mqtt
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # collected lazily; names are fixed in METRICS
@@ -224,6 +229,14 @@ class InferdCollector:
         yield in_flight
         yield loaded
         yield ready
+        mqtt = self._mqtt()
+        if mqtt is not None:
+            yield GaugeMetricFamily("inferd_mqtt_connected", help_["inferd_mqtt_connected"],
+                                    value=1 if mqtt["connected"] else 0)
+            yield CounterMetricFamily("inferd_mqtt_connects", help_["inferd_mqtt_connects_total"],
+                                      value=mqtt["connects"])
+            yield CounterMetricFamily("inferd_mqtt_dropped", help_["inferd_mqtt_dropped_total"],
+                                      value=mqtt["dropped_qos0"])
 
 
 def make_registry(collector: InferdCollector) -> CollectorRegistry:

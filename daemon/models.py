@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -82,6 +83,8 @@ class ModelManager:
         self._keks = keks
         self._signers = signers
         self.entries: dict[str, ModelEntry] = {m.name: ModelEntry(m) for m in config.models}
+        #: called on the event loop with each model event (activated, load_failed); MQTT publishes them
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._auto_threads = max(1, usable_cpus() // max(1, sum(m.workers for m in config.models)))
 
     # -- loading ----------------------------------------------------------------------------------------------
@@ -104,15 +107,18 @@ class ModelManager:
         except (InferdError, AdapterError) as exc:
             entry.status, entry.reason = "failed", str(exc)
             log.error("model %s failed to load: %s", cfg.name, exc)
+            self._emit("load_failed", cfg.name, None, entry.reason)
             return
         except Exception as exc:  # a runtime or library bug must cost one model, never the daemon
             entry.status, entry.reason = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
             log.exception("model %s failed to load", cfg.name)
+            self._emit("load_failed", cfg.name, None, entry.reason)
             return
         loaded.scheduler.start()
         entry.versions[loaded.version] = loaded
         entry.active = loaded
         entry.status = "ready"
+        self._emit("activated", cfg.name, loaded.version, None)
         log.info(
             "model %s version %s ready on %s (%s, %d threads, %.2fs)",
             cfg.name,
@@ -122,6 +128,17 @@ class ModelManager:
             loaded.threads,
             loaded.load_seconds,
         )
+
+    def _emit(self, event: str, model: str, version: str | None, reason: str | None) -> None:
+        doc: dict[str, Any] = {"event": event, "model": model, "version": version,
+                               "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if reason:
+            doc["reason"] = reason
+        for listener in self.listeners:
+            try:
+                listener(doc)
+            except Exception:  # an observer must never break loading
+                log.exception("model event listener failed")
 
     def _threads(self, cfg: ModelConfig) -> int:
         return cfg.threads or self._auto_threads

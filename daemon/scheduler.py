@@ -79,6 +79,7 @@ class Scheduler:
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._held: list[_Job] | None = None  # a batch kept open for max_queue_delay, waiting for company
+        self._room_waiters: list[asyncio.Future[None]] = []
         self._held_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -94,6 +95,13 @@ class Scheduler:
 
     def has_room(self) -> bool:
         return self._stats.queue_depth < self._policy.queue_size
+
+    async def wait_for_room(self) -> None:
+        """Wait until the queue can take a request: how MQTT applies backpressure instead of refusing."""
+        while not self.has_room():
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._room_waiters.append(waiter)
+            await waiter
 
     async def submit(self, inputs: dict[str, np.ndarray], timeout_s: float | None = None) -> dict[str, np.ndarray]:
         """Queue one request and wait for its outputs; raises Busy when the queue is full."""
@@ -241,6 +249,10 @@ class Scheduler:
                 if not job.future.done():
                     job.future.set_result(out)
         self._pump()
+        while self._room_waiters and self.has_room():
+            waiter = self._room_waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _execute(self, batch: list[_Job]) -> tuple[list[dict[str, np.ndarray]], int, float]:
         """Runs on a pool thread: concatenate, run, split. Only numpy and the runtime here."""

@@ -32,6 +32,14 @@ def admit(manager: ModelManager, model: str, version: str | None, transport: str
     return loaded
 
 
+async def admit_waiting(manager: ModelManager, model: str, version: str | None) -> LoadedVersion:
+    """Like :func:`admit`, but wait for queue room instead of refusing: for transports that can hold the sender
+    back (MQTT, whose unacknowledged messages stop the broker at Receive Maximum)."""
+    loaded = manager.route(model, version)
+    await loaded.scheduler.wait_for_room()
+    return loaded
+
+
 async def infer(
     loaded: LoadedVersion,
     body: bytes | bytearray | memoryview,

@@ -219,8 +219,13 @@ class DaemonProcess:
             self.lines.put(doc)
         self.lines.put({"event_kind": "eof"})
 
-    def wait_for(self, kind: str, timeout: float = STARTUP_TIMEOUT) -> dict[str, Any]:
-        """Block until a log line with ``event_kind == kind``; fail with the log so far on exit or timeout."""
+    def wait_for(self, kind: str, timeout: float = STARTUP_TIMEOUT, new: bool = False) -> dict[str, Any]:
+        """Block until a log line with ``event_kind == kind`` (one already read counts unless ``new``); fail with
+        the log so far on exit or timeout."""
+        if not new:
+            for doc in self.log:
+                if doc.get("event_kind") == kind:
+                    return doc
         while True:
             try:
                 doc = self.lines.get(timeout=timeout)

@@ -1,0 +1,386 @@
+"""The MQTT frontend: V2 inference requests in, replies out, over one paho-mqtt (MQTT 5) connection.
+
+Only transport lives here; every request takes the same path as HTTP (:mod:`daemon.service`). How it keeps its
+promises (docs/mqtt.md has the topics, payloads and properties):
+- At least once, nothing lost: a persistent session (fixed client id, clean start off, session expiry) and manual
+  acknowledgements. A request is acknowledged to the broker only after its reply was published and acknowledged in
+  turn, so a daemon that dies mid-request gets the request again from the broker when it comes back.
+- Backpressure: the broker sends at most ``receive_maximum`` unacknowledged QoS 1 requests; a full model queue makes
+  the frontend wait (and so not acknowledge), which holds the broker back instead of growing memory. QoS 0 requests,
+  which the broker does not count, are dropped (and counted) once that many are in progress.
+- Threads: paho's network loop runs in one thread of ours (with our own jittered, exponential reconnect); messages
+  cross to the event loop with ``call_soon_threadsafe``; no thread per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from daemon import protocol, service
+from daemon.config import MqttConfig
+from daemon.errors import InferdError, InvalidInput
+from daemon.models import ModelManager
+
+log = logging.getLogger("inferd.mqtt")
+
+#: transport-neutral error code -> the ``status`` user property of an MQTT error reply (HTTP's numbers, so one
+#: vocabulary serves both); the only place MQTT statuses are chosen.
+MQTT_STATUS: dict[str, str] = {
+    "invalid_input": "400",
+    "too_large": "413",
+    "model_not_found": "404",
+    "version_not_found": "404",
+    "not_ready": "503",
+    "busy": "503",
+    "timeout": "504",
+    "inference_failed": "500",
+    "integrity": "500",
+    "internal": "500",
+}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass
+class MqttState:
+    """What /metrics and readiness report about the broker connection."""
+
+    connected: bool = False
+    connects: int = 0
+    dropped_qos0: int = 0
+    no_reply_destination: int = 0
+    in_progress: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class _Request:
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    properties: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_topic(prefix: str, topic: str) -> tuple[str, str | None]:
+    """``{prefix}/models/{m}/infer`` or ``{prefix}/models/{m}/versions/{v}/infer`` -> (model, version)."""
+    rest = topic[len(prefix) + 1 :].split("/") if topic.startswith(prefix + "/") else []
+    if len(rest) == 3 and rest[0] == "models" and rest[2] == "infer":
+        return rest[1], None
+    if len(rest) == 5 and rest[0] == "models" and rest[2] == "versions" and rest[4] == "infer":
+        return rest[1], rest[3]
+    raise InvalidInput(f"topic {topic!r} is not a request topic")
+
+
+class MqttFrontend:
+    def __init__(
+        self,
+        config: MqttConfig,
+        node_id: str,
+        manager: ModelManager,
+        limits: protocol.Limits,
+        password: str | None = None,
+    ) -> None:
+        self.config = config
+        self.prefix = config.topic_prefix or f"inferd/{node_id}"
+        self.client_id = config.client_id or f"inferd-{node_id}"
+        self.manager = manager
+        self.limits = limits
+        self.state = MqttState()
+        self._password = password
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: paho.Client | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._accepting = True
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._acks: dict[int, asyncio.Future[None]] = {}
+        self._qos0 = 0
+        self._connected_event = asyncio.Event()
+        self._early_events: list[dict[str, Any]] = []  # model events from before start(), e.g. the first loads
+        manager.listeners.append(self.publish_event)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    @property
+    def status_topic(self) -> str:
+        return f"{self.prefix}/status"
+
+    @property
+    def events_topic(self) -> str:
+        return f"{self.prefix}/events"
+
+    def request_filters(self) -> list[str]:
+        filters = [f"{self.prefix}/models/+/infer", f"{self.prefix}/models/+/versions/+/infer"]
+        if self.config.shared_group:
+            filters = [f"$share/{self.config.shared_group}/{f}" for f in filters]
+        return filters
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._client = self._make_client()
+        for event in self._early_events:  # paho queues QoS 1 publishes until the connection is up
+            self.publish_event(event)
+        self._early_events.clear()
+        self._thread = threading.Thread(target=self._network, name="mqtt-network", daemon=True)
+        self._thread.start()
+
+    def _make_client(self) -> paho.Client:
+        cfg = self.config
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=paho.MQTTv5,
+            reconnect_on_failure=False,  # our own loop reconnects, with jitter
+            manual_ack=True,
+        )
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, self._password)
+        if cfg.tls.enabled:
+            client.tls_set(
+                ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED if cfg.tls.verify else ssl.CERT_NONE,
+            )
+            client.tls_insecure_set(not cfg.tls.verify)
+        client.will_set(self.status_topic, b"offline", qos=1, retain=True)
+        client.max_inflight_messages_set(max(20, cfg.receive_maximum))
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        return client
+
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.config.session_expiry_s
+        props.ReceiveMaximum = self.config.receive_maximum
+        return props
+
+    def _network(self) -> None:
+        """The paho network thread: connect, run until the connection drops, back off with jitter, repeat."""
+        assert self._client is not None
+        cfg = self.config
+        delay = cfg.reconnect_min_s
+        while not self._stopping.is_set():
+            try:
+                self._client.connect(
+                    cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=False,
+                    properties=self._connect_properties(),
+                )
+            except (OSError, ssl.SSLError) as exc:
+                self._note_error(f"cannot connect to {cfg.host}:{cfg.port}: {exc}")
+            else:
+                connects = self.state.connects
+                self._client.loop_forever(retry_first_connection=False)
+                if self.state.connects > connects:
+                    delay = cfg.reconnect_min_s  # that connection worked: start the backoff afresh
+            if self._stopping.is_set():
+                break
+            wait = delay * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not cryptography
+            delay = min(delay * 2, cfg.reconnect_max_s)
+            self._stopping.wait(wait)
+
+    def _note_error(self, message: str) -> None:
+        if self.state.last_error != message:
+            log.warning("mqtt: %s", message)
+        self.state.last_error = message
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking requests, let the ones in progress reply (bounded), say offline, disconnect."""
+        self._accepting = False
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        client = self._client
+        if client is not None and self.state.connected:
+            info = client.publish(self.status_topic, b"offline", qos=1, retain=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wait_ack(info.mid), 5)
+        self._stopping.set()
+        if client is not None:
+            client.disconnect()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+        with contextlib.suppress(ValueError):
+            self.manager.listeners.remove(self.publish_event)
+
+    # -- paho callbacks (network thread) --------------------------------------------------------------------
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # Without TCP_NODELAY a QoS 1 round trip stalls for tens of ms on Nagle and delayed ACKs.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:  # a refusal (bad credentials, not authorised...) is not a connection
+            self._note_error(f"broker refused the connection: {reason}")
+            return
+        self.state.connected = True
+        self.state.connects += 1
+        self.state.last_error = None
+        for topic in self.request_filters():
+            client.subscribe(topic, options=paho.SubscribeOptions(qos=1))
+        client.publish(self.status_topic, b"online", qos=1, retain=True)
+        log.info("mqtt connected to %s:%d as %s (session present: %s)", self.config.host, self.config.port,
+                 self.client_id, getattr(flags, "session_present", None), extra={"event_kind": "mqtt_connected"})
+        self._call(self._connected_event.set)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        was = self.state.connected
+        self.state.connected = False
+        if was and not self._stopping.is_set():
+            self._note_error(f"connection lost ({reason}); reconnecting")
+        self._call(self._connected_event.clear)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        req = _Request(msg.topic, bytes(msg.payload), msg.qos, msg.mid, msg.properties)
+        self._call(self._accept, req)
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._call(self._published, mid)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(fn, *args)
+
+    # -- event loop side ------------------------------------------------------------------------------------
+
+    def _published(self, mid: int) -> None:
+        fut = self._acks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _wait_ack(self, mid: int) -> None:
+        fut = self._acks.get(mid)
+        if fut is None:
+            assert self._loop is not None
+            fut = self._loop.create_future()
+            self._acks[mid] = fut
+        await fut
+
+    def _accept(self, req: _Request) -> None:
+        if not self._accepting:
+            return  # not acknowledged: the broker redelivers it to us (or the group) later
+        if req.qos == 0:
+            if self._qos0 >= self.config.receive_maximum:
+                self.state.dropped_qos0 += 1
+                return
+            self._qos0 += 1
+        task = asyncio.ensure_future(self._handle(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, req: _Request) -> None:
+        self.state.in_progress += 1
+        try:
+            await self._answer(req)
+        except Exception:  # never lose the loop's task silently; the request is redelivered if unacknowledged
+            log.exception("mqtt request on %s failed", req.topic)
+        finally:
+            self.state.in_progress -= 1
+            if req.qos == 0:
+                self._qos0 -= 1
+
+    async def _answer(self, req: _Request) -> None:
+        props = req.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        header_length: int | None = None
+        status = "200"
+        reply_props: list[tuple[str, str]] = []
+        try:
+            header_length = _header_length(props)
+            model, version = parse_topic(self.prefix, req.topic)
+            loaded = await service.admit_waiting(self.manager, model, version)
+            reply = await service.infer(loaded, req.payload, header_length, self.limits, "mqtt")
+            body = reply.body
+            if reply.header_length is not None:
+                reply_props.append((HEADER_LENGTH, str(reply.header_length)))
+        except InferdError as exc:
+            status = MQTT_STATUS.get(exc.code, "500")
+            doc: dict[str, Any] = {"error": str(exc)}
+            request_id = _request_field(req.payload, header_length, "id")
+            if isinstance(request_id, str):
+                doc["id"] = request_id
+            body = orjson.dumps(doc)
+        destination = response_topic or _reply_to(req.payload, header_length)
+        if destination is None:
+            self.state.no_reply_destination += 1
+            log.warning("mqtt request on %s names no reply topic (Response Topic or parameters.reply_to); "
+                        "nothing to answer to", req.topic)
+        else:
+            await self._reply(destination, body, status, correlation, reply_props, qos=1 if req.qos else 0)
+        if req.qos and self._client is not None:
+            self._client.ack(req.mid, req.qos)  # only now: the reply is safely with the broker
+
+    async def _reply(self, topic: str, body: bytes, status: str, correlation: bytes | None,
+                     user: list[tuple[str, str]], qos: int) -> None:
+        assert self._client is not None
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("status", status), *user]
+        props.ContentType = "application/json" if not user else "application/octet-stream"
+        if correlation is not None:
+            props.CorrelationData = correlation
+        info = self._client.publish(topic, body, qos=qos, properties=props)
+        if qos:
+            await self._wait_ack(info.mid)
+
+    def publish_event(self, event: dict[str, Any]) -> None:
+        if self._client is None:
+            self._early_events.append(event)
+        else:
+            self._client.publish(self.events_topic, orjson.dumps(event), qos=1)
+
+
+def _header_length(props: Any) -> int | None:
+    """The binary form's JSON header length, from the user property of the same name as HTTP's header."""
+    for key, value in getattr(props, "UserProperty", None) or []:
+        if key.lower() == HEADER_LENGTH.lower():
+            try:
+                return int(value)
+            except ValueError:
+                raise InvalidInput(f"user property {HEADER_LENGTH} must be an integer, got {value!r}") from None
+    return None
+
+
+def _request_field(payload: bytes, header_length: Any, key: str) -> Any:
+    """``id`` or ``parameters.reply_to`` from a request body, tolerating bodies too broken to decode."""
+    try:
+        hlen = header_length if isinstance(header_length, int) else None
+        doc = orjson.loads(payload[:hlen] if hlen else payload)
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    if key == "id":
+        return doc.get("id")
+    params = doc.get("parameters")
+    return params.get(key) if isinstance(params, dict) else None
+
+
+def _reply_to(payload: bytes, header_length: Any) -> str | None:
+    try:
+        value = _request_field(payload, header_length, "reply_to")
+    except InvalidInput:
+        return None
+    if isinstance(value, str) and value and not any(c in value for c in "+#"):
+        return value
+    return None

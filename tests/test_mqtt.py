@@ -1,0 +1,319 @@
+"""The MQTT frontend against a real mosquitto broker: request/response, errors, faults, backpressure, scale-out."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as paho
+import pytest
+from conftest import DaemonProcess, KeySet, Site, mlp_reference, pack_model
+from httpclient import request
+from mqttclient import Broker, Requester
+from test_serve import build_slow_model
+
+PREFIX = "plant/line1"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop(signal.SIGKILL)
+
+
+def mqtt_site(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker, **mqtt: Any) -> Path:
+    site.install(pack_model(keyset, mlp_onnx, name="mlp", version="1"))
+    site.install(pack_model(keyset, mlp_onnx, name="mlp", version="2"), activate=False)
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    site.extra = {**site.extra, "mqtt": {"enabled": True, "port": broker.port, "topic_prefix": PREFIX,
+                           "client_id": mqtt.pop("client_id", "inferd-test"), "reconnect_min_s": 0.1,
+                           "reconnect_max_s": 0.5, **mqtt}}
+    return site.write_config()
+
+
+def start_connected(start_daemon, config: Path) -> DaemonProcess:
+    daemon = start_daemon(config)
+    daemon.wait_for("mqtt_connected")
+    return daemon
+
+
+def mlp_request(x: np.ndarray, **extra: Any) -> bytes:
+    return json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}], **extra}).encode()
+
+
+def outputs(reply_payload: bytes) -> np.ndarray:
+    (out,) = json.loads(reply_payload)["outputs"]
+    return np.array(out["data"], np.float32).reshape(out["shape"])
+
+
+def test_mqtt5_request_response(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker, start_daemon) -> None:
+    daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker))
+    req = Requester(broker.port)
+    try:
+        x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+        req.request(f"{PREFIX}/models/mlp/infer", mlp_request(x, id="a1"), correlation=b"corr-1")
+        reply = req.wait()
+        assert reply.status == "200" and reply.correlation == b"corr-1"
+        doc = json.loads(reply.payload)
+        assert doc["id"] == "a1" and doc["model_version"] == "1"
+        np.testing.assert_allclose(outputs(reply.payload), mlp_reference(x), rtol=1e-5, atol=1e-6)
+        # a versioned topic reaches that version (loaded only if active: version 2 is installed, not loaded)
+        req.request(f"{PREFIX}/models/mlp/versions/1/infer", mlp_request(x), correlation=b"corr-2")
+        assert req.wait().status == "200"
+        req.request(f"{PREFIX}/models/mlp/versions/2/infer", mlp_request(x), correlation=b"corr-3")
+        miss = req.wait()
+        assert miss.status == "404" and "version '2'" in json.loads(miss.payload)["error"]
+        assert request(daemon.url + "/v2/health/ready").json()["mqtt"] == "connected"
+    finally:
+        req.close()
+    assert daemon.stop() == 0
+
+
+def test_mqtt311_client_names_its_reply_topic(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker,
+                                              start_daemon) -> None:
+    daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker))
+    req = Requester(broker.port, version=paho.MQTTv311)
+    try:
+        x = np.ones((1, 4), np.float32)
+        req.request(f"{PREFIX}/models/mlp/infer", mlp_request(x, id="dev-7", parameters={"reply_to": req.reply_topic}))
+        reply = req.wait()
+        assert json.loads(reply.payload)["id"] == "dev-7"
+        np.testing.assert_allclose(outputs(reply.payload), mlp_reference(x), rtol=1e-5, atol=1e-6)
+        req.request(f"{PREFIX}/models/nope/infer", mlp_request(x, id="dev-8", parameters={"reply_to": req.reply_topic}))
+        err = json.loads(req.wait().payload)
+        assert err == {"error": "unknown model 'nope'", "id": "dev-8"}
+    finally:
+        req.close()
+    assert daemon.stop() == 0
+
+
+def test_binary_payload(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker, start_daemon) -> None:
+    daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker))
+    req = Requester(broker.port)
+    try:
+        x = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
+        header = json.dumps({"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}],
+                             "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}).encode()
+        req.request(f"{PREFIX}/models/mlp/infer", header + x.tobytes(), correlation=b"b",
+                    user=[("Inference-Header-Content-Length", str(len(header)))])
+        reply = req.wait()
+        assert reply.status == "200"
+        hlen = int(reply.user["Inference-Header-Content-Length"])
+        out = np.frombuffer(reply.payload[hlen:], np.float32).reshape(2, 3)
+        np.testing.assert_allclose(out, mlp_reference(x), rtol=1e-5, atol=1e-6)
+    finally:
+        req.close()
+    assert daemon.stop() == 0
+
+
+BAD = [
+    ("malformed JSON", "mlp", b'{"inputs": [', "400", "malformed JSON"),
+    ("wrong datatype", "mlp", json.dumps({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "INT64",
+                                                       "data": [1, 2, 3, 4]}]}).encode(), "400", "does not match"),
+    ("shape/data mismatch", "mlp", json.dumps({"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32",
+                                                            "data": [1, 2, 3, 4]}]}).encode(), "400", "needs 8 values"),
+    ("wrong input name", "mlp", json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                                         "data": [1, 2, 3, 4]}]}).encode(), "400", "unknown input 'x'"),
+    ("too many elements", "mlp", json.dumps({"inputs": [{"name": "input", "shape": [9000, 4], "datatype": "FP32",
+                                                          "data": [0]}]}).encode(), "413", "exceed the limit"),
+    ("unknown model", "nope", b"{}", "404", "unknown model 'nope'"),
+    ("bad header length", "mlp", b"{}", "400", "must be an integer"),
+]
+
+
+def test_bad_inputs_get_error_replies(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker,
+                                      start_daemon) -> None:
+    site.extra = {"server": {"max_tensor_elements": 20_000}}
+    config = mqtt_site(site, keyset, mlp_onnx, broker)
+    daemon = start_connected(start_daemon, config)
+    req = Requester(broker.port)
+    try:
+        for case, model, payload, status, message in BAD:
+            user = [("Inference-Header-Content-Length", "ten")] if case == "bad header length" else None
+            req.request(f"{PREFIX}/models/{model}/infer", payload, correlation=case.encode(), user=user)
+            reply = req.wait()
+            assert reply.correlation == case.encode()
+            assert reply.status == status, (case, reply.payload)
+            assert message in json.loads(reply.payload)["error"], (case, reply.payload)
+        req.request(f"{PREFIX}/models/mlp/infer", mlp_request(np.ones((1, 4), np.float32)), correlation=b"ok")
+        assert req.wait().status == "200"  # still serving
+    finally:
+        req.close()
+    assert daemon.stop() == 0
+
+
+def test_status_and_events_topics(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker,
+                                  start_daemon) -> None:
+    watcher = Requester(broker.port)
+    watcher.client.subscribe(f"{PREFIX}/status", qos=1)
+    watcher.client.subscribe(f"{PREFIX}/events", qos=1)
+    watcher.client.message_callback_add(f"{PREFIX}/#", watcher._on_message)
+    try:
+        daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker))
+        seen: list[tuple[str, bytes]] = []
+        while (f"{PREFIX}/status", b"online") not in seen or not any(t.endswith("/events") for t, _ in seen):
+            r = watcher.wait()
+            seen.append((r.topic, r.payload))
+        daemon.proc.kill()  # no clean disconnect: the broker publishes the last will
+        daemon.proc.wait()
+        while (f"{PREFIX}/status", b"offline") not in seen:
+            r = watcher.wait(timeout=60)
+            seen.append((r.topic, r.payload))
+        events = [json.loads(p) for t, p in seen if t == f"{PREFIX}/events"]
+        assert {"event": "activated", "model": "mlp", "version": "1"}.items() <= events[0].items()
+    finally:
+        watcher.close()
+
+
+def send_stream(req: Requester, n: int, topic: str) -> dict[bytes, np.ndarray]:
+    rng = np.random.default_rng(2)
+    sent = {}
+    for i in range(n):
+        x = rng.normal(size=(1, 4)).astype(np.float32)
+        cid = f"r{i}".encode()
+        sent[cid] = x
+        req.request(topic, mlp_request(x), correlation=cid)
+    return sent
+
+
+def collect(req: Requester, expected: dict[bytes, np.ndarray], timeout: float = 60.0) -> dict[bytes, int]:
+    """Wait until every correlation id has a 200 reply; count replies per id (duplicates are allowed)."""
+    counts: dict[bytes, int] = {}
+    while set(counts) != set(expected):
+        try:
+            reply = req.wait(timeout=timeout)
+        except Exception:
+            raise AssertionError(f"no reply for {sorted(set(expected) - set(counts))}") from None
+        assert reply.status == "200", reply.payload
+        assert reply.correlation in expected
+        np.testing.assert_allclose(outputs(reply.payload), mlp_reference(expected[reply.correlation]),
+                                   rtol=1e-5, atol=1e-6)
+        counts[reply.correlation] = counts.get(reply.correlation, 0) + 1
+    return counts
+
+
+@pytest.mark.slow
+def test_broker_restart_mid_stream_loses_nothing(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker,
+                                                 start_daemon) -> None:
+    daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker))
+    req = Requester(broker.port, persistent=True, name="stream-client")
+    try:
+        first = send_stream(req, 100, f"{PREFIX}/models/mlp/infer")
+        assert req.wait().status == "200"  # the stream is flowing
+        broker.stop(signal.SIGTERM)  # the broker goes away mid-stream (it saves its sessions on the way out)
+        broker.start()
+        assert req.connected.wait(60)
+        collect(req, first, timeout=60)
+    finally:
+        req.close()
+    assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_daemon_killed_mid_stream_gets_every_request_again(site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                                           broker: Broker, start_daemon, tmp_path: Path) -> None:
+    slow = build_slow_model(n=256, depth=16)
+    site.install(pack_model(keyset, slow, name="slow"))
+    config = mqtt_site(site, keyset, mlp_onnx, broker, receive_maximum=4)
+    text = config.read_text().replace("models:\n", "models:\n- {name: slow, runtime: onnxruntime, threads: 1}\n", 1)
+    config.write_text(text)
+    daemon = start_connected(start_daemon, config)
+    req = Requester(broker.port, persistent=True, name="kill-client")
+    try:
+        n = 40
+        x = np.full((8, 256), 0.01, np.float32)
+        body = json.dumps({"inputs": [{"name": "input", "shape": [8, 256], "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}).encode()
+        for i in range(n):
+            req.request(f"{PREFIX}/models/slow/infer", body, correlation=f"k{i}".encode())
+        got: dict[bytes, int] = {}
+        reply = req.wait()
+        got[reply.correlation] = 1  # the daemon is mid-stream: replies are flowing, more are in flight
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait()
+        again = start_connected(start_daemon, config)
+        while len(got) < n:
+            reply = req.wait(timeout=60)
+            assert reply.status == "200"
+            got[reply.correlation] = got.get(reply.correlation, 0) + 1
+        assert set(got) == {f"k{i}".encode() for i in range(n)}
+    finally:
+        req.close()
+    assert again.stop() == 0
+
+
+@pytest.mark.slow
+def test_overload_is_held_back_not_dropped(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker,
+                                           start_daemon) -> None:
+    config = mqtt_site(site, keyset, mlp_onnx, broker, receive_maximum=8)
+    config.write_text(config.read_text().replace("threads: 1", "threads: 1\n  queue_size: 4\n  max_batch_size: 0"))
+    daemon = start_connected(start_daemon, config)
+    req = Requester(broker.port)
+    try:
+        sent = send_stream(req, 1500, f"{PREFIX}/models/mlp/infer")  # far beyond queue_size and receive_maximum
+        counts = collect(req, sent, timeout=60)
+        assert sum(counts.values()) == len(sent)  # each answered exactly once: none shed, none lost
+        status = Path(f"/proc/{daemon.proc.pid}/status").read_text()
+        rss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+        assert rss < 400_000  # kB: the daemon held the broker back instead of buffering
+        metrics = request(daemon.url + "/metrics").body.decode()
+        assert 'inferd_requests_total{model="mlp",outcome="shed",protocol="mqtt",version="1"}' not in metrics
+    finally:
+        req.close()
+    assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_two_daemons_share_one_request_stream(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker,
+                                              start_daemon, tmp_path: Path) -> None:
+    config_a = mqtt_site(site, keyset, mlp_onnx, broker, shared_group="line1", client_id="inferd-a")
+    config_b = tmp_path / "b.yaml"
+    config_b.write_text(config_a.read_text().replace("inferd-a", "inferd-b"))
+    a = start_connected(start_daemon, config_a)
+    b = start_connected(start_daemon, config_b)
+    req = Requester(broker.port)
+    try:
+        sent = send_stream(req, 200, f"{PREFIX}/models/mlp/infer")
+        counts = collect(req, sent)
+        with pytest.raises(queue.Empty):  # no duplicate replies trail behind
+            req.wait(timeout=1)
+        assert all(c == 1 for c in counts.values())
+        served = []
+        for d in (a, b):
+            text = request(d.url + "/metrics").body.decode()
+            served.append(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                              if line.startswith("inferd_requests_total") and 'protocol="mqtt"' in line))
+        assert sum(served) == 200 and all(s > 0 for s in served), served
+    finally:
+        req.close()
+    assert a.stop() == 0 and b.stop() == 0
+
+
+def test_broker_down_at_start_up_and_http_keeps_serving(site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                                        tmp_path: Path, start_daemon) -> None:
+    broker = Broker(tmp_path / "late-broker")  # configured, not started yet
+    daemon = start_daemon(mqtt_site(site, keyset, mlp_onnx, broker))
+    ready = request(daemon.url + "/v2/health/ready").json()
+    assert ready == {"ready": True, "mqtt": "disconnected"}
+    metrics = request(daemon.url + "/metrics").body.decode()
+    assert "inferd_mqtt_connected 0.0" in metrics
+    broker.start()
+    try:
+        daemon.wait_for("mqtt_connected")
+        assert request(daemon.url + "/v2/health/ready").json()["mqtt"] == "connected"
+        req = Requester(broker.port)
+        req.request(f"{PREFIX}/models/mlp/infer", mlp_request(np.ones((1, 4), np.float32)), correlation=uuid.uuid4().bytes)
+        assert req.wait().status == "200"
+        req.close()
+    finally:
+        assert daemon.stop() == 0
+        broker.stop(signal.SIGKILL)
