@@ -43,8 +43,9 @@ lint: $(STAMP_DEV)
 test: $(STAMP_DEV) deps-system lint
 	$(PY) -m pytest -q
 
-bench: $(STAMP_DEV)
+bench: $(STAMP_DEV) deps-system
 	$(PY) bench/run.py
+	$(PY) bench/mqtt_bench.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache

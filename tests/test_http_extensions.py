@@ -235,3 +235,13 @@ def test_inferd_bench_command(served: DaemonProcess, binary: bool) -> None:
     bad = subprocess.run([sys.executable, "-m", "daemon", "bench", "--url", served.url, "--model", "nope"],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert bad.returncode == 1 and "404" in bad.stderr and "unknown model" in bad.stderr
+
+
+def test_every_metric_is_documented() -> None:
+    from conftest import REPO
+
+    from daemon.metrics import METRICS
+
+    doc = (REPO / "docs" / "metrics.md").read_text()
+    documented = {line.split("`")[1] for line in doc.splitlines() if line.startswith("| `inferd_")}
+    assert documented == set(METRICS)

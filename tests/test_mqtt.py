@@ -185,9 +185,10 @@ def send_stream(req: Requester, n: int, topic: str) -> dict[bytes, np.ndarray]:
     return sent
 
 
-def collect(req: Requester, expected: dict[bytes, np.ndarray], timeout: float = 60.0) -> dict[bytes, int]:
+def collect(req: Requester, expected: dict[bytes, np.ndarray], timeout: float = 60.0,
+            seen: dict[bytes, int] | None = None) -> dict[bytes, int]:
     """Wait until every correlation id has a 200 reply; count replies per id (duplicates are allowed)."""
-    counts: dict[bytes, int] = {}
+    counts: dict[bytes, int] = dict(seen or {})
     while set(counts) != set(expected):
         try:
             reply = req.wait(timeout=timeout)
@@ -208,11 +209,13 @@ def test_broker_restart_mid_stream_loses_nothing(site: Site, keyset: KeySet, mlp
     req = Requester(broker.port, persistent=True, name="stream-client")
     try:
         first = send_stream(req, 100, f"{PREFIX}/models/mlp/infer")
-        assert req.wait().status == "200"  # the stream is flowing
+        early = req.wait()  # the stream is flowing
+        assert early.status == "200" and early.correlation is not None
         broker.stop(signal.SIGTERM)  # the broker goes away mid-stream (it saves its sessions on the way out)
         broker.start()
-        assert req.connected.wait(60)
-        collect(req, first, timeout=60)
+        daemon.wait_for("mqtt_connected", new=True)
+        counts = collect(req, first, timeout=60, seen={early.correlation: 1})
+        assert set(counts) == set(first)
     finally:
         req.close()
     assert daemon.stop() == 0
@@ -317,3 +320,20 @@ def test_broker_down_at_start_up_and_http_keeps_serving(site: Site, keyset: KeyS
     finally:
         assert daemon.stop() == 0
         broker.stop(signal.SIGKILL)
+
+
+def test_the_documented_mosquitto_rr_example_works(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker,
+                                                   start_daemon) -> None:
+    import shutil
+    import subprocess
+
+    rr = shutil.which("mosquitto_rr")
+    assert rr, "mosquitto_rr comes with mosquitto-clients, which make test installs"
+    daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker))
+    body = '{"id":"r1","inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[5.1,3.5,1.4,0.2]}]}'
+    res = subprocess.run([rr, "-h", "127.0.0.1", "-p", str(broker.port), "-t", f"{PREFIX}/models/mlp/infer",
+                          "-e", "replies/me", "-m", body, "-W", "30"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["id"] == "r1" and doc["model_name"] == "mlp"
+    assert daemon.stop() == 0
