@@ -31,7 +31,7 @@ run: $(STAMP_RUN)
 
 # The broker the MQTT tests start; installed from Debian's packages when missing.
 deps-system:
-	@command -v mosquitto >/dev/null 2>&1 || ls /usr/sbin/mosquitto >/dev/null 2>&1 || { \
+	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } && command -v mosquitto_rr >/dev/null 2>&1 || { \
 	  echo "installing mosquitto"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
