@@ -1,6 +1,6 @@
 """MQTT round trips: inferd against a bare echo through the same broker (the transport limit), in one run.
 
-A real mosquitto on a free port; inferd (tabular model, one thread) and a paho echo client that answers each request
+A real mosquitto on a free port (with `set_tcp_nodelay true`, as docs/mqtt.md advises); inferd (tabular model, one thread) and a paho echo client that answers each request
 with a reply of the same size as inferd's. Both pinned to CPU 0, the load generator to CPU 1; QoS 0 and QoS 1, one
 request in flight and 64 in flight, alternating rounds, medians. Appends its table to bench/RESULTS.md.
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,9 @@ def on_message(cl, u, m):
     props.CorrelationData = m.properties.CorrelationData
     props.UserProperty = [("status", "200")]
     cl.publish(m.properties.ResponseTopic, reply, qos=m.qos, properties=props)
+import socket
 c.on_connect, c.on_message = on_connect, on_message
+c.on_socket_open = lambda cl, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 c.max_inflight_messages_set(1000)
 c.connect("127.0.0.1", port)
 c.loop_forever()
@@ -75,6 +78,7 @@ class Driver:
                                   protocol=paho.MQTTv5)
         self.client.on_connect = lambda c, u, f, rc, p: (c.subscribe(self.reply_topic, qos=1), self.ready.set())
         self.client.on_message = self._on_message
+        self.client.on_socket_open = lambda c, u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.max_inflight_messages_set(1000)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()

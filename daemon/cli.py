@@ -330,6 +330,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                     "active": version is not None and version == state.active,
                     "runtime": header.runtime if header else (cfg.runtime if cfg else None),
                     "device": cfg.device if cfg else None,
+                    "threads": (cfg.threads or "auto") if cfg else None,
+                    "workers": cfg.workers if cfg else None,
                     "configured": cfg is not None,
                     "created": header.created if header else None,
                 }
@@ -337,7 +339,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    cols = ["model", "version", "active", "runtime", "device", "configured", "created"]
+    cols = ["model", "version", "active", "runtime", "device", "threads", "workers", "configured", "created"]
     table = [cols] + [["-" if r[c] is None else str(r[c]) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     for row in table:

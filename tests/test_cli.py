@@ -56,9 +56,10 @@ def test_the_whole_cli_flow(tmp_path: Path, mlp_onnx: bytes) -> None:
     assert "installed mlp:2 (active)" in inferd("model", "install", str(out), "--config", str(config)).stdout
     rows = json.loads(inferd("model", "list", "--config", str(config), "--json").stdout)
     assert rows == [{"model": "mlp", "version": "2", "active": True, "runtime": "onnxruntime", "device": "cpu",
-                     "configured": True, "created": header["created"]}]
+                     "threads": "auto", "workers": 1, "configured": True, "created": header["created"]}]
     table = inferd("model", "list", "--config", str(config)).stdout.splitlines()
-    assert table[0].split() == ["model", "version", "active", "runtime", "device", "configured", "created"]
+    assert table[0].split() == ["model", "version", "active", "runtime", "device", "threads", "workers", "configured",
+                                "created"]
 
 
 def test_pack_refuses_a_file_the_runtime_cannot_read(tmp_path: Path, mlp_onnx: bytes) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -166,3 +167,17 @@ def test_onnx_bytes_packed_as_litert_fail_to_load_clearly(site: Site, keyset: Ke
     assert "tfl: failed" in err and "TFLite" in err, err
     assert request(daemon.url + "/v2/models/ort/ready").status == 200
     assert daemon.stop() == 0
+
+
+def test_gpu_check_script_reports_what_it_finds() -> None:
+    """On a machine without CUDA it says so (exit 2, after the adapter's fallback warning); with CUDA it compares."""
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--seconds", "0.2", "--batch", "2"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    if res.returncode == 2:
+        doc = json.loads(res.stdout.strip().splitlines()[0])
+        assert doc["cuda"] is False and "fallback is disabled" in doc["reason"]
+        assert "running on cpu" in res.stderr
+    else:
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        assert doc["match"] is True and doc["device"].startswith("cuda")
