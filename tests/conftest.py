@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from tflite_builder import build_mlp_onnx, mlp_forward, random_mlp_weights
 
 from daemon import artifact, keys
 from daemon.config import KeySource
@@ -55,41 +56,18 @@ def keyset(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
 # --- models --------------------------------------------------------------------------------------------------
 
 
-def mlp_weights(n_in: int = 4, hidden: int = 8, n_out: int = 3, seed: int = 0) -> tuple[np.ndarray, ...]:
-    rng = np.random.default_rng(seed)
-    return (
-        rng.normal(0, 0.5, (n_in, hidden)).astype(np.float32),
-        rng.normal(0, 0.1, (hidden,)).astype(np.float32),
-        rng.normal(0, 0.5, (hidden, n_out)).astype(np.float32),
-        rng.normal(0, 0.1, (n_out,)).astype(np.float32),
-    )
+def mlp_weights() -> tuple[np.ndarray, ...]:
+    """The weights of the tests' standard MLP (4 features, 8 hidden, 3 outputs)."""
+    return random_mlp_weights(n_in=4, hidden=8, n_out=3, seed=0)
 
 
 def build_mlp(weights: tuple[np.ndarray, ...] | None = None) -> bytes:
     """input [batch, 4] FP32 -> Gemm/Relu/Gemm -> output [batch, 3]; numpy reference in mlp_reference."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    w1, b1, w2, b2 = weights or mlp_weights()
-    nodes = [
-        helper.make_node("Gemm", ["input", "w1", "b1"], ["h"]),
-        helper.make_node("Relu", ["h"], ["hr"]),
-        helper.make_node("Gemm", ["hr", "w2", "b2"], ["output"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", w1.shape[0]])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", w2.shape[1]])],
-        [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return build_mlp_onnx(*(weights or mlp_weights()))
 
 
 def mlp_reference(x: np.ndarray, weights: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
-    w1, b1, w2, b2 = weights or mlp_weights()
-    return (np.maximum(x @ w1 + b1, 0) @ w2 + b2).astype(np.float32)
+    return mlp_forward(x, *(weights or mlp_weights())).astype(np.float32)
 
 
 @pytest.fixture(scope="session")
@@ -309,3 +287,11 @@ def v2_schema() -> Callable[[str, Any], None]:
         OAS30Validator(schema).validate(doc)
 
     return validate
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """inferd's own threads (schedulers' workers, the MQTT network loop) must end with what started them."""
+    yield
+    ours = [t.name for t in threading.enumerate() if t.name.startswith(("infer-", "mqtt-"))]
+    assert ours == [], f"threads left running: {ours}"
