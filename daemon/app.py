@@ -16,6 +16,7 @@ from aiohttp import web
 
 from daemon import http_api, keys, metrics, protocol, sdnotify
 from daemon.config import Config
+from daemon.errors import KeyProblem
 from daemon.models import ModelManager
 from daemon.store import Store
 
@@ -53,15 +54,20 @@ class Daemon:
 
             password = None
             if self.config.mqtt.password is not None:
-                password = keys.read_secret_file(keys.source_path(self.config.mqtt.password)).decode().strip()
-            self.mqtt = MqttFrontend(self.config.mqtt, self.node_id, manager, limits, password)
+                raw = keys.read_secret_file(keys.source_path(self.config.mqtt.password))
+                try:
+                    password = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    raise KeyProblem("the MQTT password file is not UTF-8 text") from None
+            self.mqtt = MqttFrontend(self.config.mqtt, self.node_id, manager, limits, password,
+                                     max_payload=server.max_body_bytes)
         registry = metrics.make_registry(
             metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness, self._mqtt_metrics)
         )
         app = http_api.build_app(manager, limits, server.max_body_bytes, registry)
         app[http_api.STATE]["mqtt"] = self._mqtt_health
-        # aiohttp waits this long for handlers on cleanup; our own drain below comes first.
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=server.drain_timeout_s)
+        # Our own drain (_shutdown) has already waited for handlers when aiohttp's cleanup runs: give it little more.
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, server.host, server.port, reuse_address=True)
         await site.start()
@@ -115,26 +121,33 @@ class Daemon:
             await asyncio.sleep(interval)
 
     async def _shutdown(self, app: web.Application, site: web.TCPSite) -> None:
-        """Stop accepting, let accepted requests finish (bounded by drain_timeout_s), then release everything."""
+        """Stop taking work on every frontend at once, let accepted work finish against one deadline
+        (server.drain_timeout_s), then release everything. Fits systemd's TimeoutStopSec (45 s) with the default."""
         sdnotify.notify("STOPPING=1")
-        if self.mqtt is not None:
-            await self.mqtt.stop(self.config.server.drain_timeout_s)
         state = app[http_api.STATE]
-        state["draining"] = True
-        await site.stop()
-        if state["in_flight"]:
-            idle = asyncio.Event()
-            state["idle"] = idle
-            log.info("draining %d in-flight request(s)", state["in_flight"])
-            try:
-                await asyncio.wait_for(idle.wait(), self.config.server.drain_timeout_s)
-            except asyncio.TimeoutError:
-                log.warning("drain timed out with %d request(s) in flight", state["in_flight"])
+        state["draining"] = True  # readiness turns 503 at once
+        await site.stop()  # no new HTTP connections
+        budget = self.config.server.drain_timeout_s
+        waits = [self._drain_http(state, budget)]
+        if self.mqtt is not None:
+            waits.append(self.mqtt.stop(budget))
+        await asyncio.gather(*waits)
         assert self.runner is not None
         await self.runner.cleanup()
         if self.manager is not None:
             await self.manager.close()
         log.info("stopped", extra={"event_kind": "stopped"})
+
+    async def _drain_http(self, state: dict[str, Any], budget: float) -> None:
+        if not state["in_flight"]:
+            return
+        idle = asyncio.Event()
+        state["idle"] = idle
+        log.info("draining %d in-flight request(s)", state["in_flight"])
+        try:
+            await asyncio.wait_for(idle.wait(), budget)
+        except asyncio.TimeoutError:
+            log.warning("drain timed out with %d request(s) in flight", state["in_flight"])
 
 
 def _bound_port(site: web.TCPSite) -> int:

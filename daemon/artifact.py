@@ -334,6 +334,8 @@ def open_artifact(
     chunks = view[tag_at + TAG_LEN : body_end]
     count = _chunk_count(header.payload_size, header.chunk_size)
     expected = header.payload_size + count * TAG_LEN
+    if len(chunks) < expected:  # before allocating what the header claims
+        raise Truncated(f"artifact is truncated: {len(chunks)} of {expected} ciphertext bytes present")
     payload = bytearray(header.payload_size)
     aad = hashlib.sha256(prefix).digest()
     offset = 0

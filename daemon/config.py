@@ -136,6 +136,10 @@ class MqttConfig(_Model):
     required_for_ready: bool = Field(
         False, description="Report /v2/health/ready as not ready while the broker is unreachable."
     )
+    reply_topic_prefixes: list[str] = Field(
+        default_factory=list,
+        description="Only publish replies to topics starting with one of these (empty: any); match your broker ACL.",
+    )
 
     @model_validator(mode="after")
     def _topics(self) -> MqttConfig:

@@ -21,8 +21,9 @@ import random
 import socket
 import ssl
 import threading
+import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -32,7 +33,7 @@ from paho.mqtt.properties import Properties
 
 from daemon import protocol, service
 from daemon.config import MqttConfig
-from daemon.errors import InferdError, InvalidInput
+from daemon.errors import InferdError, InvalidInput, PayloadTooLarge
 from daemon.models import ModelManager
 
 log = logging.getLogger("inferd.mqtt")
@@ -62,6 +63,7 @@ class MqttState:
     connects: int = 0
     dropped_qos0: int = 0
     no_reply_destination: int = 0
+    refused_replies: int = 0
     in_progress: int = 0
     last_error: str | None = None
 
@@ -73,7 +75,7 @@ class _Request:
     qos: int
     mid: int
     properties: Any
-    extra: dict[str, Any] = field(default_factory=dict)
+    generation: int  # which connection delivered it: a packet id means nothing on another connection
 
 
 def parse_topic(prefix: str, topic: str) -> tuple[str, str | None]:
@@ -94,22 +96,24 @@ class MqttFrontend:
         manager: ModelManager,
         limits: protocol.Limits,
         password: str | None = None,
+        max_payload: int = 64 << 20,
     ) -> None:
         self.config = config
         self.prefix = config.topic_prefix or f"inferd/{node_id}"
         self.client_id = config.client_id or f"inferd-{node_id}"
         self.manager = manager
         self.limits = limits
+        self.max_payload = max_payload
         self.state = MqttState()
         self._password = password
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
-        self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._accepting = True
         self._tasks: set[asyncio.Task[None]] = set()
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._qos0 = 0
+        self._generation = 0
         self._connected_event = asyncio.Event()
         self._early_events: list[dict[str, Any]] = []  # model events from before start(), e.g. the first loads
         manager.listeners.append(self.publish_event)
@@ -136,8 +140,11 @@ class MqttFrontend:
         for event in self._early_events:  # paho queues QoS 1 publishes until the connection is up
             self.publish_event(event)
         self._early_events.clear()
-        self._thread = threading.Thread(target=self._network, name="mqtt-network", daemon=True)
-        self._thread.start()
+        cfg = self.config
+        self._client.connect_async(
+            cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=False, properties=self._connect_properties()
+        )
+        self._client.loop_start()
 
     def _make_client(self) -> paho.Client:
         cfg = self.config
@@ -145,9 +152,15 @@ class MqttFrontend:
             paho.CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=paho.MQTTv5,
-            reconnect_on_failure=False,  # our own loop reconnects, with jitter
             manual_ack=True,
         )
+        # paho's threaded loop (loop_start) is the only mode in which publish/ack from another thread are safe: it
+        # wakes its network thread through a socket pair instead of writing from the caller's thread. Its backoff
+        # doubles from min to max; the base is randomised per daemon (+-50%) so a fleet does not reconnect in step.
+        jittered = cfg.reconnect_min_s * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not cryptography
+        client.reconnect_delay_set(jittered, cfg.reconnect_max_s)  # type: ignore[arg-type]  # paho's hint says int; seconds as floats work
+        client.suppress_exceptions = True  # a bug in a callback is logged, it must not end the network thread
+        client.enable_logger(logging.getLogger("inferd.mqtt.paho"))
         if cfg.username is not None:
             client.username_pw_set(cfg.username, self._password)
         if cfg.tls.enabled:
@@ -165,6 +178,7 @@ class MqttFrontend:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_socket_open = self._on_socket_open
+        client.on_connect_fail = self._on_connect_fail
         return client
 
     def _connect_properties(self) -> Properties:
@@ -172,30 +186,6 @@ class MqttFrontend:
         props.SessionExpiryInterval = self.config.session_expiry_s
         props.ReceiveMaximum = self.config.receive_maximum
         return props
-
-    def _network(self) -> None:
-        """The paho network thread: connect, run until the connection drops, back off with jitter, repeat."""
-        assert self._client is not None
-        cfg = self.config
-        delay = cfg.reconnect_min_s
-        while not self._stopping.is_set():
-            try:
-                self._client.connect(
-                    cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=False,
-                    properties=self._connect_properties(),
-                )
-            except (OSError, ssl.SSLError) as exc:
-                self._note_error(f"cannot connect to {cfg.host}:{cfg.port}: {exc}")
-            else:
-                connects = self.state.connects
-                self._client.loop_forever(retry_first_connection=False)
-                if self.state.connects > connects:
-                    delay = cfg.reconnect_min_s  # that connection worked: start the backoff afresh
-            if self._stopping.is_set():
-                break
-            wait = delay * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not cryptography
-            delay = min(delay * 2, cfg.reconnect_max_s)
-            self._stopping.wait(wait)
 
     def _note_error(self, message: str) -> None:
         if self.state.last_error != message:
@@ -215,8 +205,7 @@ class MqttFrontend:
         self._stopping.set()
         if client is not None:
             client.disconnect()
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+            await asyncio.get_running_loop().run_in_executor(None, client.loop_stop)
         with contextlib.suppress(ValueError):
             self.manager.listeners.remove(self.publish_event)
 
@@ -231,15 +220,23 @@ class MqttFrontend:
         if reason.is_failure:  # a refusal (bad credentials, not authorised...) is not a connection
             self._note_error(f"broker refused the connection: {reason}")
             return
+        if self._stopping.is_set():
+            client.disconnect()
+            return
+        self._generation += 1  # acks for messages of an earlier connection must not be sent on this one
         self.state.connected = True
         self.state.connects += 1
         self.state.last_error = None
         for topic in self.request_filters():
-            client.subscribe(topic, options=paho.SubscribeOptions(qos=1))
+            # retainHandling=2: a retained request is not re-run at every reconnect
+            client.subscribe(topic, options=paho.SubscribeOptions(qos=1, retainHandling=2))
         client.publish(self.status_topic, b"online", qos=1, retain=True)
         log.info("mqtt connected to %s:%d as %s (session present: %s)", self.config.host, self.config.port,
                  self.client_id, getattr(flags, "session_present", None), extra={"event_kind": "mqtt_connected"})
         self._call(self._connected_event.set)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._note_error(f"cannot connect to {self.config.host}:{self.config.port}; retrying")
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         was = self.state.connected
@@ -249,10 +246,13 @@ class MqttFrontend:
         self._call(self._connected_event.clear)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        req = _Request(msg.topic, bytes(msg.payload), msg.qos, msg.mid, msg.properties)
+        req = _Request(msg.topic, bytes(msg.payload), msg.qos, msg.mid, msg.properties, self._generation)
         self._call(self._accept, req)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            self.state.refused_replies += 1
+            log.warning("mqtt: the broker refused a reply (%s); check its ACL and quotas for this client", reason)
         self._call(self._published, mid)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -307,6 +307,8 @@ class MqttFrontend:
         status = "200"
         reply_props: list[tuple[str, str]] = []
         try:
+            if len(req.payload) > self.max_payload:
+                raise PayloadTooLarge(f"request of {len(req.payload)} bytes exceeds the limit of {self.max_payload}")
             header_length = _header_length(props)
             model, version = parse_topic(self.prefix, req.topic)
             loaded = await service.admit_waiting(self.manager, model, version)
@@ -314,22 +316,44 @@ class MqttFrontend:
             body = reply.body
             if reply.header_length is not None:
                 reply_props.append((HEADER_LENGTH, str(reply.header_length)))
-        except InferdError as exc:
-            status = MQTT_STATUS.get(exc.code, "500")
-            doc: dict[str, Any] = {"error": str(exc)}
+        except Exception as exc:  # every request gets a reply, a bug included (HTTP would answer 500)
+            if isinstance(exc, InferdError):
+                status = MQTT_STATUS.get(exc.code, "500")
+                message = str(exc)
+            else:
+                log.exception("mqtt request on %s failed unexpectedly", req.topic)
+                status, message = "500", "internal server error"
+            doc: dict[str, Any] = {"error": message}
             request_id = _request_field(req.payload, header_length, "id")
             if isinstance(request_id, str):
                 doc["id"] = request_id
             body = orjson.dumps(doc)
         destination = response_topic or _reply_to(req.payload, header_length)
-        if destination is None:
+        problem = self.check_reply_topic(destination)
+        if problem is not None:
             self.state.no_reply_destination += 1
-            log.warning("mqtt request on %s names no reply topic (Response Topic or parameters.reply_to); "
-                        "nothing to answer to", req.topic)
+            log.warning("mqtt request on %s cannot be answered: %s", req.topic, problem)
         else:
+            assert destination is not None
             await self._reply(destination, body, status, correlation, reply_props, qos=1 if req.qos else 0)
-        if req.qos and self._client is not None:
-            self._client.ack(req.mid, req.qos)  # only now: the reply is safely with the broker
+        client = self._client
+        if req.qos and client is not None and req.generation == self._generation and self.state.connected:
+            client.ack(req.mid, req.qos)  # only now: the reply is safely with the broker
+        # else: the connection that delivered it is gone; the broker delivers it again (and it is answered again)
+
+    def check_reply_topic(self, topic: str | None) -> str | None:
+        """Why a reply cannot go to ``topic`` (None when it can). A broker drops the connection on a bad topic name,
+        and an unacknowledged request would come back after every reconnect: so check before publishing."""
+        if not topic:
+            return "it names no reply topic (MQTT 5 Response Topic, or parameters.reply_to)"
+        if len(topic.encode("utf-8", "surrogatepass")) > 65535 or any(c in topic for c in "+#"):
+            return "its reply topic is too long or has wildcards"
+        if topic.startswith("$") or any(unicodedata.category(c) in ("Cc", "Cs") for c in topic):
+            return "its reply topic has control characters or starts with '$'"
+        prefixes = self.config.reply_topic_prefixes
+        if prefixes and not any(topic.startswith(p) for p in prefixes):
+            return f"its reply topic {topic!r} is outside mqtt.reply_topic_prefixes"
+        return None
 
     async def _reply(self, topic: str, body: bytes, status: str, correlation: bytes | None,
                      user: list[tuple[str, str]], qos: int) -> None:
@@ -339,7 +363,11 @@ class MqttFrontend:
         props.ContentType = "application/json" if not user else "application/octet-stream"
         if correlation is not None:
             props.CorrelationData = correlation
-        info = self._client.publish(topic, body, qos=qos, properties=props)
+        try:
+            info = self._client.publish(topic, body, qos=qos, properties=props)
+        except ValueError as exc:  # paho's own topic and size checks
+            log.warning("mqtt: reply to %r not sent: %s", topic, exc)
+            return
         if qos:
             await self._wait_ack(info.mid)
 
@@ -377,10 +405,5 @@ def _request_field(payload: bytes, header_length: Any, key: str) -> Any:
 
 
 def _reply_to(payload: bytes, header_length: Any) -> str | None:
-    try:
-        value = _request_field(payload, header_length, "reply_to")
-    except InvalidInput:
-        return None
-    if isinstance(value, str) and value and not any(c in value for c in "+#"):
-        return value
-    return None
+    value = _request_field(payload, header_length, "reply_to")
+    return value if isinstance(value, str) else None

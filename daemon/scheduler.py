@@ -110,7 +110,11 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         first = next(iter(inputs.values()))
         rows = int(first.shape[0]) if first.ndim else 1
-        key = tuple((name, arr.shape[1:], arr.dtype.str) for name, arr in inputs.items()) if self.batching else ()
+        key: tuple[object, ...] = ()
+        if self.batching:
+            key = tuple((name, arr.shape[1:], arr.dtype.str) for name, arr in inputs.items())
+            if any(arr.ndim == 0 or arr.shape[0] != rows for arr in inputs.values()):
+                key = (object(),)  # inputs disagree on the batch dimension: it runs alone, never split by rows
         job = _Job(inputs, rows, key, loop.create_future())
         timeout = self._policy.timeout_s if timeout_s is None else timeout_s
         if timeout is not None:
@@ -130,6 +134,13 @@ class Scheduler:
             self._stats.queue_depth -= 1
             if job.timer is not None:
                 job.timer.cancel()
+            self._wake_room()
+
+    def _wake_room(self) -> None:
+        while self._room_waiters and self.has_room():
+            waiter = self._room_waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _expire(self, job: _Job, timeout: float) -> None:
         if job.done:
@@ -249,10 +260,7 @@ class Scheduler:
                 if not job.future.done():
                     job.future.set_result(out)
         self._pump()
-        while self._room_waiters and self.has_room():
-            waiter = self._room_waiters.pop(0)
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake_room()
 
     def _execute(self, batch: list[_Job]) -> tuple[list[dict[str, np.ndarray]], int, float]:
         """Runs on a pool thread: concatenate, run, split. Only numpy and the runtime here."""
@@ -288,9 +296,14 @@ class Scheduler:
             self._held_timer.cancel()
         failure = InferenceFailed("the model was unloaded before this request ran")
         for job in [*held, *self._queue]:
+            self._forget(job)
             if not job.future.done():
                 job.future.set_exception(failure)
         self._queue.clear()
+        for waiter in self._room_waiters:
+            if not waiter.done():
+                waiter.set_exception(failure)
+        self._room_waiters.clear()
         self._idle = 0  # nothing more is sent
         for _ in self._threads:
             self._work.put(None)

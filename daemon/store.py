@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -185,9 +186,7 @@ class Store:
 
 
 def _valid_name(value: str) -> bool:
-    import re
-
-    return re.match(NAME_PATTERN, value) is not None and value not in (".", "..")
+    return re.fullmatch(NAME_PATTERN.rstrip("$"), value) is not None and value not in (".", "..")
 
 
 def _sha256_file(path: Path) -> str:

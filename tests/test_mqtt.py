@@ -337,3 +337,28 @@ def test_the_documented_mosquitto_rr_example_works(site: Site, keyset: KeySet, m
     doc = json.loads(res.stdout)
     assert doc["id"] == "r1" and doc["model_name"] == "mlp"
     assert daemon.stop() == 0
+
+
+def test_unusable_reply_topics_and_oversized_requests(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker,
+                                                      start_daemon) -> None:
+    """A reply topic the broker would reject must not cost the connection (the request would come back forever)."""
+    site.extra = {"server": {"max_body_bytes": 4096}}
+    daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker))
+    old = Requester(broker.port, version=paho.MQTTv311)
+    req = Requester(broker.port)
+    try:
+        x = np.ones((1, 4), np.float32)
+        for bad in ("bad\u0000topic", "a/+/b", "$SYS/x"):
+            old.request(f"{PREFIX}/models/mlp/infer", mlp_request(x, parameters={"reply_to": bad}))
+        req.request(f"{PREFIX}/models/mlp/infer", mlp_request(np.ones((300, 4), np.float32)), correlation=b"big")
+        big = req.wait()
+        assert big.status == "413" and "exceeds the limit of 4096" in json.loads(big.payload)["error"]
+        req.request(f"{PREFIX}/models/mlp/infer", mlp_request(x), correlation=b"after")
+        assert req.wait().status == "200"
+        daemon.drain()
+        assert sum(1 for d in daemon.log if d.get("event_kind") == "mqtt_connected") == 1  # never disconnected
+        assert sum("cannot be answered" in str(d.get("event")) for d in daemon.log) == 3
+    finally:
+        old.close()
+        req.close()
+    assert daemon.stop() == 0

@@ -155,3 +155,26 @@ def test_batchable_needs_a_dynamic_first_dimension(mlp_onnx: bytes) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     assert not batchable(session(model.SerializeToString()))
+
+
+def test_requests_whose_inputs_disagree_on_rows_are_never_split_by_another_request() -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["a"], ["ya"]), helper.make_node("Relu", ["b"], ["yb"])], "two",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 2]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["m", 2])],
+        [helper.make_tensor_value_info("ya", TensorProto.FLOAT, ["n", 2]),
+         helper.make_tensor_value_info("yb", TensorProto.FLOAT, ["m", 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = {"a": np.full((2, 2), 1, np.float32), "b": np.full((1, 2), 2, np.float32)}
+    y = {"a": np.full((1, 2), 3, np.float32), "b": np.full((2, 2), 4, np.float32)}
+
+    async def both(sched: Scheduler):
+        return await asyncio.gather(*[sched.submit(d) for d in (x, y, x, y)])
+
+    outs, _ = asyncio.run(run_with(model.SerializeToString(), BatchPolicy(max_batch_size=16), 1, both))
+    for want, got in zip((x, y, x, y), outs):
+        np.testing.assert_array_equal(got["ya"], want["a"])
+        np.testing.assert_array_equal(got["yb"], want["b"])
