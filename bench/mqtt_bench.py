@@ -34,7 +34,7 @@ sys.path[:0] = [str(REPO), str(HERE), str(REPO / "tests")]
 
 import models  # noqa: E402
 from mqttclient import Broker  # noqa: E402
-from run import machine, pinned  # noqa: E402
+from run import commit, machine, pinned  # noqa: E402
 
 from daemon import artifact, keys  # noqa: E402
 from daemon.config import KeySource  # noqa: E402
@@ -180,7 +180,7 @@ def main() -> int:
             p.wait(timeout=30)
         broker.stop()
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## MQTT run of {when}", "", f"Machine: {machine()}. mosquitto, inferd and the echo client on CPU 0, the "
+    lines = [f"## MQTT run of {when} (commit {commit()})", "", f"Machine: {machine()}. mosquitto, inferd and the echo client on CPU 0, the "
              f"load generator on CPU 1; tabular model, one thread; {args.rounds} alternating rounds of "
              f"{args.seconds:g} s; medians.", "",
              "| QoS | in flight | server | round trips/s | p50 ms | p99 ms |", "|---:|---:|---|---:|---:|---:|"]

@@ -184,6 +184,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -301,7 +309,7 @@ def summarise(raw: dict[tuple[str, int, str], list[loadgen.Result]]) -> dict[tup
 def render(table: dict[tuple[str, int, str], dict[str, float]], limits: dict[str, float], idle: dict[str, float],
            args: argparse.Namespace) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## Run of {when}", "", f"Machine: {machine()}. Servers pinned to CPU {SERVER_CPU}, load generator to "
+    lines = [f"## Run of {when} (commit {commit()})", "", f"Machine: {machine()}. Servers pinned to CPU {SERVER_CPU}, load generator to "
              f"CPU {CLIENT_CPU}, runtime threads 1; {args.rounds} alternating rounds of {args.seconds:g} s; medians.",
              "", "| scenario | clients | server | req/s | p50 ms | p90 ms | p99 ms |", "|---|---:|---|---:|---:|---:|---:|"]
     for (label, clients, name), v in table.items():
