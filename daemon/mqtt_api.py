@@ -8,14 +8,18 @@ promises (docs/mqtt.md has the topics, payloads and properties):
 - Backpressure: the broker sends at most ``receive_maximum`` unacknowledged QoS 1 requests; a full model queue makes
   the frontend wait (and so not acknowledge), which holds the broker back instead of growing memory. QoS 0 requests,
   which the broker does not count, are dropped (and counted) once that many are in progress.
-- Threads: paho's network loop runs in one thread of ours (with our own jittered, exponential reconnect); messages
-  cross to the event loop with ``call_soon_threadsafe``; no thread per message.
+- Threads: none of its own. paho is driven from the event loop (the aiomqtt pattern): its socket is watched with
+  add_reader/add_writer, its callbacks run on the loop, publishes and acks are made on the loop, and a 1 s task does
+  its keep-alive housekeeping. Only the blocking TCP/TLS connect runs in an executor. So no call into paho ever
+  races another thread, and a request costs no thread hand-off besides the scheduler's. Reconnects use our own
+  jittered exponential backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import socket
@@ -109,6 +113,12 @@ class MqttFrontend:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: paho.Client | None = None
         self._stopping = threading.Event()
+        self._stopped = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._sock: Any = None
+        self._loop_thread = 0
+        self._supervisor: asyncio.Future[None] | None = None
+        self._ticker: asyncio.Future[None] | None = None
         self._accepting = True
         self._tasks: set[asyncio.Task[None]] = set()
         self._acks: dict[int, asyncio.Future[None]] = {}
@@ -136,15 +146,111 @@ class MqttFrontend:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._client = self._make_client()
         for event in self._early_events:  # paho queues QoS 1 publishes until the connection is up
             self.publish_event(event)
         self._early_events.clear()
+        self._supervisor = asyncio.ensure_future(self._supervise())
+        self._ticker = asyncio.ensure_future(self._tick())
+
+    async def _supervise(self) -> None:
+        """Connect, wait until the connection ends, back off (exponential, jittered), reconnect; until stopped.
+        The blocking TCP/TLS connect runs in an executor; everything after it runs on the event loop."""
+        assert self._loop is not None
+        assert self._client is not None
         cfg = self.config
-        self._client.connect_async(
-            cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=False, properties=self._connect_properties()
-        )
-        self._client.loop_start()
+        delay = cfg.reconnect_min_s
+        first = True
+        while not self._stopping.is_set():
+            connects = self.state.connects
+            self._lost.clear()
+            try:
+                if first:
+                    await self._loop.run_in_executor(None, functools.partial(
+                        self._client.connect, cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=False,
+                        properties=self._connect_properties()))
+                    first = False
+                else:
+                    await self._loop.run_in_executor(None, self._client.reconnect)
+            except (OSError, ssl.SSLError) as exc:
+                self._note_error(f"cannot connect to {cfg.host}:{cfg.port}: {exc}")
+            else:
+                self._watch_socket()
+                await self._lost.wait()
+                if self.state.connects > connects:
+                    delay = cfg.reconnect_min_s  # that connection worked: start the backoff afresh
+            if self._stopping.is_set():
+                break
+            wait = delay * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not cryptography
+            delay = min(delay * 2, cfg.reconnect_max_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), wait)
+
+    async def _tick(self) -> None:
+        """paho's housekeeping (keep-alive pings, retries) once a second, as its own loop would."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self._client is not None and self._sock is not None:
+                self._client.loop_misc()
+
+    def _watch_socket(self) -> None:
+        assert self._loop is not None
+        assert self._client is not None
+        sock = self._client.socket()
+        if sock is None:
+            self._lost.set()
+            return
+        self._sock = sock
+        self._loop.add_reader(sock, self._readable)
+        if self._client.want_write():
+            self._loop.add_writer(sock, self._writable)
+
+    def _readable(self) -> None:
+        assert self._client is not None
+        self._client.loop_read()
+        sock = self._sock
+        # TLS may hold decrypted bytes the selector cannot see: drain them now
+        while sock is not None and sock is self._sock and getattr(sock, "pending", lambda: 0)() > 0:
+            self._client.loop_read()
+
+    def _writable(self) -> None:
+        assert self._client is not None
+        self._client.loop_write()
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._add_writer, sock)
+
+    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._remove_writer, sock)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._forget_socket, sock)
+
+    def _add_writer(self, sock: Any) -> None:
+        if self._loop is not None and sock is self._sock and sock.fileno() >= 0:
+            self._loop.add_writer(sock, self._writable)
+
+    def _remove_writer(self, sock: Any) -> None:
+        if self._loop is not None and sock is self._sock:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_writer(sock)
+
+    def _forget_socket(self, sock: Any) -> None:
+        if self._loop is not None and sock is self._sock:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(sock)
+                self._loop.remove_writer(sock)
+            self._sock = None
+        self._lost.set()
+
+    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` on the event loop: directly when already there, else via call_soon_threadsafe (during the
+        connect, which runs in an executor)."""
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._call(fn, *args)
 
     def _make_client(self) -> paho.Client:
         cfg = self.config
@@ -154,11 +260,6 @@ class MqttFrontend:
             protocol=paho.MQTTv5,
             manual_ack=True,
         )
-        # paho's threaded loop (loop_start) is the only mode in which publish/ack from another thread are safe: it
-        # wakes its network thread through a socket pair instead of writing from the caller's thread. Its backoff
-        # doubles from min to max; the base is randomised per daemon (+-50%) so a fleet does not reconnect in step.
-        jittered = cfg.reconnect_min_s * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not cryptography
-        client.reconnect_delay_set(jittered, cfg.reconnect_max_s)  # type: ignore[arg-type]  # paho's hint says int; seconds as floats work
         client.suppress_exceptions = True  # a bug in a callback is logged, it must not end the network thread
         client.enable_logger(logging.getLogger("inferd.mqtt.paho"))
         if cfg.username is not None:
@@ -178,7 +279,9 @@ class MqttFrontend:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_socket_open = self._on_socket_open
-        client.on_connect_fail = self._on_connect_fail
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
         return client
 
     def _connect_properties(self) -> Properties:
@@ -203,9 +306,18 @@ class MqttFrontend:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wait_ack(info.mid), 5)
         self._stopping.set()
-        if client is not None:
+        self._stopped.set()
+        if client is not None and self._sock is not None:
             client.disconnect()
-            await asyncio.get_running_loop().run_in_executor(None, client.loop_stop)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), 5)
+        for task in (self._supervisor, self._ticker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._sock is not None:
+            self._forget_socket(self._sock)
         with contextlib.suppress(ValueError):
             self.manager.listeners.remove(self.publish_event)
 
@@ -233,27 +345,25 @@ class MqttFrontend:
         client.publish(self.status_topic, b"online", qos=1, retain=True)
         log.info("mqtt connected to %s:%d as %s (session present: %s)", self.config.host, self.config.port,
                  self.client_id, getattr(flags, "session_present", None), extra={"event_kind": "mqtt_connected"})
-        self._call(self._connected_event.set)
-
-    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        self._note_error(f"cannot connect to {self.config.host}:{self.config.port}; retrying")
+        self._on_loop(self._connected_event.set)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         was = self.state.connected
         self.state.connected = False
         if was and not self._stopping.is_set():
             self._note_error(f"connection lost ({reason}); reconnecting")
-        self._call(self._connected_event.clear)
+        self._on_loop(self._connected_event.clear)
+        self._on_loop(self._lost.set)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         req = _Request(msg.topic, bytes(msg.payload), msg.qos, msg.mid, msg.properties, self._generation)
-        self._call(self._accept, req)
+        self._on_loop(self._accept, req)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         if getattr(reason, "is_failure", False):
             self.state.refused_replies += 1
             log.warning("mqtt: the broker refused a reply (%s); check its ACL and quotas for this client", reason)
-        self._call(self._published, mid)
+        self._on_loop(self._published, mid)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> None:
         loop = self._loop
