@@ -292,7 +292,7 @@ class MqttFrontend:
 
     def _note_error(self, message: str) -> None:
         if self.state.last_error != message:
-            log.warning("mqtt: %s", message)
+            log.warning("mqtt: %s", message, extra={"event_kind": "mqtt_error"})
         self.state.last_error = message
 
     async def stop(self, timeout: float) -> None:

@@ -35,14 +35,15 @@ def free_port() -> int:
 class Broker:
     """mosquitto with persistence, so sessions and queued messages survive a restart like in production."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, listener_extra: str = "", anonymous: bool = True) -> None:
         self.root = root
         self.port = port or free_port()
         root.mkdir(parents=True, exist_ok=True)
         self.conf = root / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            + listener_extra
+            + f"allow_anonymous {'true' if anonymous else 'false'}\n"
             f"user {getpass.getuser()}\n"  # as root, mosquitto would switch to a user that cannot write here
             "persistence true\n"
             f"persistence_location {root}/\n"
