@@ -8,8 +8,11 @@ STAMP_DEV  := $(VENV)/.stamp-dev
 
 .PHONY: run test lint typecheck bench deps-system clean
 
+# Debian and Ubuntu ship venv/ensurepip separately (python3-venv): install it when creating the venv fails.
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); }
 	$(PIP) install --quiet --upgrade pip
 
 $(STAMP_RUN): pyproject.toml | $(PY)
