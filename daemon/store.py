@@ -128,6 +128,16 @@ class Store:
 
     # -- writing ----------------------------------------------------------------------------------------------
 
+    def _own(self, *paths: Path) -> None:
+        """When root installs into a store owned by the service account, hand the new files to that account."""
+        if os.geteuid() != 0:
+            return
+        st = self.root.stat()
+        if st.st_uid == 0 and st.st_gid == 0:
+            return
+        for path in paths:
+            os.chown(path, st.st_uid, st.st_gid)
+
     def save_state(self, name: str, state: ModelState) -> None:
         data = {
             "active": state.active,
@@ -135,7 +145,9 @@ class Store:
             "quarantined": state.quarantined,
             "history": state.history,
         }
-        atomic_write(self.models_dir / name / STATE_NAME, json.dumps(data, indent=2).encode() + b"\n")
+        path = self.models_dir / name / STATE_NAME
+        atomic_write(path, json.dumps(data, indent=2).encode() + b"\n")
+        self._own(path)
 
     def install(self, blob: bytes, *, activate: bool = False) -> tuple[str, str, bool]:
         """Install an artifact that the caller has already verified; returns (name, version, activated).
@@ -166,9 +178,11 @@ class Store:
                 staging = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self.tmp_dir))
                 os.chmod(staging, 0o750)  # noqa: S103 - the service group reads what root installs
                 atomic_write(staging / ARTIFACT_NAME, blob)
+                self._own(staging, staging / ARTIFACT_NAME)
                 model_dir = self.models_dir / name
                 if not model_dir.exists():
                     model_dir.mkdir(mode=0o750)
+                    self._own(model_dir)
                     fsync_dir(self.models_dir)
                 os.rename(staging, target)
                 fsync_dir(model_dir)

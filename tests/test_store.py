@@ -83,3 +83,18 @@ def test_reinstalling_the_same_bytes_changes_nothing(tmp_path: Path, keyset: Key
     store.install(blob)
     assert store.state("mlp").history == history
     assert (tmp_path / "state/models/mlp/1").stat().st_mode & 0o777 == 0o750
+
+
+def test_root_installs_are_handed_to_the_store_owner(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown (CI and the dev machines run as root)")
+    root = tmp_path / "state"
+    root.mkdir()
+    os.chown(root, 4242, 4243)  # a service account's store, as systemd's StateDirectory= creates it
+    Store(root).install(pack_model(keyset, mlp_onnx, version="1"))
+    for path in (root / "models/mlp", root / "models/mlp/1", root / "models/mlp/1/artifact.inferd",
+                 root / "models/mlp/state.json"):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid) == (4242, 4243), path
