@@ -16,7 +16,6 @@ from aiohttp import web
 
 from daemon import http_api, keys, metrics, protocol, sdnotify
 from daemon.config import Config
-from daemon.errors import KeyProblem
 from daemon.models import ModelManager
 from daemon.store import Store
 
@@ -52,15 +51,7 @@ class Daemon:
         if self.config.mqtt.enabled:
             from daemon.mqtt_api import MqttFrontend
 
-            password = None
-            if self.config.mqtt.password is not None:
-                raw = keys.read_secret_file(keys.source_path(self.config.mqtt.password))
-                try:
-                    password = raw.decode("utf-8").strip()
-                except UnicodeDecodeError:
-                    raise KeyProblem("the MQTT password file is not UTF-8 text") from None
-            self.mqtt = MqttFrontend(self.config.mqtt, self.node_id, manager, limits, password,
-                                     max_payload=server.max_body_bytes)
+            self.mqtt = MqttFrontend.from_config(self.config, self.node_id, manager, limits)
         registry = metrics.make_registry(
             metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness, self._mqtt_metrics)
         )
@@ -73,13 +64,7 @@ class Daemon:
         await site.start()
         port = _bound_port(site)
         log.info("listening on http://%s:%d", server.host, port, extra={"event_kind": "listening", "port": port})
-        wanted, cpus, parts = manager.thread_budget()
-        if wanted > cpus:
-            log.warning(
-                "thread budget oversubscribed: the models may run %d threads at once (%s) but this process may use "
-                "%d CPU(s); lower 'threads' or 'workers'", wanted, "; ".join(parts), cpus,
-                extra={"event_kind": "oversubscribed"},
-            )
+        manager.warn_if_oversubscribed()
         sdnotify.notify(f"STATUS=loading {len(manager.entries)} model(s)")
         await manager.load_all()
         if self.mqtt is not None:

@@ -189,6 +189,15 @@ class ModelManager:
             total += used
         return total, usable_cpus(), parts
 
+    def warn_if_oversubscribed(self) -> None:
+        wanted, cpus, parts = self.thread_budget()
+        if wanted > cpus:
+            log.warning(
+                "thread budget oversubscribed: the models may run %d threads at once (%s) but this process may use "
+                "%d CPU(s); lower 'threads' or 'workers'", wanted, "; ".join(parts), cpus,
+                extra={"event_kind": "oversubscribed"},
+            )
+
     # -- routing ----------------------------------------------------------------------------------------------
 
     def entry(self, name: str) -> ModelEntry:

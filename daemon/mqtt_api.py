@@ -35,9 +35,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon import protocol, service
-from daemon.config import MqttConfig
-from daemon.errors import InferdError, InvalidInput, PayloadTooLarge
+from daemon import keys, protocol, service
+from daemon.config import Config, MqttConfig
+from daemon.errors import InferdError, InvalidInput, KeyProblem, PayloadTooLarge
 from daemon.models import ModelManager
 
 log = logging.getLogger("inferd.mqtt")
@@ -127,6 +127,20 @@ class MqttFrontend:
         self._connected_event = asyncio.Event()
         self._early_events: list[dict[str, Any]] = []  # model events from before start(), e.g. the first loads
         manager.listeners.append(self.publish_event)
+
+    @classmethod
+    def from_config(
+        cls, config: Config, node_id: str, manager: ModelManager, limits: protocol.Limits
+    ) -> MqttFrontend:
+        """Build the frontend, reading the broker password (a secret file or systemd credential) now, at start-up."""
+        password = None
+        if config.mqtt.password is not None:
+            raw = keys.read_secret_file(keys.source_path(config.mqtt.password))
+            try:
+                password = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise KeyProblem("the MQTT password file is not UTF-8 text") from None
+        return cls(config.mqtt, node_id, manager, limits, password, max_payload=config.server.max_body_bytes)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
