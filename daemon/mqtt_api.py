@@ -22,10 +22,10 @@ import contextlib
 import functools
 import logging
 import random
+import re
 import socket
 import ssl
 import threading
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -470,10 +470,10 @@ class MqttFrontend:
         and an unacknowledged request would come back after every reconnect: so check before publishing."""
         if not topic:
             return "it names no reply topic (MQTT 5 Response Topic, or parameters.reply_to)"
-        if len(topic.encode("utf-8", "surrogatepass")) > 65535 or any(c in topic for c in "+#"):
-            return "its reply topic is too long or has wildcards"
-        if topic.startswith("$") or any(unicodedata.category(c) in ("Cc", "Cs") for c in topic):
-            return "its reply topic has control characters or starts with '$'"
+        if len(topic) > 16383 and len(topic.encode("utf-8", "surrogatepass")) > 65535:
+            return "its reply topic is longer than 65,535 bytes"
+        if topic.startswith("$") or _BAD_TOPIC_CHARS.search(topic):
+            return "its reply topic has wildcards or control characters, or starts with '$'"
         prefixes = self.config.reply_topic_prefixes
         if prefixes and not any(topic.startswith(p) for p in prefixes):
             return f"its reply topic {topic!r} is outside mqtt.reply_topic_prefixes"
@@ -482,11 +482,7 @@ class MqttFrontend:
     async def _reply(self, topic: str, body: bytes, status: str, correlation: bytes | None,
                      user: list[tuple[str, str]], qos: int) -> None:
         assert self._client is not None
-        props = Properties(PacketTypes.PUBLISH)
-        props.UserProperty = [("status", status), *user]
-        props.ContentType = "application/json" if not user else "application/octet-stream"
-        if correlation is not None:
-            props.CorrelationData = correlation
+        props = _reply_properties(status, user, correlation)
         try:
             info = self._client.publish(topic, body, qos=qos, properties=props)
         except ValueError as exc:  # paho's own topic and size checks
@@ -500,6 +496,21 @@ class MqttFrontend:
             self._early_events.append(event)
         else:
             self._client.publish(self.events_topic, orjson.dumps(event), qos=1)
+
+
+def _reply_properties(status: str, user: list[tuple[str, str]], correlation: bytes | None) -> Properties:
+    """A reply's PUBLISH properties. paho validates each property assignment by scanning every property name, which
+    profiling showed at ~0.1 ms a reply; these names are fixed and valid, so set them directly."""
+    props = Properties(PacketTypes.PUBLISH)
+    object.__setattr__(props, "UserProperty", [("status", status), *user])
+    object.__setattr__(props, "ContentType", "application/json" if not user else "application/octet-stream")
+    if correlation is not None:
+        object.__setattr__(props, "CorrelationData", correlation)
+    return props
+
+
+#: characters a reply topic must not hold: C0/C1 controls (NUL included) and lone surrogates
+_BAD_TOPIC_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff+#]")
 
 
 def _header_length(props: Any) -> int | None:
