@@ -184,6 +184,11 @@ class _ModelBase(_Model):
         0.0, ge=0, description="Default time a request may wait in the queue (0: no limit); per request: "
         "parameters.timeout_ms."
     )
+    inline_max_ms: float = Field(
+        0.1, ge=0, le=10,
+        description="Runs measured faster than this execute on the event loop instead of a worker thread, which "
+        "saves two thread hand-offs per request (0: always a worker).",
+    )
 
 
 class OnnxModelConfig(_ModelBase):

@@ -33,6 +33,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "inferd_queue_duration_seconds": ("histogram", "Time a request waited in the model's queue."),
     "inferd_compute_duration_seconds": ("histogram", "Runtime time of one (batched) execution."),
     "inferd_batch_size": ("histogram", "Rows in each execution (after dynamic batching)."),
+    "inferd_executions_total": ("counter", "Runtime executions (batches), by where they ran: worker or loop."),
     "inferd_queue_depth": ("gauge", "Requests waiting in the model's queue."),
     "inferd_in_flight": ("gauge", "Requests accepted and not yet answered."),
     "inferd_model_loaded": ("gauge", "1 for each loaded model version, with its runtime and device."),
@@ -106,6 +107,7 @@ class VersionStats:
     by_batch: dict[int, Duration] = field(default_factory=lambda: defaultdict(Duration))
     inference_count: int = 0  # rows inferred
     execution_count: int = 0  # runtime executions (batches)
+    inline_runs: int = 0  # of which ran on the event loop (cheap runs, see scheduler)
     last_inference_ms: int = 0
     queue_depth: int = 0
     in_flight: int = 0
@@ -200,6 +202,9 @@ class InferdCollector:
                 "inferd_batch_size", help_["inferd_batch_size"], labels=["model", "version"]
             ),
         }
+        executions = CounterMetricFamily(
+            "inferd_executions", help_["inferd_executions_total"], labels=["model", "version", "where"]
+        )
         depth = GaugeMetricFamily("inferd_queue_depth", help_["inferd_queue_depth"], labels=["model", "version"])
         in_flight = GaugeMetricFamily("inferd_in_flight", help_["inferd_in_flight"], labels=["model", "version"])
         for s in self._stats():
@@ -213,6 +218,8 @@ class InferdCollector:
                 ("inferd_batch_size", s.batch_rows),
             ):
                 hists[name].add_metric(labels, h.cumulative(), h.total)
+            executions.add_metric([*labels, "worker"], s.execution_count - s.inline_runs)
+            executions.add_metric([*labels, "loop"], s.inline_runs)
             depth.add_metric(labels, s.queue_depth)
             in_flight.add_metric(labels, s.in_flight)
         loaded = GaugeMetricFamily(
@@ -225,6 +232,7 @@ class InferdCollector:
             ready.add_metric([model], 1 if ok else 0)
         yield req
         yield from hists.values()
+        yield executions
         yield depth
         yield in_flight
         yield loaded

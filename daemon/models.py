@@ -264,6 +264,7 @@ def batch_policy(cfg: ModelConfig) -> BatchPolicy:
         preferred_batch_sizes=tuple(cfg.preferred_batch_sizes),
         queue_size=cfg.queue_size,
         timeout_s=cfg.timeout_ms / 1000 if cfg.timeout_ms else None,
+        inline_max_s=cfg.inline_max_ms / 1000,
     )
 
 

@@ -178,3 +178,100 @@ def test_requests_whose_inputs_disagree_on_rows_are_never_split_by_another_reque
     for want, got in zip((x, y, x, y), outs):
         np.testing.assert_array_equal(got["ya"], want["a"])
         np.testing.assert_array_equal(got["yb"], want["b"])
+
+
+class _ThreadRecorder:
+    """A real session that notes which thread each run happened on (the scheduler's choice is what is tested)."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+        self.inputs, self.outputs = inner.inputs, inner.outputs
+        self.threads: list[int] = []
+
+    def run(self, feed):
+        import threading
+
+        self.threads.append(threading.get_ident())
+        return self._inner.run(feed)
+
+
+async def _run_recorded(model: bytes, policy: BatchPolicy, workers: int, coro_factory):
+    import threading
+
+    stats = VersionStats("m", "1")
+    recorder = _ThreadRecorder(session(model))
+    sched = Scheduler(recorder, workers, policy, stats, "m")
+    sched.start()
+    try:
+        out = await coro_factory(sched)
+    finally:
+        await sched.close()
+    loop_thread = threading.get_ident()
+    return out, stats, ["loop" if t == loop_thread else "worker" for t in recorder.threads]
+
+
+def test_cheap_runs_move_onto_the_loop_after_one_measured_run_per_batch_size_class(mlp_onnx: bytes) -> None:
+    xs = [np.full((1 + i % 2, 4), i / 10, np.float32) for i in range(12)]  # alternately 1 and 2 rows
+
+    async def one_by_one(sched: Scheduler):
+        return [(await sched.submit({"input": x}))["output"] for x in xs]
+
+    # a generous threshold: this checks where runs go, not how fast this machine is
+    outs, stats, where = asyncio.run(
+        _run_recorded(mlp_onnx, BatchPolicy(max_batch_size=8, inline_max_s=0.05), 1, one_by_one))
+    for x, o in zip(xs, outs):
+        np.testing.assert_allclose(o, mlp_reference(x), rtol=1e-5, atol=1e-5)
+    # rows 1 and 2 are different size classes: each is measured once on a worker, then runs on the loop
+    assert where[:2] == ["worker", "worker"] and set(where[2:]) == {"loop"}
+    assert stats.inline_runs == len(xs) - 2 == stats.execution_count - 2
+
+
+def test_runs_slower_than_the_threshold_stay_on_workers_and_the_loop_keeps_beating() -> None:
+    slow = build_slow_model(n=512, depth=24)  # tens of milliseconds a run
+
+    async def scenario(sched: Scheduler) -> float:
+        worst = 0.0
+        stop = asyncio.Event()
+
+        async def heartbeat() -> None:
+            nonlocal worst
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                await asyncio.sleep(0.002)
+                worst = max(worst, time.perf_counter() - t0 - 0.002)
+
+        beat = asyncio.ensure_future(heartbeat())
+        for _ in range(4):
+            await sched.submit({"input": np.ones((16, 512), np.float32)})
+        stop.set()
+        await beat
+        return worst
+
+    worst, stats, where = asyncio.run(
+        _run_recorded(slow, BatchPolicy(max_batch_size=8, inline_max_s=0.001), 1, scenario))
+    assert where == ["worker"] * 4 and stats.inline_runs == 0
+    assert worst < 0.1, worst
+
+
+def test_inline_runs_still_batch_what_arrives_together_and_can_be_turned_off(mlp_onnx: bytes) -> None:
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(int(rng.integers(1, 4)), 4)).astype(np.float32) for _ in range(40)]
+
+    async def warm_then_burst(sched: Scheduler):
+        for rows in (1, 2, 4, 8, 16):  # measure every size class a burst can form
+            await sched.submit({"input": np.zeros((rows, 4), np.float32)})
+        outs = await asyncio.gather(*(sched.submit({"input": x}) for x in xs))
+        return [o["output"] for o in outs]
+
+    for threshold, workers in ((0.05, 2), (0.0, 2)):
+        outs, stats, where = asyncio.run(
+            _run_recorded(mlp_onnx, BatchPolicy(max_batch_size=16, inline_max_s=threshold), workers, warm_then_burst))
+        for x, o in zip(xs, outs):
+            np.testing.assert_allclose(o, mlp_reference(x), rtol=1e-5, atol=1e-5)
+        burst = where[5:]
+        assert len(burst) < len(xs)  # the burst was batched
+        assert max(stats.by_batch) <= 16
+        if threshold:
+            assert set(burst) == {"loop"}
+        else:
+            assert set(where) == {"worker"} and stats.inline_runs == 0
