@@ -29,7 +29,7 @@ class Daemon:
         self.node_id = config.node_id or socket.gethostname()
         self._stop = asyncio.Event()
         self.manager: ModelManager | None = None
-        self.runner: web.AppRunner | None = None
+        self.runner: web.ServerRunner | None = None
         self.mqtt: Any = None  # daemon.mqtt_api.MqttFrontend when MQTT is on (imported only then: paho is not free)
 
     def request_stop(self, signame: str) -> None:
@@ -55,10 +55,10 @@ class Daemon:
         registry = metrics.make_registry(
             metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness, self._mqtt_metrics)
         )
-        app = http_api.build_app(manager, limits, server.max_body_bytes, registry)
-        app[http_api.STATE]["mqtt"] = self._mqtt_health
+        api = http_api.HttpApi(manager, limits, server.max_body_bytes, registry)
+        api.mqtt_health = self._mqtt_health
         # Our own drain (_shutdown) has already waited for handlers when aiohttp's cleanup runs: give it little more.
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+        self.runner = web.ServerRunner(api.server(), handle_signals=False, shutdown_timeout=5.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, server.host, server.port, reuse_address=True)
         await site.start()
@@ -82,7 +82,7 @@ class Daemon:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
-            await self._shutdown(app, site)
+            await self._shutdown(api, site)
 
     def _mqtt_metrics(self) -> dict[str, Any] | None:
         if self.mqtt is None:
@@ -105,15 +105,14 @@ class Daemon:
             sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    async def _shutdown(self, app: web.Application, site: web.TCPSite) -> None:
+    async def _shutdown(self, api: http_api.HttpApi, site: web.TCPSite) -> None:
         """Stop taking work on every frontend at once, let accepted work finish against one deadline
         (server.drain_timeout_s), then release everything. Fits systemd's TimeoutStopSec (45 s) with the default."""
         sdnotify.notify("STOPPING=1")
-        state = app[http_api.STATE]
-        state["draining"] = True  # readiness turns 503 at once
+        api.draining = True  # readiness turns 503 at once
         await site.stop()  # no new HTTP connections
         budget = self.config.server.drain_timeout_s
-        waits = [self._drain_http(state, budget)]
+        waits = [self._drain_http(api, budget)]
         if self.mqtt is not None:
             waits.append(self.mqtt.stop(budget))
         await asyncio.gather(*waits)
@@ -123,16 +122,16 @@ class Daemon:
             await self.manager.close()
         log.info("stopped", extra={"event_kind": "stopped"})
 
-    async def _drain_http(self, state: dict[str, Any], budget: float) -> None:
-        if not state["in_flight"]:
+    async def _drain_http(self, api: http_api.HttpApi, budget: float) -> None:
+        if not api.in_flight:
             return
         idle = asyncio.Event()
-        state["idle"] = idle
-        log.info("draining %d in-flight request(s)", state["in_flight"])
+        api.idle = idle
+        log.info("draining %d in-flight request(s)", api.in_flight)
         try:
             await asyncio.wait_for(idle.wait(), budget)
         except asyncio.TimeoutError:
-            log.warning("drain timed out with %d request(s) in flight", state["in_flight"])
+            log.warning("drain timed out with %d request(s) in flight", api.in_flight)
 
 
 def _bound_port(site: web.TCPSite) -> int:

@@ -6,12 +6,13 @@ Validation is :mod:`daemon.protocol`'s, routing :mod:`daemon.models`', running :
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import web, web_server
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import daemon
@@ -41,12 +42,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 #: seconds a shed client is told to wait before retrying
 RETRY_AFTER_S = 1
 
-MANAGER = web.AppKey("manager", ModelManager)
-LIMITS = web.AppKey("limits", protocol.Limits)
-STATE = web.AppKey("state", dict)
-REGISTRY = web.AppKey("registry", CollectorRegistry)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[["HttpApi", web.BaseRequest, list[str]], Awaitable[web.StreamResponse]]
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -59,49 +55,104 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return json_response({"error": message}, status=status, headers=headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as V2's ``{"error": ...}``; counts in-flight requests for the SIGTERM drain."""
-    state = request.app[STATE]
-    state["in_flight"] += 1
-    try:
-        response = await handler(request)
-        if state["draining"]:
-            # A request that reached us is served even while draining; the client is told to reconnect elsewhere.
-            response.force_close()
-        return response
-    except InferdError as exc:
-        status = HTTP_STATUS.get(exc.code, 500)
-        if status >= 500 and exc.code not in ("not_ready", "busy"):
-            log.error("request %s %s failed: %s", request.method, request.path, exc)
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.code == "busy" else None
-        return error_response(status, str(exc), headers)
-    except web.HTTPRequestEntityTooLarge:
-        return error_response(413, f"request body exceeds the limit of {request.app[STATE]['max_body']} bytes")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(exc.status, exc.reason, allow)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal server error")
-    finally:
-        state["in_flight"] -= 1
-        if state["in_flight"] == 0 and state["idle"] is not None:
-            state["idle"].set()
+class HttpApi:
+    """The V2 routes on aiohttp's low-level server.
+
+    Why not ``web.Application``: its router, middleware chain and per-request app bookkeeping cost ~26 us a request
+    on a 2-vCPU VM (measured: a fixed-body handler does 8,900 req/s on the low-level server, 7,200 behind an
+    Application with our routes and one middleware), a tenth of a small model's whole request. The V2 URL space is
+    small and fixed, so one split of the path routes it; errors still leave as V2 ``{"error": ...}`` from one place.
+    """
+
+    def __init__(
+        self, manager: ModelManager, limits: protocol.Limits, max_body_bytes: int, registry: CollectorRegistry
+    ) -> None:
+        self.manager = manager
+        self.limits = limits
+        self.max_body_bytes = max_body_bytes
+        self.registry = registry
+        self.draining = False
+        self.in_flight = 0
+        self.idle: asyncio.Event | None = None
+        #: (state shown in readiness, whether it makes the daemon unready), or None when MQTT is off
+        self.mqtt_health: Callable[[], tuple[str, bool] | None] = lambda: None
+
+    def server(self) -> web_server.Server:
+        """The aiohttp protocol factory; create it on the running loop."""
+        loop = asyncio.get_running_loop()
+        limit = self.max_body_bytes
+
+        def make_request(message: Any, payload: Any, proto: Any, writer: Any, task: Any) -> web.BaseRequest:
+            return web.BaseRequest(message, payload, proto, writer, task, loop, client_max_size=limit)
+
+        return web_server.Server(self.handle, request_factory=make_request, access_log=None)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Route, run, and turn every failure into V2's ``{"error": ...}``; counts in-flight requests for the drain."""
+        self.in_flight += 1
+        try:
+            handler, params = self._route(request.method, request.path)
+            response = await handler(self, request, params)
+            if self.draining:
+                # A request that reached us is served even while draining; the client is told to reconnect elsewhere.
+                response.force_close()
+            return response
+        except InferdError as exc:
+            status = HTTP_STATUS.get(exc.code, 500)
+            if status >= 500 and exc.code not in ("not_ready", "busy"):
+                log.error("request %s %s failed: %s", request.method, request.path, exc)
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.code == "busy" else None
+            return error_response(status, str(exc), headers)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
+        except web.HTTPException as exc:
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return error_response(exc.status, exc.reason, allow)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(500, "internal server error")
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0 and self.idle is not None:
+                self.idle.set()
+
+    @staticmethod
+    def _route(method: str, path: str) -> tuple[Handler, list[str]]:
+        """The handler for a path and its captured names ([model] or [model, version]); 404 / 405 as aiohttp."""
+        parts = path.split("/")
+        routes: dict[str, Handler] | None = None
+        params: list[str] = []
+        if len(parts) >= 2 and parts[0] == "":
+            routes = FIXED.get(path)
+            if routes is None and len(parts) >= 4 and parts[1] == "v2" and parts[2] == "models" and parts[3]:
+                params = [parts[3]]
+                rest = parts[4:]
+                if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
+                    params.append(rest[1])
+                    rest = rest[2:]
+                if not rest:
+                    routes = MODEL_ROUTES[""]
+                elif len(rest) == 1:
+                    routes = MODEL_ROUTES.get(rest[0])
+        if routes is None:
+            raise web.HTTPNotFound()
+        handler = routes.get(method)
+        if handler is None:
+            if method == "HEAD" and "GET" in routes:
+                return routes["GET"], params
+            raise web.HTTPMethodNotAllowed(method, sorted(routes))
+        return handler, params
 
 
-async def live(request: web.Request) -> web.Response:
+async def live(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
     return json_response({"live": True})
 
 
-async def ready(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
-    if request.app[STATE]["draining"]:
+async def ready(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
+    if api.draining:
         return error_response(503, "server is shutting down")
-    reasons = manager.not_ready_reasons()
-    mqtt = request.app[STATE]["mqtt"]()
+    reasons = api.manager.not_ready_reasons()
+    mqtt = api.mqtt_health()
     if mqtt is not None and mqtt[1]:
         reasons.append(f"mqtt: {mqtt[0]}")
     if reasons:
@@ -112,15 +163,18 @@ async def ready(request: web.Request) -> web.Response:
     return json_response(doc)
 
 
-async def server_metadata(request: web.Request) -> web.Response:
+async def server_metadata(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
     return json_response({"name": SERVER_NAME, "version": daemon.__version__, "extensions": EXTENSIONS})
 
 
-async def model_metadata(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
-    name = request.match_info["model"]
-    loaded = manager.route(name, request.match_info.get("version"))
-    entry = manager.entry(name)
+def _name_version(params: list[str]) -> tuple[str, str | None]:
+    return params[0], (params[1] if len(params) > 1 else None)
+
+
+async def model_metadata(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
+    name, version = _name_version(params)
+    loaded = api.manager.route(name, version)
+    entry = api.manager.entry(name)
     return json_response(
         {
             "name": name,
@@ -133,22 +187,21 @@ async def model_metadata(request: web.Request) -> web.Response:
     )
 
 
-async def model_ready(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
-    name = request.match_info["model"]
+async def model_ready(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
+    name, version = _name_version(params)
     try:
-        loaded = manager.route(name, request.match_info.get("version"))
+        loaded = api.manager.route(name, version)
     except NotReady as exc:
         return error_response(503, str(exc))
     return json_response({"name": name, "version": loaded.version, "ready": True})
 
 
-async def infer(request: web.Request) -> web.Response:
-    manager = request.app[MANAGER]
-    loaded = service.admit(manager, request.match_info["model"], request.match_info.get("version"), "http")
+async def infer(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
+    name, version = _name_version(params)
+    loaded = service.admit(api.manager, name, version, "http")
     header_length = _header_length(request)
     body = await request.read()
-    reply = await service.infer(loaded, body, header_length, request.app[LIMITS], "http")
+    reply = await service.infer(loaded, body, header_length, api.limits, "http")
     if reply.header_length is None:
         return web.Response(body=reply.body, content_type="application/json")
     return web.Response(
@@ -158,7 +211,7 @@ async def infer(request: web.Request) -> web.Response:
     )
 
 
-def _header_length(request: web.Request) -> int | None:
+def _header_length(request: web.BaseRequest) -> int | None:
     raw = request.headers.get(HEADER_LENGTH)
     if raw is None:
         return None
@@ -168,14 +221,13 @@ def _header_length(request: web.Request) -> int | None:
         raise web.HTTPBadRequest(reason=f"{HEADER_LENGTH} must be an integer, got {raw!r}") from None
 
 
-async def model_stats(request: web.Request) -> web.Response:
+async def model_stats(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
     """Triton's statistics extension: every loaded version, or the ones of one model (and version)."""
-    manager = request.app[MANAGER]
-    name = request.match_info.get("model")
-    version = request.match_info.get("version")
-    if name is None:
+    manager = api.manager
+    if not params:
         stats = manager.all_stats()
     else:
+        name, version = _name_version(params)
         entry = manager.entry(name)
         if version is not None:
             manager.route(name, version)  # 404 for a version that is not loaded
@@ -183,29 +235,24 @@ async def model_stats(request: web.Request) -> web.Response:
     return json_response({"model_stats": [s.triton_stats() for s in stats]})
 
 
-async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[REGISTRY])
+async def metrics(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
+    body = generate_latest(api.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build_app(
-    manager: ModelManager, limits: protocol.Limits, max_body_bytes: int, registry: CollectorRegistry
-) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=max_body_bytes)
-    app[MANAGER] = manager
-    app[REGISTRY] = registry
-    app[LIMITS] = limits
-    app[STATE] = {"draining": False, "in_flight": 0, "idle": None, "max_body": max_body_bytes, "mqtt": lambda: None}
-    r = app.router
-    r.add_get("/v2/health/live", live)
-    r.add_get("/v2/health/ready", ready)
-    r.add_get("/v2", server_metadata)
-    r.add_get("/v2/", server_metadata)
-    r.add_get("/v2/models/stats", model_stats)
-    r.add_get("/metrics", metrics)
-    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-        r.add_get(base, model_metadata)
-        r.add_get(base + "/ready", model_ready)
-        r.add_post(base + "/infer", infer)
-        r.add_get(base + "/stats", model_stats)
-    return app
+#: exact paths -> method -> handler (GET routes answer HEAD too, as aiohttp's add_get does)
+FIXED: dict[str, dict[str, Handler]] = {
+    "/v2/health/live": {"GET": live},
+    "/v2/health/ready": {"GET": ready},
+    "/v2": {"GET": server_metadata},
+    "/v2/": {"GET": server_metadata},
+    "/v2/models/stats": {"GET": model_stats},  # before /v2/models/{model}: a model cannot be named "stats" here
+    "/metrics": {"GET": metrics},
+}
+#: what follows /v2/models/{model}[/versions/{version}] -> method -> handler
+MODEL_ROUTES: dict[str, dict[str, Handler]] = {
+    "": {"GET": model_metadata},
+    "ready": {"GET": model_ready},
+    "infer": {"POST": infer},
+    "stats": {"GET": model_stats},
+}

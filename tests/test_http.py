@@ -186,7 +186,18 @@ def test_unknown_version_and_route(served: DaemonProcess, v2_schema: Callable[[s
     r = request(served.url + "/v2/nothing/here")
     assert r.status == 404 and r.json() == {"error": "Not Found"}
     r = request(served.url + "/v2/models/mlp/infer")  # GET on a POST route
-    assert r.status == 405 and "error" in r.json()
+    assert r.status == 405 and r.json() == {"error": "Method Not Allowed"} and r.headers["allow"] == "POST"
+    v2_schema("inference_error_response", r.json())
+    r = request(served.url + "/v2/health/live", "POST", b"")
+    assert r.status == 405 and r.headers["allow"] == "GET"
+    for path in ("/v2/models/mlp/versions//ready", "/v2/models//ready", "/v2/models/mlp/ready/", "/v2/health/live/",
+                 "/v2/models/mlp/versions/1/infer/x", "//v2", "v2"):
+        r = request(served.url + path) if path.startswith("/") else request(served.url + "/" + path + "/x/y")
+        assert r.status == 404 and r.json() == {"error": "Not Found"}, path
+    r = request(served.url + "/v2/models/mlp/versions/1/ready")
+    assert r.status == 200 and r.json() == {"name": "mlp", "version": "1", "ready": True}
+    r = request(served.url + "/v2/health/live", "HEAD")  # GET routes answer HEAD, without a body
+    assert r.status == 200 and r.body == b""
 
 
 def test_sklearn_accuracy_through_the_daemon_equals_sklearn(served: DaemonProcess, sklearn_model: SklearnModel) -> None:
