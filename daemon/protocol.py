@@ -27,13 +27,13 @@ class Limits:
     max_tensor_elements: int
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestedOutput:
     name: str
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class InferRequest:
     """A decoded, validated request: inputs are numpy arrays of exactly the model's datatypes."""
 
@@ -121,7 +121,11 @@ def decode_request(
             raise InvalidInput(f"unknown input {name!r}; the model's inputs are: {', '.join(specs)}")
         if name in decoded:
             raise InvalidInput(f"input {name!r} is given twice")
-        tensor_params = _parameters(raw.get("parameters"), f"inputs[{i}].parameters")
+        tensor_params = raw.get("parameters")
+        if tensor_params is None:
+            tensor_params = {}
+        elif not isinstance(tensor_params, dict):
+            raise InvalidInput(f"'inputs[{i}].parameters' must be an object")
         if "binary_data_size" in tensor_params:
             if binary is None:
                 raise InvalidInput(

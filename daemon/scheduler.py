@@ -17,7 +17,8 @@ Why it looks like this:
   run), and the loop already spends that long decoding one JSON body; a run of that size blocks it no more than a
   request's own parsing does. The estimate is the fastest recent run of the same batch-size class (contention only
   ever makes a run slower, so the minimum is the run's own cost); a class never measured runs on a worker first. With
-  inline runs enabled, arrivals are dispatched once per loop iteration, so requests that arrive together still batch.
+  inline runs enabled, the first arrival of a loop turn is dispatched at once (a lone request waits for nothing) and
+  later arrivals of the same turn once at its end, so requests that arrive together still batch.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class Scheduler:
         self._inline = policy.inline_max_s > 0
         self._recent: dict[int, deque[float]] = {}  # batch-size class (rows.bit_length()) -> last run times
         self._pump_handle: asyncio.Handle | None = None
+        self._turn_handle: asyncio.Handle | None = None  # set while the loop turn of an immediate dispatch lasts
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -131,10 +133,12 @@ class Scheduler:
             job.timer = loop.call_later(timeout, self._expire, job, timeout)
         self._queue.append(job)
         self._stats.queue_depth += 1
-        if self._inline and self.batching:
-            self._pump_soon()  # once per iteration: what arrives together is batched together
+        if self._inline and self.batching and self._turn_handle is not None:
+            self._pump_soon()  # not the first arrival this loop turn: batch with the others at the turn's end
         else:
-            self._pump()
+            if self._inline and self.batching:
+                self._turn_handle = loop.call_soon(self._end_turn)
+            self._pump()  # the first arrival of a turn goes at once: a lone request never waits for a turn
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -196,6 +200,9 @@ class Scheduler:
         if self._pump_handle is None:
             assert self._loop is not None
             self._pump_handle = self._loop.call_soon(self._pump_now)
+
+    def _end_turn(self) -> None:
+        self._turn_handle = None
 
     def _pump_now(self) -> None:
         self._pump_handle = None
@@ -353,8 +360,9 @@ class Scheduler:
         held, self._held = self._held or [], None
         if self._held_timer is not None:
             self._held_timer.cancel()
-        if self._pump_handle is not None:
-            self._pump_handle.cancel()
+        for handle in (self._pump_handle, self._turn_handle):
+            if handle is not None:
+                handle.cancel()
         failure = InferenceFailed("the model was unloaded before this request ran")
         for job in [*held, *self._queue]:
             self._forget(job)

@@ -17,7 +17,7 @@ from daemon.models import LoadedVersion, ModelManager
 OUTCOME_BY_CODE = {"invalid_input": "invalid", "too_large": "invalid", "busy": "shed", "timeout": "timeout"}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reply:
     body: bytes
     header_length: int | None  # set when binary tensors follow a JSON header
