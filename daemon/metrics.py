@@ -74,7 +74,7 @@ def _fmt(bound: float) -> str:
     return repr(float(bound))
 
 
-@dataclass
+@dataclass(slots=True)
 class Duration:
     """Count and total nanoseconds, the unit of Triton's statistics extension."""
 

@@ -124,9 +124,13 @@ class Scheduler:
         rows = int(first.shape[0]) if first.ndim else 1
         key: tuple[object, ...] = ()
         if self.batching:
-            key = tuple((name, arr.shape[1:], arr.dtype.str) for name, arr in inputs.items())
-            if any(arr.ndim == 0 or arr.shape[0] != rows for arr in inputs.values()):
-                key = (object(),)  # inputs disagree on the batch dimension: it runs alone, never split by rows
+            parts: list[object] = []
+            for name, arr in inputs.items():
+                if arr.ndim == 0 or arr.shape[0] != rows:
+                    parts = [object()]  # inputs disagree on the batch dimension: it runs alone, never split by rows
+                    break
+                parts.append((name, arr.shape[1:], arr.dtype.str))
+            key = tuple(parts)
         job = _Job(inputs, rows, key, loop.create_future())
         timeout = self._policy.timeout_s if timeout_s is None else timeout_s
         if timeout is not None:
@@ -236,7 +240,7 @@ class Scheduler:
         """Add compatible queued requests to ``batch``; True when it should go now (full or a preferred size)."""
         limit = self._policy.max_batch_size
         rows = sum(j.rows for j in batch)
-        if rows < limit:
+        if rows < limit and self._queue:
             more = self._take_compatible(batch[0].key, limit - rows)
             batch += more
             rows += sum(j.rows for j in more)
