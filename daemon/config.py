@@ -186,8 +186,8 @@ class _ModelBase(_Model):
     )
     inline_max_ms: float = Field(
         0.1, ge=0, le=10,
-        description="Runs measured faster than this execute on the event loop instead of a worker thread, which "
-        "saves two thread hand-offs per request (0: always a worker).",
+        description="For a lone sequential client, runs measured faster than this execute on the event loop "
+        "instead of a worker thread, saving two thread hand-offs (0: always a worker).",
     )
 
 

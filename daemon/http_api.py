@@ -201,7 +201,7 @@ async def infer(api: HttpApi, request: web.BaseRequest, params: list[str]) -> we
     loaded = service.admit(api.manager, name, version, "http")
     header_length = _header_length(request)
     body = await request.read()
-    reply = await service.infer(loaded, body, header_length, api.limits, "http")
+    reply = await service.infer(loaded, body, header_length, api.limits, "http", request.protocol)
     if reply.header_length is None:
         return web.Response(body=reply.body, content_type="application/json")
     return web.Response(

@@ -437,7 +437,7 @@ class MqttFrontend:
             header_length = _header_length(props)
             model, version = parse_topic(self.prefix, req.topic)
             loaded = await service.admit_waiting(self.manager, model, version)
-            reply = await service.infer(loaded, req.payload, header_length, self.limits, "mqtt")
+            reply = await service.infer(loaded, req.payload, header_length, self.limits, "mqtt", response_topic)
             body = reply.body
             if reply.header_length is not None:
                 reply_props.append((HEADER_LENGTH, str(reply.header_length)))

@@ -46,7 +46,9 @@ async def infer(
     header_length: int | None,
     limits: protocol.Limits,
     transport: str,
+    peer: object = None,
 ) -> Reply:
+    """``peer`` identifies the sender (an HTTP connection, an MQTT reply topic) for the scheduler's lone-client path."""
     started = time.perf_counter()
     stats = loaded.stats
     stats.in_flight += 1
@@ -54,7 +56,9 @@ async def infer(
         request = protocol.decode_body(
             body, header_length, loaded.session.inputs, loaded.session.outputs, limits
         )
-        results = await loaded.scheduler.submit(request.inputs, request_timeout(request.parameters))
+        results = await loaded.scheduler.submit(
+            request.inputs, request_timeout(request.parameters), peer if stats.in_flight == 1 else None
+        )
         payload, hlen = protocol.encode_response(loaded.name, loaded.version, request, results)
     except InferdError as exc:
         stats.request_done(transport, OUTCOME_BY_CODE.get(exc.code, "failed"), time.perf_counter() - started)

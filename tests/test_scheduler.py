@@ -210,11 +210,11 @@ async def _run_recorded(model: bytes, policy: BatchPolicy, workers: int, coro_fa
     return out, stats, ["loop" if t == loop_thread else "worker" for t in recorder.threads]
 
 
-def test_cheap_runs_move_onto_the_loop_after_one_measured_run_per_batch_size_class(mlp_onnx: bytes) -> None:
+def test_cheap_lone_runs_move_onto_the_loop_after_one_measured_run_per_batch_size_class(mlp_onnx: bytes) -> None:
     xs = [np.full((1 + i % 2, 4), i / 10, np.float32) for i in range(12)]  # alternately 1 and 2 rows
 
     async def one_by_one(sched: Scheduler):
-        return [(await sched.submit({"input": x}))["output"] for x in xs]
+        return [(await sched.submit({"input": x}, peer="client-a"))["output"] for x in xs]
 
     # a generous threshold: this checks where runs go, not how fast this machine is
     outs, stats, where = asyncio.run(
@@ -242,7 +242,7 @@ def test_runs_slower_than_the_threshold_stay_on_workers_and_the_loop_keeps_beati
 
         beat = asyncio.ensure_future(heartbeat())
         for _ in range(4):
-            await sched.submit({"input": np.ones((16, 512), np.float32)})
+            await sched.submit({"input": np.ones((16, 512), np.float32)}, peer="client-a")
         stop.set()
         await beat
         return worst
@@ -253,25 +253,23 @@ def test_runs_slower_than_the_threshold_stay_on_workers_and_the_loop_keeps_beati
     assert worst < 0.1, worst
 
 
-def test_inline_runs_still_batch_what_arrives_together_and_can_be_turned_off(mlp_onnx: bytes) -> None:
+def test_concurrent_requests_go_to_workers_and_batch_and_inline_can_be_turned_off(mlp_onnx: bytes) -> None:
     rng = np.random.default_rng(1)
     xs = [rng.normal(size=(int(rng.integers(1, 4)), 4)).astype(np.float32) for _ in range(40)]
 
-    async def warm_then_burst(sched: Scheduler):
-        for rows in (1, 2, 4, 8, 16):  # measure every size class a burst can form
-            await sched.submit({"input": np.zeros((rows, 4), np.float32)})
-        outs = await asyncio.gather(*(sched.submit({"input": x}) for x in xs))
+    async def lone_then_burst(sched: Scheduler):
+        for _ in range(3):  # measured on a worker, then on the loop
+            await sched.submit({"input": np.zeros((1, 4), np.float32)}, peer="client-a")
+        outs = await asyncio.gather(*(sched.submit({"input": x}, peer=f"client-{i % 4}") for i, x in enumerate(xs)))
         return [o["output"] for o in outs]
 
-    for threshold, workers in ((0.05, 2), (0.0, 2)):
+    for threshold in (0.05, 0.0):
         outs, stats, where = asyncio.run(
-            _run_recorded(mlp_onnx, BatchPolicy(max_batch_size=16, inline_max_s=threshold), workers, warm_then_burst))
+            _run_recorded(mlp_onnx, BatchPolicy(max_batch_size=16, inline_max_s=threshold), 2, lone_then_burst))
         for x, o in zip(xs, outs):
             np.testing.assert_allclose(o, mlp_reference(x), rtol=1e-5, atol=1e-5)
-        burst = where[5:]
-        assert len(burst) < len(xs)  # the burst was batched
+        assert where[:3] == (["worker", "loop", "loop"] if threshold else ["worker"] * 3)
+        burst = where[3:]
+        assert set(burst) == {"worker"} and len(burst) < len(xs)  # the burst was batched, on the workers
         assert max(stats.by_batch) <= 16
-        if threshold:
-            assert set(burst) == {"loop"}
-        else:
-            assert set(where) == {"worker"} and stats.inline_runs == 0
+        assert stats.inline_runs == (2 if threshold else 0)
