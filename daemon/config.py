@@ -185,7 +185,7 @@ class _ModelBase(_Model):
         "parameters.timeout_ms."
     )
     inline_max_ms: float = Field(
-        0.1, ge=0, le=10,
+        0.5, ge=0, le=10,
         description="For a lone sequential client, runs measured faster than this execute on the event loop "
         "instead of a worker thread, saving two thread hand-offs (0: always a worker).",
     )

@@ -122,6 +122,7 @@ class MqttFrontend:
         self._ticker: asyncio.Future[None] | None = None
         self._accepting = True
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: set[int] = set()  # requests received and not yet answered (the lone-requester check)
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._qos0 = 0
         self._generation = 0
@@ -409,9 +410,16 @@ class MqttFrontend:
                 self.state.dropped_qos0 += 1
                 return
             self._qos0 += 1
+        # counted from arrival (the tasks of one burst have not started yet, but they are in progress) until the
+        # answer is computed (the reply's PUBACK is not awaited: a sequential requester may already send the next)
+        self._pending.add(id(req))
         task = asyncio.ensure_future(self._handle(req))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(self._task_done, id(req)))
+
+    def _task_done(self, key: int, task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
+        self._pending.discard(key)
 
     async def _handle(self, req: _Request) -> None:
         self.state.in_progress += 1
@@ -437,7 +445,12 @@ class MqttFrontend:
             header_length = _header_length(props)
             model, version = parse_topic(self.prefix, req.topic)
             loaded = await service.admit_waiting(self.manager, model, version)
-            reply = await service.infer(loaded, req.payload, header_length, self.limits, "mqtt", response_topic)
+            # a lone sequential requester (nothing else pending, same reply topic as before) may run on the loop
+            peer = response_topic if len(self._pending) == 1 else None
+            try:
+                reply = await service.infer(loaded, req.payload, header_length, self.limits, "mqtt", peer)
+            finally:
+                self._pending.discard(id(req))
             body = reply.body
             if reply.header_length is not None:
                 reply_props.append((HEADER_LENGTH, str(reply.header_length)))

@@ -20,7 +20,8 @@ Why it looks like this:
   grows, which is worth far more (measured at 16 clients: inline batch-1 runs did 26% fewer requests a second than
   workers; any rule based on "nothing else in progress" alone goes inline there too, because an inline run finishes
   before the next request is read, so none is ever seen in progress). The estimate is the fastest recent run of the
-  same batch-size class (contention only makes a run slower, so the minimum is the run's own cost); a class never
+  same batch-size class (contention only makes a run slower, so the minimum is the run's own cost), in CPU seconds
+  of the running thread (a worker's wall time includes waiting for the GIL while the loop is busy); a class never
   measured runs on a worker first.
 """
 
@@ -51,8 +52,8 @@ class BatchPolicy:
     inline_max_s: float = 0.0  # runs estimated below this go on the event loop (0: never)
 
 
-#: what a worker hands back: (per-request outputs, rows run, seconds) or the exception the batch raised
-_Outcome = tuple[list[dict[str, np.ndarray]], int, float] | BaseException
+#: (per-request outputs, rows run, wall seconds, CPU seconds of the running thread) or what the batch raised
+_Outcome = tuple[list[dict[str, np.ndarray]], int, float, float] | BaseException
 
 
 class _Job:
@@ -309,17 +310,19 @@ class Scheduler:
                 if not job.future.done():
                     job.future.set_exception(outcome)
         else:
-            outputs, rows, seconds = outcome
+            outputs, rows, seconds, cpu = outcome
             self._stats.executed(rows, seconds)
             if self._inline:
-                self._note_run(rows, seconds)
+                # a worker's wall time includes waiting for the GIL while the loop is busy; its CPU time does not
+                self._note_run(rows, cpu)
             for job, out in zip(batch, outputs):
                 if not job.future.done():
                     job.future.set_result(out)
 
-    def _execute(self, batch: list[_Job]) -> tuple[list[dict[str, np.ndarray]], int, float]:
+    def _execute(self, batch: list[_Job]) -> tuple[list[dict[str, np.ndarray]], int, float, float]:
         """Runs on a pool thread: concatenate, run, split. Only numpy and the runtime here."""
         started = time.perf_counter()
+        cpu_started = time.thread_time()
         if len(batch) == 1:
             feed = batch[0].inputs
         else:
@@ -330,8 +333,9 @@ class Scheduler:
             raise InferenceFailed(str(exc)) from None
         rows = sum(j.rows for j in batch)
         elapsed = time.perf_counter() - started
+        cpu = time.thread_time() - cpu_started
         if len(batch) == 1:
-            return [results], rows, elapsed
+            return [results], rows, elapsed, cpu
         for name, arr in results.items():
             if arr.ndim == 0 or arr.shape[0] != rows:
                 raise InferenceFailed(
@@ -342,7 +346,7 @@ class Scheduler:
         for job in batch:
             split.append({name: arr[offset : offset + job.rows] for name, arr in results.items()})
             offset += job.rows
-        return split, rows, elapsed
+        return split, rows, elapsed, cpu
 
     async def close(self) -> None:
         """Stop dispatching; requests still queued are failed, runs in progress finish."""

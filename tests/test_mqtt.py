@@ -77,6 +77,33 @@ def test_mqtt5_request_response(site: Site, keyset: KeySet, mlp_onnx: bytes, bro
     assert daemon.stop() == 0
 
 
+def test_a_lone_requester_runs_on_the_loop_and_a_burst_is_answered_in_full(
+        site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker, start_daemon) -> None:
+    from test_http_extensions import executions
+
+    daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker))
+    req = Requester(broker.port)
+    try:
+        x = np.random.default_rng(3).normal(size=(1, 4)).astype(np.float32)
+        for i in range(16):  # one at a time, one reply topic: a lone requester
+            req.request(f"{PREFIX}/models/mlp/infer", mlp_request(x), correlation=f"s{i}".encode())
+            reply = req.wait()
+            assert reply.status == "200" and reply.correlation == f"s{i}".encode()
+            np.testing.assert_allclose(outputs(reply.payload), mlp_reference(x), rtol=1e-5, atol=1e-6)
+        assert executions(daemon.url, "mlp")["loop"] >= 8
+        xs = [np.full((1, 4), i / 7, np.float32) for i in range(64)]
+        for i, xi in enumerate(xs):  # 64 in flight from the same requester: answered in full, each its own rows
+            req.request(f"{PREFIX}/models/mlp/infer", mlp_request(xi), correlation=f"b{i}".encode())
+        replies = {r.correlation: r for r in (req.wait() for _ in xs)}
+        for i, xi in enumerate(xs):
+            reply = replies[f"b{i}".encode()]
+            assert reply.status == "200"
+            np.testing.assert_allclose(outputs(reply.payload), mlp_reference(xi), rtol=1e-5, atol=1e-6)
+    finally:
+        req.close()
+    assert daemon.stop() == 0
+
+
 def test_mqtt311_client_names_its_reply_topic(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker,
                                               start_daemon) -> None:
     daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker))
