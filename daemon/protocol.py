@@ -20,6 +20,7 @@ from daemon.errors import InferenceFailed, InvalidInput, PayloadTooLarge
 
 _INT_KINDS = "iu"
 _NUMBER_KINDS = "iuf"
+_FLOAT_MAX = {2: float(np.finfo(np.float16).max), 4: float(np.finfo(np.float32).max)}  # by itemsize
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,24 @@ def _requested_outputs(value: Any, outputs: Sequence[TensorSpec]) -> list[Reques
 
 
 def check_header(raw: dict[str, Any], spec: TensorSpec, limits: Limits) -> tuple[int, ...]:
-    """Datatype and shape checks shared by the JSON and binary forms; returns the shape as a tuple."""
+    """Datatype and shape checks shared by the JSON and binary forms; returns the shape as a tuple.
+
+    The good case is one pass (it runs for every tensor of every request); anything off goes to the detailed checks,
+    which say exactly what is wrong."""
+    shape = raw.get("shape")
+    if raw.get("datatype") == spec.datatype and type(shape) is list and len(shape) == len(spec.shape):
+        count = 1
+        for d, m in zip(shape, spec.shape):
+            if type(d) is not int or d <= 0 or (m != -1 and m != d):
+                break
+            count *= d
+        else:
+            if count <= limits.max_tensor_elements:
+                return tuple(shape)
+    return _check_header_in_detail(raw, spec, limits)
+
+
+def _check_header_in_detail(raw: dict[str, Any], spec: TensorSpec, limits: Limits) -> tuple[int, ...]:
     name = spec.name
     datatype = raw.get("datatype")
     if datatype != spec.datatype:
@@ -263,10 +281,18 @@ def _float_tensor(data: list[Any], spec: TensorSpec, shape: tuple[int, ...]) -> 
         raise InvalidInput(f"input {name!r}: nested 'data' is ragged") from None
     if arr.dtype.kind not in _NUMBER_KINDS:
         raise InvalidInput(f"input {name!r}: datatype {spec.datatype} needs numbers in 'data'")
-    with np.errstate(over="ignore"):
-        arr = arr.astype(spec.dtype, copy=False)
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise InvalidInput(f"input {name!r}: values outside the finite {spec.datatype} range")
+    target = spec.dtype
+    if target.itemsize < arr.dtype.itemsize:
+        # narrowing (JSON numbers arrive as float64 or int64): check the range first, so the cast cannot overflow;
+        # two reductions cost less than numpy.errstate around the cast plus isfinite afterwards. NaN fails too.
+        limit = _FLOAT_MAX[target.itemsize]
+        if not (np.minimum.reduce(arr, axis=None) >= -limit and np.maximum.reduce(arr, axis=None) <= limit):
+            raise InvalidInput(f"input {name!r}: values outside the finite {spec.datatype} range")
+        arr = arr.astype(target)
+    else:
+        arr = arr.astype(target, copy=False)
+        if arr.size and not math.isfinite(np.add.reduce(arr, axis=None)) and not np.isfinite(arr).all():
+            raise InvalidInput(f"input {name!r}: values outside the finite {spec.datatype} range")
     expected = math.prod(shape)
     if arr.size != expected:
         raise InvalidInput(f"input {name!r}: shape {list(shape)} needs {expected} values, 'data' has {arr.size}")

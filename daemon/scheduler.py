@@ -128,9 +128,13 @@ class Scheduler:
         whose cheap runs go on the loop. Under load consecutive requests come from different peers."""
         if not self.has_room():
             raise Busy(f"the queue is full ({self._policy.queue_size} requests waiting); retry shortly")
-        loop = asyncio.get_running_loop()
         first = next(iter(inputs.values()))
         rows = int(first.shape[0]) if first.ndim else 1
+        lone = peer is not None and peer == self._last_peer
+        self._last_peer = peer
+        if lone and self._inline and self._idle == self.workers and not self._queue and self._cheap(rows):
+            return self._run_alone(inputs, rows)
+        loop = asyncio.get_running_loop()
         key: tuple[object, ...] = ()
         if self.batching:
             parts: list[object] = []
@@ -141,11 +145,6 @@ class Scheduler:
                 parts.append((name, arr.shape[1:], arr.dtype.str))
             key = tuple(parts)
         job = _Job(inputs, rows, key, loop.create_future())
-        lone = peer is not None and peer == self._last_peer
-        self._last_peer = peer
-        if lone and self._inline and self._idle == self.workers and not self._queue and self._cheap(rows):
-            self._run_inline([job])
-            return job.future.result()
         timeout = self._policy.timeout_s if timeout_s is None else timeout_s
         if timeout is not None:
             job.timer = loop.call_later(timeout, self._expire, job, timeout)
@@ -271,16 +270,27 @@ class Scheduler:
             recent = self._recent[rows.bit_length()] = deque(maxlen=8)
         recent.append(seconds)
 
-    def _run_inline(self, batch: list[_Job]) -> None:
-        """Run a cheap batch here on the loop; it holds a worker slot meanwhile so concurrency stays ``workers``."""
+    def _run_alone(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        """Run a lone client's cheap request here on the loop: no job, no future, no queue. It holds a worker slot
+        meanwhile, so concurrency stays ``workers``."""
         self._idle -= 1
-        self._stats.queued(0.0)
         try:
-            outcome: _Outcome = self._execute(batch)
-        except Exception as exc:  # delivered to every request of the batch
-            outcome = exc
-        self._stats.inline_runs += 1
-        self._deliver(batch, outcome)
+            started = time.perf_counter()
+            cpu_started = time.thread_time()
+            try:
+                results = self._session.run(inputs)
+            except AdapterError as exc:
+                raise InferenceFailed(str(exc)) from None
+            elapsed = time.perf_counter() - started
+            cpu = time.thread_time() - cpu_started
+        finally:
+            self._idle += 1
+        stats = self._stats
+        stats.queued(0.0)
+        stats.executed(rows, elapsed)
+        stats.inline_runs += 1
+        self._note_run(rows, cpu)
+        return results
 
     def _worker(self) -> None:
         """A pool thread: run batches until told to stop; results go back to the loop in one callback."""
