@@ -389,3 +389,49 @@ def test_unusable_reply_topics_and_oversized_requests(site: Site, keyset: KeySet
         old.close()
         req.close()
     assert daemon.stop() == 0
+
+
+def test_the_buffered_socket_hands_out_exactly_the_bytes_sent() -> None:
+    import socket as socketlib
+
+    from daemon.mqtt_api import _BufferedSocket
+
+    a, b = socketlib.socketpair()
+    try:
+        b.setblocking(False)
+        sock = _BufferedSocket(b)
+        assert sock.fileno() == b.fileno() and sock.pending() == 0
+        with pytest.raises(BlockingIOError):
+            sock.recv(1)  # nothing sent yet: as the socket itself would say
+        stream = bytes(range(256)) * 300  # 76,800 bytes, more than one read of the buffer
+        a.sendall(stream)
+        got = bytearray()
+        sizes = [1, 1, 2, 5, 100, 4096, 1]
+        i = 0
+        while len(got) < len(stream):
+            try:
+                chunk = sock.recv(sizes[i % len(sizes)])
+            except BlockingIOError:
+                continue
+            assert 0 < len(chunk) <= sizes[i % len(sizes)]
+            got += chunk
+            i += 1
+        assert bytes(got) == stream and sock.pending() == 0
+        a.sendall(b"xyz")
+        while True:
+            try:
+                assert sock.recv(1) == b"x"
+                break
+            except BlockingIOError:
+                continue
+        assert sock.pending() == 2 and sock.recv(10) == b"yz" and sock.pending() == 0
+        a.close()
+        while True:
+            try:
+                assert sock.recv(1) == b""  # the peer closed: EOF passes through
+                break
+            except BlockingIOError:
+                continue
+    finally:
+        a.close()
+        b.close()
