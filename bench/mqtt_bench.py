@@ -9,7 +9,6 @@ Usage: python bench/mqtt_bench.py [--rounds 3] [--seconds 2] [--no-write]
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -34,7 +33,7 @@ sys.path[:0] = [str(REPO), str(HERE), str(REPO / "tests")]
 
 import models  # noqa: E402
 from mqttclient import Broker  # noqa: E402
-from run import commit, machine, pinned  # noqa: E402
+from run import bench_args, commit, machine, pinned  # noqa: E402
 
 from daemon import artifact, keys  # noqa: E402
 from daemon.config import KeySource  # noqa: E402
@@ -118,11 +117,7 @@ class Driver:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    args = bench_args()
     os.sched_setaffinity(0, {1})
     work = Path(tempfile.mkdtemp(prefix="inferd-mqtt-bench-"))
     broker = Broker(work / "broker")

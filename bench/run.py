@@ -201,12 +201,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.system()} {platform.release()}"
 
 
-def main() -> int:
+def bench_args() -> argparse.Namespace:
+    """The options every bench script takes: alternating rounds, seconds a measurement, and whether to append."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--no-write", action="store_true", help="print the table without appending it to RESULTS.md")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = bench_args()
     if (os.cpu_count() or 1) < 2:
         print("needs 2 CPUs (server and load generator pinned apart)", file=sys.stderr)
         return 2
