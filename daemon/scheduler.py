@@ -132,7 +132,8 @@ class Scheduler:
         rows = int(first.shape[0]) if first.ndim else 1
         lone = peer is not None and peer == self._last_peer
         self._last_peer = peer
-        if lone and self._inline and self._idle == self.workers and not self._queue and self._cheap(rows):
+        if (lone and self._inline and self._idle == self.workers and not self._queue and self._held is None
+                and self._cheap(rows)):
             return self._run_alone(inputs, rows)
         loop = asyncio.get_running_loop()
         key: tuple[object, ...] = ()
