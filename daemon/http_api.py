@@ -10,9 +10,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
-from aiohttp import web, web_server
+from aiohttp import HttpVersion11, web, web_server
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import daemon
@@ -39,6 +40,7 @@ HTTP_STATUS: dict[str, int] = {
 SERVER_NAME = "inferd"
 EXTENSIONS: list[str] = ["binary_tensor_data", "statistics"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
+EXPECT = "Expect"
 #: seconds a shed client is told to wait before retrying
 RETRY_AFTER_S = 1
 
@@ -91,7 +93,9 @@ class HttpApi:
         """Route, run, and turn every failure into V2's ``{"error": ...}``; counts in-flight requests for the drain."""
         self.in_flight += 1
         try:
-            handler, params = self._route(request.method, request.path)
+            handler, params = self._route(request.method, request.rel_url.raw_path)
+            if EXPECT in request.headers:
+                await _expect(request)
             response = await handler(self, request, params)
             if self.draining:
                 # A request that reached us is served even while draining; the client is told to reconnect elsewhere.
@@ -118,21 +122,22 @@ class HttpApi:
 
     @staticmethod
     def _route(method: str, path: str) -> tuple[Handler, list[str]]:
-        """The handler for a path and its captured names ([model] or [model, version]); 404 / 405 as aiohttp."""
+        """The handler for a raw (still percent-encoded) path and its captured names ([model] or [model, version]);
+        404 / 405 as aiohttp's router gives them. Routing on the raw path keeps an encoded slash inside a name."""
         parts = path.split("/")
         routes: dict[str, Handler] | None = None
         params: list[str] = []
         if len(parts) >= 2 and parts[0] == "":
             routes = FIXED.get(path)
             if routes is None and len(parts) >= 4 and parts[1] == "v2" and parts[2] == "models" and parts[3]:
-                params = [parts[3]]
+                params = [unquote(parts[3])]
                 rest = parts[4:]
                 if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
-                    params.append(rest[1])
+                    params.append(unquote(rest[1]))
                     rest = rest[2:]
                 if not rest:
                     routes = MODEL_ROUTES[""]
-                elif len(rest) == 1:
+                elif len(rest) == 1 and rest[0]:
                     routes = MODEL_ROUTES.get(rest[0])
         if routes is None:
             raise web.HTTPNotFound()
@@ -140,8 +145,19 @@ class HttpApi:
         if handler is None:
             if method == "HEAD" and "GET" in routes:
                 return routes["GET"], params
-            raise web.HTTPMethodNotAllowed(method, sorted(routes))
+            allowed = {*routes, "HEAD"} if "GET" in routes else set(routes)
+            raise web.HTTPMethodNotAllowed(method, allowed)
         return handler, params
+
+
+async def _expect(request: web.BaseRequest) -> None:
+    """``Expect: 100-continue``: tell the client to send its body (curl waits a second for this on large bodies)."""
+    if request.version != HttpVersion11:
+        return
+    if request.headers[EXPECT].lower() != "100-continue":
+        raise web.HTTPExpectationFailed(reason=f"unknown Expect: {request.headers[EXPECT]}")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim answer is not part of the response's size
 
 
 async def live(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:

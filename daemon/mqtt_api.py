@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import copy
 import functools
+import itertools
 import logging
 import random
 import re
@@ -116,6 +117,7 @@ class _Request:
     mid: int
     properties: Any
     generation: int  # which connection delivered it: a packet id means nothing on another connection
+    token: int = 0  # its entry among the pending requests (unique for the process, unlike id())
 
 
 def parse_topic(prefix: str, topic: str) -> tuple[str, str | None]:
@@ -157,7 +159,8 @@ class MqttFrontend:
         self._ticker: asyncio.Future[None] | None = None
         self._accepting = True
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pending: set[int] = set()  # requests received and not yet answered (the lone-requester check)
+        self._pending: set[int] = set()  # tokens of requests received and not yet answered (lone-requester check)
+        self._tokens = itertools.count(1)
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._qos0 = 0
         self._generation = 0
@@ -449,10 +452,11 @@ class MqttFrontend:
             self._qos0 += 1
         # counted from arrival (the tasks of one burst have not started yet, but they are in progress) until the
         # answer is computed (the reply's PUBACK is not awaited: a sequential requester may already send the next)
-        self._pending.add(id(req))
+        req.token = next(self._tokens)
+        self._pending.add(req.token)
         task = asyncio.ensure_future(self._handle(req))
         self._tasks.add(task)
-        task.add_done_callback(functools.partial(self._task_done, id(req)))
+        task.add_done_callback(functools.partial(self._task_done, req.token))
 
     def _task_done(self, key: int, task: asyncio.Future[None]) -> None:
         self._tasks.discard(task)
@@ -487,7 +491,7 @@ class MqttFrontend:
             try:
                 reply = await service.infer(loaded, req.payload, header_length, self.limits, "mqtt", peer)
             finally:
-                self._pending.discard(id(req))
+                self._pending.discard(req.token)
             body = reply.body
             if reply.header_length is not None:
                 reply_props.append((HEADER_LENGTH, str(reply.header_length)))

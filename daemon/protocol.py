@@ -20,7 +20,9 @@ from daemon.errors import InferenceFailed, InvalidInput, PayloadTooLarge
 
 _INT_KINDS = "iu"
 _NUMBER_KINDS = "iuf"
-_FLOAT_MAX = {2: float(np.finfo(np.float16).max), 4: float(np.finfo(np.float32).max)}  # by itemsize
+# by itemsize: magnitudes below these round to a finite value of the narrower float (its largest finite value plus
+# half a unit in the last place; 3.4028235e38, how most languages print float32's maximum, is a little above it)
+_ROUNDS_TO_FINITE = {2: 65520.0, 4: float(2**128 - 2**103)}
 
 
 @dataclass(frozen=True)
@@ -281,21 +283,21 @@ def _float_tensor(data: list[Any], spec: TensorSpec, shape: tuple[int, ...]) -> 
         raise InvalidInput(f"input {name!r}: nested 'data' is ragged") from None
     if arr.dtype.kind not in _NUMBER_KINDS:
         raise InvalidInput(f"input {name!r}: datatype {spec.datatype} needs numbers in 'data'")
+    expected = math.prod(shape)
+    if arr.size != expected:
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} needs {expected} values, 'data' has {arr.size}")
     target = spec.dtype
     if target.itemsize < arr.dtype.itemsize:
         # narrowing (JSON numbers arrive as float64 or int64): check the range first, so the cast cannot overflow;
         # two reductions cost less than numpy.errstate around the cast plus isfinite afterwards. NaN fails too.
-        limit = _FLOAT_MAX[target.itemsize]
-        if not (np.minimum.reduce(arr, axis=None) >= -limit and np.maximum.reduce(arr, axis=None) <= limit):
+        limit = _ROUNDS_TO_FINITE[target.itemsize]
+        if not (np.minimum.reduce(arr, axis=None) > -limit and np.maximum.reduce(arr, axis=None) < limit):
             raise InvalidInput(f"input {name!r}: values outside the finite {spec.datatype} range")
         arr = arr.astype(target)
     else:
         arr = arr.astype(target, copy=False)
-        if arr.size and not math.isfinite(np.add.reduce(arr, axis=None)) and not np.isfinite(arr).all():
+        if not math.isfinite(np.add.reduce(arr, axis=None)) and not np.isfinite(arr).all():
             raise InvalidInput(f"input {name!r}: values outside the finite {spec.datatype} range")
-    expected = math.prod(shape)
-    if arr.size != expected:
-        raise InvalidInput(f"input {name!r}: shape {list(shape)} needs {expected} values, 'data' has {arr.size}")
     if arr.ndim > 1 and arr.shape != shape:
         raise InvalidInput(f"input {name!r}: nested 'data' has shape {list(arr.shape)}, not {list(shape)}")
     return arr.reshape(shape)

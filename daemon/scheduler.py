@@ -20,9 +20,9 @@ Why it looks like this:
   grows, which is worth far more (measured at 16 clients: inline batch-1 runs did 26% fewer requests a second than
   workers; any rule based on "nothing else in progress" alone goes inline there too, because an inline run finishes
   before the next request is read, so none is ever seen in progress). The estimate is the fastest recent run of the
-  same batch-size class (contention only makes a run slower, so the minimum is the run's own cost), in CPU seconds
-  of the running thread (a worker's wall time includes waiting for the GIL while the loop is busy); a class never
-  measured runs on a worker first.
+  same size class (rows in powers of two and the exact per-row shapes), in wall time: contention only makes a run
+  slower, so the minimum is the run's own cost, and wall time also counts work on a runtime's own threads or a GPU,
+  which the calling thread's CPU time would miss. A class never measured runs on a worker first.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class BatchPolicy:
     inline_max_s: float = 0.0  # runs estimated below this go on the event loop (0: never)
 
 
-#: (per-request outputs, rows run, wall seconds, CPU seconds of the running thread) or what the batch raised
-_Outcome = tuple[list[dict[str, np.ndarray]], int, float, float] | BaseException
+#: (per-request outputs, rows run, seconds) or what the batch raised
+_Outcome = tuple[list[dict[str, np.ndarray]], int, float] | BaseException
 
 
 class _Job:
@@ -69,6 +69,12 @@ class _Job:
         self.enqueued = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
         self.done = False  # taken by a dispatcher, expired or cancelled: no longer in the queue's count
+
+
+def _size_class(inputs: dict[str, np.ndarray], rows: int) -> tuple[object, ...]:
+    """What a run's cost is estimated by: rows in powers of two, and the exact per-row shapes (a model with a dynamic
+    sequence length or image size costs what its inputs' sizes say, whatever the rows)."""
+    return (rows.bit_length(), *(arr.shape[1:] for arr in inputs.values()))
 
 
 def batchable(session: Session) -> bool:
@@ -94,8 +100,9 @@ class Scheduler:
         self._room_waiters: list[asyncio.Future[None]] = []
         self._held_timer: asyncio.TimerHandle | None = None
         self._inline = policy.inline_max_s > 0
-        self._recent: dict[int, deque[float]] = {}  # batch-size class (rows.bit_length()) -> last run times
+        self._recent: dict[tuple[object, ...], deque[float]] = {}  # size class (see _size_class) -> last run times
         self._last_peer: object = None
+        self._closed = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -133,8 +140,10 @@ class Scheduler:
         lone = peer is not None and peer == self._last_peer
         self._last_peer = peer
         if (lone and self._inline and self._idle == self.workers and not self._queue and self._held is None
-                and self._cheap(rows)):
-            return self._run_alone(inputs, rows)
+                and not self._closed):
+            size_class = _size_class(inputs, rows)
+            if self._cheap(size_class):
+                return self._run_alone(inputs, rows, size_class)
         loop = asyncio.get_running_loop()
         key: tuple[object, ...] = ()
         if self.batching:
@@ -261,36 +270,36 @@ class Scheduler:
             self._stats.queued(now - job.enqueued)
         self._work.put(batch)
 
-    def _cheap(self, rows: int) -> bool:
-        recent = self._recent.get(rows.bit_length())
+    def _cheap(self, size_class: tuple[object, ...]) -> bool:
+        recent = self._recent.get(size_class)
         return recent is not None and min(recent) < self._policy.inline_max_s
 
-    def _note_run(self, rows: int, seconds: float) -> None:
-        recent = self._recent.get(rows.bit_length())
+    def _note_run(self, size_class: tuple[object, ...], seconds: float) -> None:
+        recent = self._recent.get(size_class)
         if recent is None:
-            recent = self._recent[rows.bit_length()] = deque(maxlen=8)
+            recent = self._recent[size_class] = deque(maxlen=8)
         recent.append(seconds)
 
-    def _run_alone(self, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    def _run_alone(
+        self, inputs: dict[str, np.ndarray], rows: int, size_class: tuple[object, ...]
+    ) -> dict[str, np.ndarray]:
         """Run a lone client's cheap request here on the loop: no job, no future, no queue. It holds a worker slot
         meanwhile, so concurrency stays ``workers``."""
+        stats = self._stats
+        stats.queued(0.0)
         self._idle -= 1
         try:
             started = time.perf_counter()
-            cpu_started = time.thread_time()
             try:
                 results = self._session.run(inputs)
             except AdapterError as exc:
                 raise InferenceFailed(str(exc)) from None
             elapsed = time.perf_counter() - started
-            cpu = time.thread_time() - cpu_started
         finally:
             self._idle += 1
-        stats = self._stats
-        stats.queued(0.0)
         stats.executed(rows, elapsed)
         stats.inline_runs += 1
-        self._note_run(rows, cpu)
+        self._note_run(size_class, elapsed)
         return results
 
     def _worker(self) -> None:
@@ -321,19 +330,17 @@ class Scheduler:
                 if not job.future.done():
                     job.future.set_exception(outcome)
         else:
-            outputs, rows, seconds, cpu = outcome
+            outputs, rows, seconds = outcome
             self._stats.executed(rows, seconds)
             if self._inline:
-                # a worker's wall time includes waiting for the GIL while the loop is busy; its CPU time does not
-                self._note_run(rows, cpu)
+                self._note_run(_size_class(batch[0].inputs, rows), seconds)
             for job, out in zip(batch, outputs):
                 if not job.future.done():
                     job.future.set_result(out)
 
-    def _execute(self, batch: list[_Job]) -> tuple[list[dict[str, np.ndarray]], int, float, float]:
+    def _execute(self, batch: list[_Job]) -> tuple[list[dict[str, np.ndarray]], int, float]:
         """Runs on a pool thread: concatenate, run, split. Only numpy and the runtime here."""
         started = time.perf_counter()
-        cpu_started = time.thread_time()
         if len(batch) == 1:
             feed = batch[0].inputs
         else:
@@ -344,9 +351,8 @@ class Scheduler:
             raise InferenceFailed(str(exc)) from None
         rows = sum(j.rows for j in batch)
         elapsed = time.perf_counter() - started
-        cpu = time.thread_time() - cpu_started
         if len(batch) == 1:
-            return [results], rows, elapsed, cpu
+            return [results], rows, elapsed
         for name, arr in results.items():
             if arr.ndim == 0 or arr.shape[0] != rows:
                 raise InferenceFailed(
@@ -357,7 +363,7 @@ class Scheduler:
         for job in batch:
             split.append({name: arr[offset : offset + job.rows] for name, arr in results.items()})
             offset += job.rows
-        return split, rows, elapsed, cpu
+        return split, rows, elapsed
 
     async def close(self) -> None:
         """Stop dispatching; requests still queued are failed, runs in progress finish."""
@@ -375,6 +381,7 @@ class Scheduler:
                 waiter.set_exception(failure)
         self._room_waiters.clear()
         self._idle = 0  # nothing more is sent
+        self._closed = True  # and nothing runs on the loop (runs finishing now give their worker slots back)
         for _ in self._threads:
             self._work.put(None)
         loop = asyncio.get_running_loop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -189,15 +190,43 @@ def test_unknown_version_and_route(served: DaemonProcess, v2_schema: Callable[[s
     assert r.status == 405 and r.json() == {"error": "Method Not Allowed"} and r.headers["allow"] == "POST"
     v2_schema("inference_error_response", r.json())
     r = request(served.url + "/v2/health/live", "POST", b"")
-    assert r.status == 405 and r.headers["allow"] == "GET"
+    assert r.status == 405 and r.headers["allow"] == "GET,HEAD"
     for path in ("/v2/models/mlp/versions//ready", "/v2/models//ready", "/v2/models/mlp/ready/", "/v2/health/live/",
-                 "/v2/models/mlp/versions/1/infer/x", "//v2", "v2"):
+                 "/v2/models/mlp/versions/1/infer/x", "/v2/models/mlp/", "/v2/models/mlp/versions/1/",
+                 "/v2/health%2Flive", "//v2", "v2"):
         r = request(served.url + path) if path.startswith("/") else request(served.url + "/" + path + "/x/y")
         assert r.status == 404 and r.json() == {"error": "Not Found"}, path
     r = request(served.url + "/v2/models/mlp/versions/1/ready")
     assert r.status == 200 and r.json() == {"name": "mlp", "version": "1", "ready": True}
     r = request(served.url + "/v2/health/live", "HEAD")  # GET routes answer HEAD, without a body
     assert r.status == 200 and r.body == b""
+
+
+def test_expect_100_continue_is_answered_before_the_body(served: DaemonProcess) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(served.url)
+    body = json.dumps(mlp_doc(np.ones((1, 4), np.float32))).encode()
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as s:
+        s.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Expect: 100-continue\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):  # the client waits for this before it sends the body
+            chunk = s.recv(1)
+            assert chunk, interim
+            interim += chunk
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(body)
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            assert chunk, reply
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200") and b'"outputs"' in reply
+    r = request(served.url + "/v2/models/mlp/infer", "POST", mlp_doc(np.ones((1, 4), np.float32)),
+                headers={"Expect": "something-else"})
+    assert r.status == 417 and "unknown Expect" in r.json()["error"]
 
 
 def test_sklearn_accuracy_through_the_daemon_equals_sklearn(served: DaemonProcess, sklearn_model: SklearnModel) -> None:

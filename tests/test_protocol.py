@@ -112,11 +112,20 @@ def test_response_encoding_is_exact_for_float32_and_selects_outputs() -> None:
     assert [o["name"] for o in orjson.loads(encode_response("m", "1", only_z, {"y": y, "z": z})[0])["outputs"]] == ["y"]
 
 
-@pytest.mark.parametrize("bad", [["1.5", 2.0], [None, 1.0], [True, False], [1e39, 1.0]])
+@pytest.mark.parametrize("bad", [["1.5", 2.0], [None, 1.0], [True, False], [1e39, 1.0], [3.5e38, 1.0], []])
 def test_float_inputs_take_finite_numbers_only(bad: list) -> None:
     spec = [TensorSpec("v", "FP32", (2,))]
-    with pytest.raises(InvalidInput, match="needs numbers|outside the finite FP32 range"):
+    with pytest.raises(InvalidInput, match="needs numbers|outside the finite FP32 range|needs 2 values"):
         decode_request({"inputs": [{"name": "v", "shape": [2], "datatype": "FP32", "data": bad}]}, spec, [], LIMITS)
+
+
+@pytest.mark.parametrize(("datatype", "edge"), [("FP32", 3.4028235e38), ("FP16", 65519.0)])
+def test_the_largest_finite_value_as_other_languages_print_it_is_accepted(datatype: str, edge: float) -> None:
+    spec = [TensorSpec("v", datatype, (2,))]
+    req = decode_request({"inputs": [{"name": "v", "shape": [2], "datatype": datatype, "data": [edge, -edge]}]},
+                         spec, [], LIMITS)
+    top = float(np.finfo(spec[0].dtype).max)
+    assert req.inputs["v"].tolist() == [top, -top]
 
 
 def test_non_finite_outputs_are_a_server_error_in_json_but_fine_in_binary() -> None:

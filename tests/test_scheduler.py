@@ -273,3 +273,26 @@ def test_concurrent_requests_go_to_workers_and_batch_and_inline_can_be_turned_of
         assert set(burst) == {"worker"} and len(burst) < len(xs)  # the burst was batched, on the workers
         assert max(stats.by_batch) <= 16
         assert stats.inline_runs == (2 if threshold else 0)
+
+
+def test_a_long_sequence_is_not_judged_by_short_ones() -> None:
+    from onnx import TensorProto, helper
+
+    # [n, w] with both dims dynamic: the cost follows w, which the row count does not show
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "w"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+
+    async def short_then_long(sched: Scheduler):
+        for _ in range(4):
+            await sched.submit({"x": np.ones((1, 16), np.float32)}, peer="client-a")
+        out = await sched.submit({"x": -np.ones((1, 4096), np.float32)}, peer="client-a")
+        return out["y"]
+
+    y, stats, where = asyncio.run(
+        _run_recorded(model.SerializeToString(), BatchPolicy(max_batch_size=8, inline_max_s=0.05), 1, short_then_long))
+    assert np.array_equal(y, np.zeros((1, 4096), np.float32))
+    # short ones: measured on a worker, then on the loop; the first long one is a new class, measured on a worker
+    assert where == ["worker", "loop", "loop", "loop", "worker"]
