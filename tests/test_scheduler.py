@@ -52,21 +52,27 @@ def test_batched_results_equal_unbatched_for_mixed_sizes(mlp_onnx: bytes) -> Non
     assert set(plain.by_batch) <= {1, 2, 3, 4, 5, 6} and plain.execution_count == len(xs)
 
 
-def test_incompatible_shapes_are_never_mixed_in_one_batch() -> None:
+def relu_rows_of_any_width() -> bytes:
+    """Relu over [n, w] with both dims dynamic: rows of different widths cannot be concatenated, and a run costs
+    what w says whatever n is."""
     from onnx import TensorProto, helper
 
-    # a model with two dynamic dims: rows of different widths cannot be concatenated
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "w"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "w"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_incompatible_shapes_are_never_mixed_in_one_batch() -> None:
+    model = relu_rows_of_any_width()
     xs = [np.full((1, 2 + i % 3), i - 5, np.float32) for i in range(30)]
 
     async def burst(sched: Scheduler):
         return await asyncio.gather(*(sched.submit({"x": x}) for x in xs))
 
-    outs, stats = asyncio.run(run_with(model.SerializeToString(), BatchPolicy(max_batch_size=8), 1, burst))
+    outs, stats = asyncio.run(run_with(model, BatchPolicy(max_batch_size=8), 1, burst))
     for x, o in zip(xs, outs):
         np.testing.assert_array_equal(o["y"], np.maximum(x, 0))
     assert stats.execution_count < 30
@@ -276,14 +282,7 @@ def test_concurrent_requests_go_to_workers_and_batch_and_inline_can_be_turned_of
 
 
 def test_a_long_sequence_is_not_judged_by_short_ones() -> None:
-    from onnx import TensorProto, helper
-
-    # [n, w] with both dims dynamic: the cost follows w, which the row count does not show
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "w"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "w"])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = relu_rows_of_any_width()  # the cost follows w, which the row count does not show
 
     async def short_then_long(sched: Scheduler):
         for _ in range(4):
@@ -292,7 +291,7 @@ def test_a_long_sequence_is_not_judged_by_short_ones() -> None:
         return out["y"]
 
     y, stats, where = asyncio.run(
-        _run_recorded(model.SerializeToString(), BatchPolicy(max_batch_size=8, inline_max_s=0.05), 1, short_then_long))
+        _run_recorded(model, BatchPolicy(max_batch_size=8, inline_max_s=0.05), 1, short_then_long))
     assert np.array_equal(y, np.zeros((1, 4096), np.float32))
     # short ones: measured on a worker, then on the loop; the first long one is a new class, measured on a worker
     assert where == ["worker", "loop", "loop", "loop", "worker"]
