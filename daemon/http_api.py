@@ -7,17 +7,21 @@ Validation is :mod:`daemon.protocol`'s, routing :mod:`daemon.models`', running :
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.resources
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
 import orjson
+import yaml
 from aiohttp import HttpVersion11, web, web_server
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import daemon
 from daemon import protocol, service
+from daemon.model_config import triton_model_config
 from daemon.errors import InferdError, NotReady
 from daemon.models import ModelManager
 
@@ -38,7 +42,7 @@ HTTP_STATUS: dict[str, int] = {
 }
 
 SERVER_NAME = "inferd"
-EXTENSIONS: list[str] = ["binary_tensor_data", "statistics"]
+EXTENSIONS: list[str] = ["binary_tensor_data", "statistics", "model_configuration"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXPECT = "Expect"
 #: seconds a shed client is told to wait before retrying
@@ -203,6 +207,27 @@ async def model_metadata(api: HttpApi, request: web.BaseRequest, params: list[st
     )
 
 
+async def model_config(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
+    """Triton's model-configuration extension, so ``tritonclient``'s ``get_model_config()`` works."""
+    name, version = _name_version(params)
+    loaded = api.manager.route(name, version)
+    return json_response(triton_model_config(loaded, api.manager.entry(name).config))
+
+
+@functools.cache
+def openapi_body() -> bytes:
+    """docs/openapi.yaml (shipped in the package as daemon/openapi.yaml) as JSON; read on first request only, so
+    start-up does not pay for a document most deployments never fetch."""
+    text = importlib.resources.files("daemon").joinpath("openapi.yaml").read_text(encoding="utf-8")
+    doc = yaml.safe_load(text)
+    doc["info"]["version"] = daemon.__version__
+    return orjson.dumps(doc)
+
+
+async def openapi(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
+    return web.Response(body=openapi_body(), content_type="application/json")
+
+
 async def model_ready(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
     name, version = _name_version(params)
     try:
@@ -262,6 +287,7 @@ FIXED: dict[str, dict[str, Handler]] = {
     "/v2/health/ready": {"GET": ready},
     "/v2": {"GET": server_metadata},
     "/v2/": {"GET": server_metadata},
+    "/v2/openapi.json": {"GET": openapi},
     "/v2/models/stats": {"GET": model_stats},  # before /v2/models/{model}: a model cannot be named "stats" here
     "/metrics": {"GET": metrics},
 }
@@ -271,4 +297,5 @@ MODEL_ROUTES: dict[str, dict[str, Handler]] = {
     "ready": {"GET": model_ready},
     "infer": {"POST": infer},
     "stats": {"GET": model_stats},
+    "config": {"GET": model_config},
 }

@@ -264,31 +264,6 @@ def start_daemon() -> Iterator[Callable[..., DaemonProcess]]:
             d.proc.stderr.close()
 
 
-# --- the Open Inference Protocol schema ----------------------------------------------------------------------
-
-
-def v2_spec_path() -> Path:
-    env = os.environ.get("INFERD_V2_SPEC")
-    return Path(env) if env else REPO.parent / "shared" / "specs" / "open_inference_rest.yaml"
-
-
-@pytest.fixture(scope="session")
-def v2_schema() -> Callable[[str, Any], None]:
-    """validate(schema_name, document): checks a response against the official V2 REST schema."""
-    from openapi_schema_validator import OAS30Validator
-
-    path = v2_spec_path()
-    assert path.is_file(), f"the V2 REST schema is expected at {path} (or set INFERD_V2_SPEC)"
-    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-
-    def validate(name: str, doc: Any) -> None:
-        assert name in spec["components"]["schemas"], name
-        schema = {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}
-        OAS30Validator(schema).validate(doc)
-
-    return validate
-
-
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
     """inferd's own threads (schedulers' workers, the MQTT network loop) must end with what started them."""

@@ -1,4 +1,7 @@
-"""A minimal blocking HTTP client over http.client, so tests control bodies and headers exactly."""
+"""A minimal blocking HTTP client over http.client, so tests control bodies and headers exactly.
+
+Every response it receives is checked against docs/openapi.yaml (see contract.py): a test that talks HTTP through
+it also proves the document true for what it saw."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from contract import contract
 
 
 @dataclass
@@ -21,8 +26,9 @@ class Reply:
 
 def request(
     url: str, method: str = "GET", body: bytes | str | dict[str, Any] | None = None,
-    headers: dict[str, str] | None = None, timeout: float = 30.0,
+    headers: dict[str, str] | None = None, timeout: float = 30.0, check: bool = True,
 ) -> Reply:
+    """``check=False`` only for responses outside the API (a test of the HTTP layer's own edge cases)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
@@ -31,9 +37,12 @@ def request(
             headers = {"Content-Type": "application/json", **(headers or {})}
         conn.request(method, parts.path + (f"?{parts.query}" if parts.query else ""), body=body, headers=headers or {})
         resp = conn.getresponse()
-        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        reply = Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:
         conn.close()
+    if check:
+        contract().check(method, url, reply.status, reply.headers, reply.body)
+    return reply
 
 
 def infer(base: str, model: str, doc: dict[str, Any] | bytes | str, version: str | None = None, **kw: Any) -> Reply:

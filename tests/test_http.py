@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -63,24 +63,21 @@ def mlp_doc(x: np.ndarray, **extra: Any) -> dict[str, Any]:
             **extra}
 
 
-def test_health_and_server_metadata(served: DaemonProcess, v2_schema: Callable[[str, Any], None]) -> None:
+def test_health_and_server_metadata(served: DaemonProcess) -> None:
     assert request(served.url + "/v2/health/live").status == 200
     ready = request(served.url + "/v2/health/ready")
     # 'broken' is configured but has nothing installed: the server is not ready, and says why
     assert ready.status == 503
     assert "broken: failed" in ready.json()["error"] and "no active version" in ready.json()["error"]
-    v2_schema("inference_error_response", ready.json())
     for path in ("/v2", "/v2/"):
         meta = request(served.url + path)
         assert meta.status == 200 and meta.headers["content-type"].startswith("application/json")
-        v2_schema("metadata_server_response", meta.json())
         assert meta.json()["name"] == "inferd"
 
 
-def test_model_metadata_and_readiness(served: DaemonProcess, v2_schema: Callable[[str, Any], None]) -> None:
+def test_model_metadata_and_readiness(served: DaemonProcess) -> None:
     for path in ("/v2/models/mlp", "/v2/models/mlp/versions/1"):
         meta = request(served.url + path).json()
-        v2_schema("metadata_model_response", meta)
         assert meta["name"] == "mlp" and meta["versions"] == ["1"] and meta["platform"] == "onnxruntime_onnx"
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}]
         assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 3]}]
@@ -94,15 +91,13 @@ def test_model_metadata_and_readiness(served: DaemonProcess, v2_schema: Callable
     assert request(served.url + "/v2/models/mlp/versions/7/ready").status == 404
     gone = request(served.url + "/v2/models/nope")
     assert gone.status == 404 and gone.json() == {"error": "unknown model 'nope'"}
-    v2_schema("metadata_model_error_response", gone.json())
 
 
-def test_infer_json(served: DaemonProcess, v2_schema: Callable[[str, Any], None]) -> None:
+def test_infer_json(served: DaemonProcess) -> None:
     x = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
     r = infer(served.url, "mlp", mlp_doc(x, id="req-42", parameters={"anything": 1}))
     assert r.status == 200, r.body
     doc = r.json()
-    v2_schema("inference_response", doc)
     assert doc["id"] == "req-42" and doc["model_name"] == "mlp" and doc["model_version"] == "1"
     (out,) = doc["outputs"]
     assert out["name"] == "output" and out["datatype"] == "FP32" and out["shape"] == [5, 3]
@@ -114,7 +109,7 @@ def test_infer_json(served: DaemonProcess, v2_schema: Callable[[str, Any], None]
     assert again["outputs"][0]["data"] == out["data"]
 
 
-def test_every_datatype_round_trips(served: DaemonProcess, v2_schema: Callable[[str, Any], None]) -> None:
+def test_every_datatype_round_trips(served: DaemonProcess) -> None:
     values = {
         "BOOL": [True, False, True], "UINT8": [0, 7, 255], "UINT16": [0, 1, 65535], "UINT32": [0, 1, 4294967295],
         "UINT64": [0, 1, 2**64 - 1], "INT8": [-128, 0, 127], "INT16": [-32768, 0, 32767],
@@ -124,7 +119,6 @@ def test_every_datatype_round_trips(served: DaemonProcess, v2_schema: Callable[[
     doc = {"inputs": [{"name": f"in_{t}", "shape": [3], "datatype": t, "data": v} for t, v in values.items()]}
     r = infer(served.url, "types", doc)
     assert r.status == 200, r.body
-    v2_schema("inference_response", r.json())
     outs = {o["name"]: o for o in r.json()["outputs"]}
     for t, v in values.items():
         o = outs[f"out_{t}"]
@@ -168,27 +162,24 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str]] = [
 
 @pytest.mark.parametrize(("case", "model", "body", "status", "message"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_requests_get_precise_errors(
-    served: DaemonProcess, v2_schema: Callable[[str, Any], None], case: str, model: str, body: Any, status: int,
+    served: DaemonProcess, case: str, model: str, body: Any, status: int,
     message: str,
 ) -> None:
     r = infer(served.url, model, body, headers={"Content-Type": "application/json"})
     assert r.status == status, (case, r.body)
     assert r.headers["content-type"].startswith("application/json")
     doc = r.json()
-    v2_schema("inference_error_response", doc)
     assert list(doc) == ["error"] and message in doc["error"], doc
     good(served)  # and the daemon keeps serving
 
 
-def test_unknown_version_and_route(served: DaemonProcess, v2_schema: Callable[[str, Any], None]) -> None:
+def test_unknown_version_and_route(served: DaemonProcess) -> None:
     r = infer(served.url, "mlp", mlp_doc(np.ones((1, 4), np.float32)), version="9")
     assert r.status == 404 and "version '9' of model 'mlp' is not loaded" in r.json()["error"]
-    v2_schema("inference_error_response", r.json())
     r = request(served.url + "/v2/nothing/here")
     assert r.status == 404 and r.json() == {"error": "Not Found"}
     r = request(served.url + "/v2/models/mlp/infer")  # GET on a POST route
     assert r.status == 405 and r.json() == {"error": "Method Not Allowed"} and r.headers["allow"] == "POST"
-    v2_schema("inference_error_response", r.json())
     r = request(served.url + "/v2/health/live", "POST", b"")
     assert r.status == 405 and r.headers["allow"] == "GET,HEAD"
     for path in ("/v2/models/mlp/versions//ready", "/v2/models//ready", "/v2/models/mlp/ready/", "/v2/health/live/",
