@@ -21,8 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 import daemon
 from daemon import protocol, service
-from daemon.model_config import triton_model_config
 from daemon.errors import InferdError, NotReady
+from daemon.model_config import triton_model_config
 from daemon.models import ModelManager
 
 log = logging.getLogger("inferd.http")
