@@ -88,7 +88,8 @@ class Daemon:
         if self.mqtt is None:
             return None
         s = self.mqtt.state
-        return {"connected": s.connected, "connects": s.connects, "dropped_qos0": s.dropped_qos0}
+        return {"connected": s.connected, "connects": s.connects, "dropped_qos0": s.dropped_qos0,
+                "unanswerable": s.no_reply_destination, "refused_replies": s.refused_replies}
 
     def _mqtt_health(self) -> tuple[str, bool] | None:
         """(state shown in /v2/health/ready, whether it makes the daemon unready) or None when MQTT is off."""

@@ -41,6 +41,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "inferd_mqtt_connected": ("gauge", "1 while connected to the MQTT broker (absent when MQTT is off)."),
     "inferd_mqtt_connects_total": ("counter", "Successful MQTT (re)connections."),
     "inferd_mqtt_dropped_total": ("counter", "QoS 0 MQTT requests dropped because too many were in progress."),
+    "inferd_mqtt_unanswerable_total": (
+        "counter", "MQTT requests refused unread because they name no usable reply topic."),
+    "inferd_mqtt_refused_replies_total": ("counter", "MQTT replies the broker refused (ACL, quota)."),
 }
 
 
@@ -245,6 +248,10 @@ class InferdCollector:
                                       value=mqtt["connects"])
             yield CounterMetricFamily("inferd_mqtt_dropped", help_["inferd_mqtt_dropped_total"],
                                       value=mqtt["dropped_qos0"])
+            yield CounterMetricFamily("inferd_mqtt_unanswerable", help_["inferd_mqtt_unanswerable_total"],
+                                      value=mqtt["unanswerable"])
+            yield CounterMetricFamily("inferd_mqtt_refused_replies", help_["inferd_mqtt_refused_replies_total"],
+                                      value=mqtt["refused_replies"])
 
 
 def make_registry(collector: InferdCollector) -> CollectorRegistry:

@@ -477,6 +477,18 @@ class MqttFrontend:
         props = req.properties
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        # Where the answer goes is settled first: a request nobody can be answered on never reaches a model (it would
+        # cost a run and count as a success that no one received).
+        destination = response_topic or _reply_to(req.payload, _header_length_or_none(props))
+        problem = self.check_reply_topic(destination)
+        if problem is not None:
+            self._pending.discard(req.token)
+            self.state.no_reply_destination += 1
+            log.warning("mqtt request on %s refused, it cannot be answered: %s", req.topic, problem,
+                        extra={"event_kind": "mqtt_unanswerable"})
+            self._ack(req)
+            return
+        assert destination is not None
         header_length: int | None = None
         status = "200"
         reply_props: list[tuple[str, str]] = []
@@ -507,14 +519,10 @@ class MqttFrontend:
             if isinstance(request_id, str):
                 doc["id"] = request_id
             body = orjson.dumps(doc)
-        destination = response_topic or _reply_to(req.payload, header_length)
-        problem = self.check_reply_topic(destination)
-        if problem is not None:
-            self.state.no_reply_destination += 1
-            log.warning("mqtt request on %s cannot be answered: %s", req.topic, problem)
-        else:
-            assert destination is not None
-            await self._reply(destination, body, status, correlation, reply_props, qos=1 if req.qos else 0)
+        await self._reply(destination, body, status, correlation, reply_props, qos=1 if req.qos else 0)
+        self._ack(req)
+
+    def _ack(self, req: _Request) -> None:
         client = self._client
         if req.qos and client is not None and req.generation == self._generation and self.state.connected:
             client.ack(req.mid, req.qos)  # only now: the reply is safely with the broker
@@ -580,6 +588,13 @@ def _header_length(props: Any) -> int | None:
             except ValueError:
                 raise InvalidInput(f"user property {HEADER_LENGTH} must be an integer, got {value!r}") from None
     return None
+
+
+def _header_length_or_none(props: Any) -> int | None:
+    try:
+        return _header_length(props)
+    except InvalidInput:
+        return None
 
 
 def _request_field(payload: bytes, header_length: Any, key: str) -> Any:
