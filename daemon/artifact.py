@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from daemon.errors import IntegrityError, KeyProblem
 from daemon.keys import Kek, signer_id
+from daemon.packing import check_name, check_runtime_files
 
 MAGIC = b"INFERDA\x00"
 FORMAT_VERSION = 1
@@ -37,11 +38,6 @@ _PREFIX = struct.Struct(">8sHI")  # magic, format version, header length
 _SIG_CONTEXT = b"inferd-artifact-v1\x00"
 _HEADER_TAG_INDEX = 0xFFFFFFFF  # a nonce index no chunk can use
 MAX_HEADER = 1 << 20
-RUNTIME_FILE_SUFFIXES = {
-    "onnxruntime": (".onnx",),
-    "openvino": (".onnx", ".xml", ".bin"),
-    "litert": (".tflite",),
-}
 
 
 class ArtifactFormatError(IntegrityError):
@@ -135,6 +131,13 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def smoke_files(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict[str, bytes]:
+    """The ``smoke/...`` files that :meth:`OpenedArtifact.reference` reads back: reference inputs and outputs."""
+    packed = {f"smoke/input/{k}.npy": npy_bytes(v) for k, v in inputs.items()}
+    packed.update({f"smoke/output/{k}.npy": npy_bytes(v) for k, v in outputs.items()})
+    return packed
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -191,6 +194,8 @@ def pack(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> bytes:
     """Build an artifact in memory. ``files`` are the model file(s) plus optional ``smoke/...`` reference tensors."""
+    check_name("model name", name)
+    check_name("version", version)
     check_runtime_files(runtime, [n for n in files if not n.startswith("smoke/")])
     if chunk_size < 1024 or chunk_size > 64 << 20:
         raise ValueError("chunk_size must be between 1 KiB and 64 MiB")
@@ -232,18 +237,6 @@ def _chunk_count(payload_size: int, chunk_size: int) -> int:
     return max(1, -(-payload_size // chunk_size))
 
 
-def check_runtime_files(runtime: str, names: list[str]) -> None:
-    """Refuse model files that the runtime cannot read (an ONNX file packed as litert, say) before they ship."""
-    suffixes = RUNTIME_FILE_SUFFIXES.get(runtime)
-    if suffixes is None:
-        raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(sorted(RUNTIME_FILE_SUFFIXES))}")
-    if not names:
-        raise ValueError("no model file given")
-    bad = [n for n in names if not n.endswith(suffixes)]
-    if bad:
-        raise ValueError(f"runtime {runtime} reads {', '.join(suffixes)} files, not {', '.join(bad)}")
-
-
 # --- open ----------------------------------------------------------------------------------------------------
 
 
@@ -261,35 +254,64 @@ def read_header(blob: bytes | memoryview) -> tuple[Header, int]:
         raise ArtifactFormatError(f"artifact header of {hlen} bytes exceeds the {MAX_HEADER} byte limit")
     if _PREFIX.size + hlen > len(view):
         raise Truncated("artifact is truncated inside its header")
+    return _parse_header(bytes(view[_PREFIX.size : _PREFIX.size + hlen]), fmt), _PREFIX.size + hlen
+
+
+#: Required header fields and their JSON types, in the order they are checked (and documented).
+_HEADER_FIELDS: tuple[tuple[str, type], ...] = (
+    ("format", int), ("name", str), ("version", str), ("runtime", str), ("kek_id", str), ("signer", str),
+    ("created", str), ("chunk_size", int), ("payload_size", int),
+    ("wrapped_key", str), ("wrap_nonce", str), ("nonce_prefix", str),
+)
+_HEADER_MINIMA = {"chunk_size": 1, "payload_size": 0}
+#: base64 header fields and the exact number of bytes each must decode to.
+_HEADER_BYTES = {"wrapped_key": 48, "wrap_nonce": 12, "nonce_prefix": 7}
+_JSON_TYPES = {int: "an integer", str: "a string", dict: "an object", list: "a list", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def _parse_header(raw: bytes, fmt: int) -> Header:
+    """Parse the header JSON, naming the first thing wrong with it: a damaged header must say where it is damaged."""
+    def bad(problem: str) -> ArtifactFormatError:
+        return ArtifactFormatError(f"artifact header is malformed: {problem}")
+
     try:
-        h = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + hlen]))
-        header = Header(
-            name=str(h["name"]),
-            version=str(h["version"]),
-            runtime=str(h["runtime"]),
-            kek_id=str(h["kek_id"]),
-            signer=str(h["signer"]),
-            created=str(h["created"]),
-            chunk_size=int(h["chunk_size"]),
-            payload_size=int(h["payload_size"]),
-            wrapped_key=base64.b64decode(h["wrapped_key"]),
-            wrap_nonce=base64.b64decode(h["wrap_nonce"]),
-            nonce_prefix=base64.b64decode(h["nonce_prefix"]),
-            info=dict(h.get("info") or {}),
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ArtifactFormatError(f"artifact header is malformed: {exc}") from None
-    if h.get("format") != FORMAT_VERSION:
-        raise ArtifactFormatError(f"artifact header says format {h.get('format')!r}, its prefix says {fmt}")
-    if (
-        header.chunk_size <= 0
-        or header.payload_size < 0
-        or len(header.nonce_prefix) != 7
-        or len(header.wrap_nonce) != 12
-        or len(header.wrapped_key) != 48
-    ):
-        raise ArtifactFormatError("artifact header has impossible sizes or nonces")
-    return header, _PREFIX.size + hlen
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") from None
+    try:
+        h = json.loads(text)
+    except ValueError as exc:
+        raise bad(f"not valid JSON ({exc})") from None
+    if not isinstance(h, dict):
+        raise bad(f"not a JSON object but {_JSON_TYPES.get(type(h))}")
+    for key, kind in _HEADER_FIELDS:
+        if key not in h:
+            raise bad(f"the field {key!r} is missing")
+        value = h[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise bad(f"the field {key!r} must be {_JSON_TYPES[kind]}, found {_JSON_TYPES.get(type(value))}")
+    info = h.get("info")
+    if info is not None and not isinstance(info, dict):
+        raise bad(f"the field 'info' must be an object, found {_JSON_TYPES.get(type(info))}")
+    if h["format"] != fmt:
+        raise bad(f"the field 'format' says {h['format']}, the prefix says {fmt}")
+    for key, least in _HEADER_MINIMA.items():
+        if h[key] < least:
+            raise bad(f"the field {key!r} must be at least {least}, found {h[key]}")
+    decoded: dict[str, bytes] = {}
+    for key, size in _HEADER_BYTES.items():
+        try:
+            decoded[key] = base64.b64decode(h[key], validate=True)
+        except ValueError:  # binascii.Error, and non-ASCII text
+            raise bad(f"the field {key!r} is not valid base64") from None
+        if len(decoded[key]) != size:
+            raise bad(f"the field {key!r} must decode to {size} bytes, found {len(decoded[key])}")
+    return Header(
+        name=h["name"], version=h["version"], runtime=h["runtime"], kek_id=h["kek_id"], signer=h["signer"],
+        created=h["created"], chunk_size=h["chunk_size"], payload_size=h["payload_size"], info=dict(info or {}),
+        **decoded,
+    )
 
 
 def open_artifact(

@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--labels", type=Path, help="text file, one class label per line, packed as metadata")
     s.add_argument("--description", default=None)
+    s.add_argument(
+        "--no-load-check",
+        action="store_true",
+        help="do not load the model in its runtime first (to pack on a machine without that runtime installed)",
+    )
     s.set_defaults(func=cmd_pack)
 
     s = msub.add_parser("inspect", help="show an artifact's cleartext header (no key needed)")
@@ -200,22 +205,34 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from daemon import artifact, keys
+    import numpy as np
+
+    from daemon import artifact, keys, packing
     from daemon.fsutil import atomic_write
 
+    packing.check_name("model name", args.name)  # before any work: install would refuse it at the other end
+    packing.check_name("version", args.version)
     files = {f.name: f.read_bytes() for f in args.files}
     if len(files) != len(args.files):
         raise ValueError("two model files share a file name")
-    artifact.check_runtime_files(args.runtime, list(files))
+    packing.check_runtime_files(args.runtime, list(files))
+    if args.no_load_check and args.reference_inputs:
+        raise ValueError("--reference-inputs runs the model, so it needs the load check: drop --no-load-check")
     metadata: dict[str, Any] = {}
     if args.labels:
         metadata["labels"] = [ln.strip() for ln in args.labels.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if args.description:
         metadata["description"] = args.description
-    if args.reference_inputs:
-        files.update(_reference_files(args.runtime, files, args.reference_inputs))
     kek = keys.load_kek(_path_source(args.kek))
     signing_key = keys.load_signing_key(args.signing_key)
+    if not args.no_load_check:
+        reference = None
+        if args.reference_inputs:
+            with np.load(args.reference_inputs, allow_pickle=False) as data:
+                reference = {k: data[k] for k in data.files}
+        checked = packing.load_check(args.runtime, files, reference)
+        if checked.reference is not None:
+            files.update(artifact.smoke_files(*checked.reference))
     blob = artifact.pack(
         files,
         name=args.name,
@@ -228,25 +245,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
     atomic_write(args.out, blob, mode=0o644)
     print(f"packed {args.name}:{args.version} ({args.runtime}, {len(blob)} bytes) into {args.out}")
     return 0
-
-
-def _reference_files(runtime: str, files: dict[str, bytes], npz: Path) -> dict[str, bytes]:
-    """Run the model once on the given inputs, in memory, and pack inputs and outputs as the smoke test."""
-    import numpy as np
-
-    from adapters import SessionOptions, get_runtime
-    from daemon.artifact import npy_bytes
-
-    with np.load(npz, allow_pickle=False) as data:
-        inputs = {k: data[k] for k in data.files}
-    session = get_runtime(runtime).load(files, SessionOptions())
-    try:
-        outputs = session.run(inputs)
-    finally:
-        session.close()
-    packed = {f"smoke/input/{k}.npy": npy_bytes(v) for k, v in inputs.items()}
-    packed.update({f"smoke/output/{k}.npy": npy_bytes(v) for k, v in outputs.items()})
-    return packed
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -303,8 +301,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     blob = args.artifact.read_bytes()
     open_artifact(blob, keks, signers, require_signature=require)  # never install what the daemon would refuse
     store = Store(load_config(args.config).state_dir)
-    name, version, activated = store.install(blob, activate=args.activate)
-    print(f"installed {name}:{version}" + (" (active)" if activated else ""))
+    done = store.install(blob, activate=args.activate)
+    what = "installed" if done.fresh else "already installed"
+    notes = ([] if done.fresh else ["identical bytes"]) + (["active"] if done.active else [])
+    print(f"{what} {done.name}:{done.version}" + (f" ({', '.join(notes)})" if notes else ""))
     return 0
 
 

@@ -17,23 +17,30 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from daemon.artifact import read_header
-from daemon.config import NAME_PATTERN
+from daemon.artifact import check_name, read_header
 from daemon.errors import ModelNotFound, StoreError, VersionNotFound
 from daemon.fsutil import atomic_write, fsync_dir
 
 ARTIFACT_NAME = "artifact.inferd"
 STATE_NAME = "state.json"
 HISTORY_LIMIT = 100
+
+
+class Installed(NamedTuple):
+    """What an install did: ``fresh`` is False when identical bytes were already installed (nothing written)."""
+
+    name: str
+    version: str
+    active: bool
+    fresh: bool
 
 
 @dataclass
@@ -149,8 +156,8 @@ class Store:
         atomic_write(path, json.dumps(data, indent=2).encode() + b"\n")
         self._own(path)
 
-    def install(self, blob: bytes, *, activate: bool = False) -> tuple[str, str, bool]:
-        """Install an artifact that the caller has already verified; returns (name, version, activated).
+    def install(self, blob: bytes, *, activate: bool = False) -> Installed:
+        """Install an artifact that the caller has already verified; says whether it is active and was new.
 
         Versions are immutable: re-installing identical bytes is a no-op, different bytes under an installed version
         are refused.
@@ -158,8 +165,10 @@ class Store:
         header, _ = read_header(blob)
         name, version = header.name, header.version
         for label, value in (("model name", name), ("version", version)):
-            if not _valid_name(value):
-                raise StoreError(f"artifact has an invalid {label} {value!r}")
+            try:
+                check_name(label, value)
+            except ValueError as exc:
+                raise StoreError(f"artifact {name!r}:{version!r} has an {exc}") from None
         for d in (self.root, self.models_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True, mode=0o750)
         digest = hashlib.sha256(blob).hexdigest()
@@ -196,11 +205,7 @@ class Store:
                 activated = True
             if fresh or activated:
                 self.save_state(name, state)
-        return name, version, activated
-
-
-def _valid_name(value: str) -> bool:
-    return re.fullmatch(NAME_PATTERN.rstrip("$"), value) is not None and value not in (".", "..")
+        return Installed(name, version, activated, fresh)
 
 
 def _sha256_file(path: Path) -> str:

@@ -224,3 +224,94 @@ def test_no_plaintext_model_on_disk_during_pack_install_and_serve(
     assert _scan_for(site.root, needle) == []
     assert _scan_for(out.parent, needle) == []
     assert daemon.stop() == 0
+
+
+# --- a malformed header names what is wrong with it ----------------------------------------------------------
+
+
+_REMOVE = object()
+_MALFORMED = "artifact header is malformed: "
+
+
+def _header_doc(blob: bytes) -> dict:
+    _, tag_at = read_header(blob)
+    return json.loads(blob[artifact._PREFIX.size : tag_at])
+
+
+def _with_header(blob: bytes, header: bytes) -> bytes:
+    """The artifact with its header JSON replaced (length prefix updated), as a damaged or foreign file would be."""
+    _, tag_at = read_header(blob)
+    return blob[:8] + struct.pack(">HI", 1, len(header)) + header + blob[tag_at:]
+
+
+def _doc_with(blob: bytes, **changes: object) -> bytes:
+    doc = _header_doc(blob)
+    for key, value in changes.items():
+        if value is _REMOVE:
+            del doc[key]
+        else:
+            doc[key] = value
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"created": _REMOVE}, "the field 'created' is missing"),
+        ({"format": _REMOVE}, "the field 'format' is missing"),
+        ({"chunk_size": "1024"}, "the field 'chunk_size' must be an integer, found a string"),
+        ({"chunk_size": 1024.0}, "the field 'chunk_size' must be an integer, found a number"),
+        ({"format": True}, "the field 'format' must be an integer, found a boolean"),
+        ({"name": None}, "the field 'name' must be a string, found null"),
+        ({"kek_id": ["main"]}, "the field 'kek_id' must be a string, found a list"),
+        ({"info": "labels"}, "the field 'info' must be an object, found a string"),
+        ({"format": 2}, "the field 'format' says 2, the prefix says 1"),
+        ({"chunk_size": 0}, "the field 'chunk_size' must be at least 1, found 0"),
+        ({"payload_size": -1}, "the field 'payload_size' must be at least 0, found -1"),
+        ({"wrap_nonce": "not base64!"}, "the field 'wrap_nonce' is not valid base64"),
+        ({"nonce_prefix": "AAAAAAAA"}, "the field 'nonce_prefix' must decode to 7 bytes, found 6"),
+    ],
+)
+def test_malformed_header_fields_are_named(keyset: KeySet, changes: dict, expected: str) -> None:
+    blob = pack_model(keyset, b"model")
+    with pytest.raises(ArtifactFormatError) as err:
+        read_header(_with_header(blob, _doc_with(blob, **changes)))
+    assert str(err.value) == _MALFORMED + expected
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (b'{"format":1,\xff}', "not valid UTF-8 (byte 0xff at offset 12)"),
+        (b'{"format":1,', "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 13 "
+                          "(char 12))"),
+        (b"[1,2]", "not a JSON object but a list"),
+        (b'"header"', "not a JSON object but a string"),
+    ],
+)
+def test_a_header_that_is_not_a_json_object_says_so(keyset: KeySet, header: bytes, expected: str) -> None:
+    blob = pack_model(keyset, b"model")
+    with pytest.raises(ArtifactFormatError) as err:
+        read_header(_with_header(blob, header))
+    assert str(err.value) == _MALFORMED + expected
+
+
+def test_a_flipped_header_byte_is_named_by_inspect(tmp_path: Path, keyset: KeySet) -> None:
+    """The case met: one bit flipped in a field's name, through `inferd model inspect`."""
+    blob = bytearray(pack_model(keyset, b"model"))
+    at = bytes(blob).index(b'"created"') + 3
+    blob[at] ^= 0x01  # "created" -> "crdated"
+    path = tmp_path / "flipped.inferd"
+    path.write_bytes(bytes(blob))
+    res = subprocess.run([sys.executable, "-m", "daemon", "model", "inspect", str(path)], capture_output=True,
+                         text=True, cwd=REPO, timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.strip() == "inferd: error: artifact header is malformed: the field 'created' is missing"
+
+
+def test_pack_refuses_names_the_store_would_refuse(keyset: KeySet) -> None:
+    with pytest.raises(ValueError, match=r"^invalid model name 'bc model': model names and versions are 1 to 128 "):
+        pack_model(keyset, b"model", name="bc model")
+    with pytest.raises(ValueError, match=r"^invalid version '\.\.': "):
+        pack_model(keyset, b"model", version="..")

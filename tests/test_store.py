@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 from conftest import KeySet, pack_model
 
+from daemon.config import NAME_PATTERN
 from daemon.errors import ModelNotFound, StoreError, VersionNotFound
 from daemon.store import Store
 
 
 def test_install_activates_first_version_only(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
     store = Store(tmp_path / "state")
-    assert store.install(pack_model(keyset, mlp_onnx, version="1")) == ("mlp", "1", True)
-    assert store.install(pack_model(keyset, mlp_onnx, version="2")) == ("mlp", "2", False)
+    assert store.install(pack_model(keyset, mlp_onnx, version="1")) == ("mlp", "1", True, True)
+    assert store.install(pack_model(keyset, mlp_onnx, version="2")) == ("mlp", "2", False, True)
     assert store.state("mlp").active == "1"
-    assert store.install(pack_model(keyset, mlp_onnx, version="10"), activate=True) == ("mlp", "10", True)
+    assert store.install(pack_model(keyset, mlp_onnx, version="10"), activate=True) == ("mlp", "10", True, True)
     state = store.state("mlp")
     assert (state.active, state.previous) == ("10", "1")
     assert store.versions("mlp") == ["1", "2", "10"]
@@ -30,8 +31,9 @@ def test_install_activates_first_version_only(tmp_path: Path, keyset: KeySet, ml
 def test_versions_are_immutable(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
     store = Store(tmp_path / "state")
     blob = pack_model(keyset, mlp_onnx, version="1")
-    store.install(blob)
-    store.install(blob)  # identical bytes: a no-op
+    assert store.install(blob).fresh
+    again = store.install(blob)  # identical bytes: a no-op, and said to be one
+    assert (again.active, again.fresh) == (True, False)
     with pytest.raises(StoreError, match="already installed with different content"):
         store.install(pack_model(keyset, mlp_onnx, version="1"))  # fresh keys and nonces: different bytes
     assert store.read_artifact("mlp", "1") == blob
@@ -98,3 +100,19 @@ def test_root_installs_are_handed_to_the_store_owner(tmp_path: Path, keyset: Key
                  root / "models/mlp/state.json"):
         st = path.stat()
         assert (st.st_uid, st.st_gid) == (4242, 4243), path
+
+
+def test_install_refuses_a_header_name_the_config_could_not_name(tmp_path: Path, keyset: KeySet,
+                                                                mlp_onnx: bytes) -> None:
+    """An artifact from another packer: the store applies the config's name rule and says what the rule is."""
+    blob = pack_model(keyset, mlp_onnx, name="mlp")
+    renamed = blob.replace(b'"name":"mlp"', b'"name":"m p"', 1)  # same length: the header still parses
+    store = Store(tmp_path / "state")
+    with pytest.raises(StoreError) as err:
+        store.install(renamed)
+    assert str(err.value) == (
+        "artifact 'm p':'1' has an invalid model name 'm p': model names and versions are 1 to 128 letters, digits, "
+        f"'_', '.' or '-', starting with a letter or digit (the pattern {NAME_PATTERN} that the config and the store "
+        "use)"
+    )
+    assert not (tmp_path / "state").exists()  # refused before anything was created
