@@ -16,7 +16,7 @@ from conftest import REPO, KeySet, Site, pack_model
 
 from daemon import cli
 from daemon.config import NAME_PATTERN
-from daemon.packing import ZIPMAP_HINT
+from daemon.packing import ONNX_ML_HINT, STRING_HINT, ZIPMAP_HINT
 
 
 def inferd(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -146,6 +146,31 @@ def test_pack_refuses_a_zipmap_export_and_says_how_to_export(tmp_path: Path, key
     verified = inferd("model", "verify", str(out), "--kek", str(keyset.kek_path), "--signer",
                       str(keyset.public_path)).stdout
     assert "smoke/output/probabilities.npy" in verified and "smoke/output/label.npy" in verified
+
+
+def test_pack_gives_the_fix_for_string_labels_and_for_onnx_ml_on_openvino(
+    tmp_path: Path, keyset: KeySet, iris_exports: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from skl2onnx import to_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_iris(return_X_y=True)
+    x = x.astype(np.float32)
+    named = LogisticRegression(max_iter=500).fit(x, np.asarray(["setosa", "versicolor", "virginica"])[y])
+    strings = tmp_path / "strings.onnx"
+    strings.write_bytes(to_onnx(named, x[:1], target_opset=17, options={"zipmap": False}).SerializeToString())
+    assert cli.main(pack_args(strings, keyset, tmp_path / "o")) == 1
+    assert capsys.readouterr().err.strip() == (
+        "inferd: error: the model cannot be served by onnxruntime: tensor 'label' has type tensor(string), which "
+        f"inferd cannot serve; fix: {STRING_HINT}"
+    )
+    # OpenVINO converts no ONNX-ML operator: zipmap off would not help there, the runtime is the fix
+    assert cli.main(pack_args(iris_exports[1], keyset, tmp_path / "o", runtime="openvino")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("inferd: error: the model cannot be served by openvino: openvino could not read plain.onnx")
+    assert err.endswith(f"; fix: {ONNX_ML_HINT}") and ZIPMAP_HINT not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_pack_names_the_extra_when_the_runtime_is_not_installed(
