@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -38,6 +39,15 @@ NUMPY_TO_V2: dict[np.dtype[Any], str] = {v: k for k, v in V2_TO_NUMPY.items()}
 
 class AdapterError(Exception):
     """A runtime refused a model or a run; the message is meant for the operator."""
+
+
+class InputRejected(AdapterError):
+    """The runtime refused a run because of the shapes or values it was given: the caller's error, not the server's.
+
+    Raised only for failures that depend on the request (a kernel's check on its inputs, a resize to a shape the graph
+    cannot take, a dtype the model does not take), never for memory exhaustion or a failing device, so the daemon can
+    answer 400 with the runtime's message and re-run the other requests of a failed batch on their own.
+    """
 
 
 class AdapterUnavailable(AdapterError):
@@ -156,4 +166,25 @@ def check_inputs_present(specs: list[TensorSpec], inputs: Mapping[str, np.ndarra
     """Adapters call this so a direct (non-daemon) caller gets a clear error rather than a runtime crash."""
     missing = [s.name for s in specs if s.name not in inputs]
     if missing:
-        raise AdapterError(f"missing inputs: {', '.join(missing)}")
+        raise InputRejected(f"missing inputs: {', '.join(missing)}")
+
+
+#: Failures that say the machine ran out of something (memory, the device), whatever input caused them: the server's.
+_RESOURCE_FAILURE = re.compile(r"failed to allocate|out of memory|bad_alloc|\bcuda|cublas|cudnn|tensorrt", re.I)
+#: A runtime's own source location (``/onnxruntime_src/.../reshape_helper.h:91``, ``src/plugins/.../node.cpp:794:``).
+_SOURCE_LOCATION = re.compile(r"(?:at )?(?:[\w.-]*/)*[\w.-]+\.(?:h|hpp|c|cc|cpp|cxx):\d+:?")
+#: A C++ function signature ORT prints after the location (``void onnxruntime::X::Init(ptrdiff_t, ptrdiff_t)``).
+_CXX_SIGNATURE = re.compile(r"(?:[\w*&]+ )*\w+(?:::\w+)+\([^()]*\)(?: const)? ?")
+
+
+def resource_failure(message: str) -> bool:
+    """True when a runtime's message reports exhausted memory or a device failure rather than a refused input."""
+    return _RESOURCE_FAILURE.search(message) is not None
+
+
+def runtime_message(message: str) -> str:
+    """A runtime's refusal as a caller should read it: one line, without the runtime's source files and C++
+    signatures, which say nothing to a client and look like server internals in a response body."""
+    text = _CXX_SIGNATURE.sub("", _SOURCE_LOCATION.sub("", message))
+    lines = [" ".join(line.split()).strip(" :") for line in text.splitlines()]
+    return "; ".join(line for line in lines if line and line != "Exception from")

@@ -25,9 +25,12 @@ from adapters.base import (
     AdapterError,
     AdapterUnavailable,
     DeviceUnavailable,
+    InputRejected,
     SessionOptions,
     TensorSpec,
     check_inputs_present,
+    resource_failure,
+    runtime_message,
     warn_fallback,
 )
 
@@ -36,6 +39,9 @@ log = logging.getLogger("inferd.adapters.litert")
 #: The file identifier at bytes 4..8 of a TFLite flatbuffer; the interpreter's verifier requires it too.
 TFLITE_IDENTIFIER = b"TFL3"
 _INSTALL_HINT = "install it with: pip install 'inferd[litert]'"
+#: How the interpreter reports a builtin kernel's refusal at invoke, e.g. ``gather index out of boundsNode number 0
+#: (GATHER) failed to invoke.``; builtin op names are upper case, delegates (``TfLiteXNNPackDelegate``) are not.
+_KERNEL_REFUSAL = re.compile(r"Node number \d+ \([A-Z0-9_]+\) failed to invoke")
 
 
 def tflite_runtime_problem(tflite_runtime_version: str, numpy_version: str) -> str | None:
@@ -202,11 +208,11 @@ class LiteRtSession:
         check_inputs_present(self._inputs, inputs)
         unknown = sorted(set(inputs) - self._input_names)
         if unknown:
-            raise AdapterError(f"unknown inputs: {', '.join(unknown)}")
+            raise InputRejected(f"unknown inputs: {', '.join(unknown)}")
         arrays = [np.asarray(inputs[spec.name]) for spec in self._inputs]
         for spec, arr in zip(self._inputs, arrays):
             if arr.dtype != spec.dtype:  # refused before an interpreter is borrowed (and maybe resized) for nothing
-                raise AdapterError(
+                raise InputRejected(
                     f"input {spec.name!r} is {arr.dtype}; the model takes {spec.dtype} ({spec.datatype})"
                 )
         worker = self._acquire()
@@ -215,24 +221,39 @@ class LiteRtSession:
         except Exception as exc:  # ValueError/RuntimeError from set_tensor, resize or invoke
             # A failure between resize and allocate leaves the interpreter's shapes unknown: size it afresh next time.
             worker.shapes = [None] * len(worker.shapes)
+            if isinstance(exc, InputRejected):
+                raise
             raise AdapterError(f"litert run failed: {exc}") from exc
         finally:
             self._idle.put(worker)
 
     def _run(self, worker: _Worker, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Size, feed, invoke. Sizing and feeding depend on nothing but the input shapes (the interpreter was built
+        and allocated once already), so their failures are the caller's, unless memory ran out; at invoke, only a
+        builtin kernel's check is."""
         interp = worker.interpreter
-        resized = False
-        for i, (arr, index) in enumerate(zip(arrays, self._input_index)):
-            if arr.shape != worker.shapes[i]:
-                # strict: only the -1 dims of shape_signature may change, so a wrong feature size is refused here.
-                interp.resize_tensor_input(index, list(arr.shape), strict=True)
-                worker.shapes[i] = arr.shape
-                resized = True
-        if resized:
-            interp.allocate_tensors()
-        for arr, index in zip(arrays, self._input_index):
-            interp.set_tensor(index, arr)
-        interp.invoke()
+        try:
+            resized = False
+            for i, (arr, index) in enumerate(zip(arrays, self._input_index)):
+                if arr.shape != worker.shapes[i]:
+                    # strict: only the -1 dims of shape_signature may change, so a wrong feature size is refused here.
+                    interp.resize_tensor_input(index, list(arr.shape), strict=True)
+                    worker.shapes[i] = arr.shape
+                    resized = True
+            if resized:
+                interp.allocate_tensors()  # each kernel's Prepare checks the shapes it now has
+            for arr, index in zip(arrays, self._input_index):
+                interp.set_tensor(index, arr)
+        except (ValueError, RuntimeError) as exc:
+            if resource_failure(str(exc)):
+                raise
+            raise InputRejected(f"litert refused the input shapes: {_message(exc)}") from exc
+        try:
+            interp.invoke()
+        except RuntimeError as exc:
+            if _KERNEL_REFUSAL.search(str(exc)) and not resource_failure(str(exc)):
+                raise InputRejected(f"litert refused the input: {_message(exc)}") from exc
+            raise
         # get_tensor returns a copy (tensor() would be a view into the arena the next invoke overwrites).
         return {spec.name: interp.get_tensor(index) for spec, index in zip(self._outputs, self._output_index)}
 
@@ -243,6 +264,11 @@ class LiteRtSession:
                 self._idle.get_nowait()
             except queue.Empty:
                 break
+
+
+def _message(exc: BaseException) -> str:
+    """The interpreter's text, with the node it glues to the kernel's message set apart."""
+    return runtime_message(str(exc).replace("Node number", "; node number"))
 
 
 class LiteRtRuntime:

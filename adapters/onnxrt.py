@@ -12,9 +12,12 @@ from adapters.base import (
     AdapterError,
     AdapterUnavailable,
     DeviceUnavailable,
+    InputRejected,
     SessionOptions,
     TensorSpec,
     check_inputs_present,
+    resource_failure,
+    runtime_message,
     warn_fallback,
 )
 
@@ -72,6 +75,27 @@ def choose_providers(device: str, fallback: bool, available: list[str]) -> tuple
     return ["CPUExecutionProvider"], "cpu"
 
 
+def input_caused(exc: BaseException) -> bool:
+    """Whether ORT's failure is the request's fault, by its status class (measured with ORT 1.32 on the CPU; the
+    tests pin it):
+
+    - ``InvalidArgument`` (status 2): a wrong dtype or rank, or a kernel refusing the values it was given (a Gather
+      index out of range, a reflect Pad longer than its input).
+    - ``Fail`` (status 1) raised while running a node: a kernel's own check on the shapes it met at run time
+      (operands that do not broadcast, a Reshape or MatMul that does not fit, a Concat of unequal dims). The model
+      already ran its warm-up, so what differs is the input. Allocation and CUDA failures stay the server's.
+
+    Everything else (``RuntimeException``, ``EPFail``, ...) is the server's.
+    """
+    if not type(exc).__module__.startswith("onnxruntime"):
+        return False
+    kind = type(exc).__name__
+    if kind == "InvalidArgument":
+        return True
+    text = str(exc)
+    return kind == "Fail" and "while running" in text and not resource_failure(text)
+
+
 class OnnxSession:
     """One InferenceSession; ORT's Run is thread-safe, so no lock is taken here."""
 
@@ -101,6 +125,8 @@ class OnnxSession:
         try:
             results = self._sess.run(self._output_names, inputs)
         except Exception as exc:  # ORT raises its own Fail/InvalidArgument types
+            if input_caused(exc):
+                raise InputRejected(f"onnxruntime refused the input: {runtime_message(str(exc))}") from exc
             raise AdapterError(f"onnxruntime run failed: {exc}") from exc
         return dict(zip(self._output_names, results))
 
@@ -134,7 +160,7 @@ class OnnxRuntime:
             ort.ExecutionMode.ORT_PARALLEL if options.inter_op_threads > 1 else ort.ExecutionMode.ORT_SEQUENTIAL
         )
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # FATAL only: ORT prints every refused run at ERROR; the daemon reports runs itself
         for key, value in options.extra.items():
             so.add_session_config_entry(str(key), str(value))
         try:

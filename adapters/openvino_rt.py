@@ -18,9 +18,12 @@ from adapters.base import (
     AdapterError,
     AdapterUnavailable,
     DeviceUnavailable,
+    InputRejected,
     SessionOptions,
     TensorSpec,
     check_inputs_present,
+    resource_failure,
+    runtime_message,
     warn_fallback,
 )
 
@@ -148,6 +151,17 @@ def _spec(port: Any) -> TensorSpec:
     return TensorSpec(name, _element_type(port, name), shape)
 
 
+def input_caused(exc: BaseException) -> bool:
+    """Whether OpenVINO's failure is the request's fault. It raises RuntimeError for everything; the ones a request
+    causes come from shape inference, which runs on every inference of a dynamic model with the shapes and constant
+    values it was given (a reflect Pad longer than its input, operands that do not broadcast, a Reshape or MatMul
+    that does not fit). Their messages name the shape-inference sources (``shape_inference/...``,
+    ``Eltwise shape infer``), measured with OpenVINO 2026.x on the CPU; the tests pin it. Allocation failures stay
+    the server's."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and "shape infer" in text.replace("_", " ") and not resource_failure(text)
+
+
 class OpenVinoSession:
     """A compiled model and a pool of infer requests.
 
@@ -197,15 +211,22 @@ class OpenVinoSession:
         check_inputs_present(self._inputs, inputs)
         unknown = sorted(set(inputs) - self._input_names)
         if unknown:
-            raise AdapterError(f"unknown inputs: {', '.join(unknown)}")
+            raise InputRejected(f"unknown inputs: {', '.join(unknown)}")
         # Fed by port index: names may be missing or aliased in IR, the port order never is.
         feed = {i: self._checked(i, spec, inputs[spec.name]) for i, spec in enumerate(self._inputs)}
         request = self._requests.get()
         try:
-            # share_outputs=False copies the results out: the request reuses its output tensors on the next call.
-            results = request.infer(feed, share_inputs=False, share_outputs=False)
-            return {spec.name: results[i] for i, spec in enumerate(self._outputs)}
+            # start_async + wait, not infer(): with INFERENCE_NUM_THREADS=1 the CPU plugin's synchronous infer()
+            # swallows a failed shape inference and returns the previous run's outputs (another caller's answer),
+            # then may crash the process later (OpenVINO 2026.4); wait() raises the failure.
+            request.start_async(feed, share_inputs=False)
+            request.wait()
+            # copied out: the request reuses its output tensors on the next call
+            return {spec.name: np.array(request.get_output_tensor(i).data, copy=True)
+                    for i, spec in enumerate(self._outputs)}
         except Exception as exc:  # OpenVINO raises RuntimeError/ValueError/TypeError with its own messages
+            if input_caused(exc):
+                raise InputRejected(f"openvino refused the input: {runtime_message(str(exc))}") from exc
             raise AdapterError(f"openvino run failed: {exc}") from exc
         finally:
             self._requests.put(request)
@@ -215,9 +236,9 @@ class OpenVinoSession:
         empty output instead of raising."""
         arr = np.asarray(value)
         if arr.dtype != spec.dtype:
-            raise AdapterError(f"input {spec.name!r} is {arr.dtype}; the model takes {spec.dtype} ({spec.datatype})")
+            raise InputRejected(f"input {spec.name!r} is {arr.dtype}; the model takes {spec.dtype} ({spec.datatype})")
         if not self._input_shapes[i].compatible(self._partial_shape(list(arr.shape))):
-            raise AdapterError(
+            raise InputRejected(
                 f"input {spec.name!r} has shape {list(arr.shape)}; the model takes {self._input_shapes[i]}"
             )
         return arr

@@ -57,6 +57,10 @@ class InferenceFailed(InferdError):
     code = "inference_failed"
 
 
+class NonFiniteOutput(InferenceFailed):
+    """An output holds NaN or infinity, which JSON cannot carry: the model's fault unless the caller sent them."""
+
+
 class IntegrityError(InferdError):
     """An artifact failed authentication, decryption or signature checks."""
 

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from adapters.base import NUMPY_TO_V2, V2_TO_NUMPY, TensorSpec
-from daemon.errors import InferenceFailed, InvalidInput, PayloadTooLarge
+from daemon.errors import InferenceFailed, InvalidInput, NonFiniteOutput, PayloadTooLarge
 
 _INT_KINDS = "iu"
 _NUMBER_KINDS = "iuf"
@@ -345,12 +345,26 @@ def output_tensor_json(name: str, arr: np.ndarray) -> dict[str, Any]:
         raise InferenceFailed(f"output {name!r} has dtype {arr.dtype}, which V2 cannot carry")
     flat = arr.reshape(-1)
     if arr.dtype.kind == "f" and not np.isfinite(flat).all():
-        raise InferenceFailed(
+        raise NonFiniteOutput(
             f"output {name!r} holds NaN or infinite values, which JSON cannot carry; ask for it as binary data"
         )
     if arr.dtype == np.float16:  # orjson cannot serialise float16; widening is exact
         flat = flat.astype(np.float32)
     return {"name": name, "datatype": datatype, "shape": list(arr.shape), "data": np.ascontiguousarray(flat)}
+
+
+def _non_finite_from_input(request: InferRequest, output: str) -> InvalidInput | None:
+    """When an output JSON cannot carry came from NaN or infinity the caller sent (binary inputs are not range-checked),
+    the caller's error, saying how to get it; None when every input was finite: then it is the model's fault. Only
+    called on that failure, so the hot path never scans inputs."""
+    for name, arr in request.inputs.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return InvalidInput(
+                f"output {output!r} holds NaN or infinite values (input {name!r} holds some), which JSON cannot carry; "
+                f"ask for it as binary data: parameters.binary_data_output: true, or binary_data: true in the "
+                f"output's parameters"
+            )
+    return None
 
 
 def wants_binary(request: InferRequest, params: dict[str, Any]) -> bool:
@@ -389,7 +403,10 @@ def encode_response(
             tensors.append({"name": name, "datatype": datatype, "shape": list(arr.shape),
                             "parameters": {"binary_data_size": len(data)}, "data": []})
         else:
-            tensors.append(output_tensor_json(name, arr))
+            try:
+                tensors.append(output_tensor_json(name, arr))
+            except NonFiniteOutput as exc:
+                raise _non_finite_from_input(request, name) or exc from None
     doc["outputs"] = tensors
     header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:

@@ -23,12 +23,17 @@ Why it looks like this:
   same size class (rows in powers of two and the exact per-row shapes), in wall time: contention only makes a run
   slower, so the minimum is the run's own cost, and wall time also counts work on a runtime's own threads or a GPU,
   which the calling thread's CPU time would miss. A class never measured runs on a worker first.
+- A runtime that refuses a run because of its inputs (``InputRejected``) answers ``InvalidInput``; any other runtime
+  failure is ``InferenceFailed``, logged here with its traceback (transport-neutral, so HTTP and MQTT alike). When a
+  batch of several requests is refused, each request runs again alone, so only the one at fault is refused and its
+  batch-mates get their answers: the refusal may come from any row, and rows cannot be told apart after concatenation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -37,9 +42,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters.base import AdapterError, Session
-from daemon.errors import Busy, InferenceFailed, Timeout
+from adapters.base import AdapterError, InputRejected, Session
+from daemon.errors import Busy, InferenceFailed, InvalidInput, Timeout
 from daemon.metrics import VersionStats
+
+log = logging.getLogger("inferd.scheduler")
 
 
 @dataclass(frozen=True)
@@ -52,8 +59,11 @@ class BatchPolicy:
     inline_max_s: float = 0.0  # runs estimated below this go on the event loop (0: never)
 
 
-#: (per-request outputs, rows run, seconds) or what the batch raised
-_Outcome = tuple[list[dict[str, np.ndarray]], int, float] | BaseException
+_Outputs = dict[str, np.ndarray]
+#: a run made: (the inputs of one request in it, rows run, seconds), for the stats and the inline estimates
+_Run = tuple[_Outputs, int, float]
+#: (per request: its outputs or what its run raised, the runs made) or what the whole batch raised
+_Outcome = tuple[list[_Outputs | BaseException], list[_Run]] | BaseException
 
 
 class _Job:
@@ -290,10 +300,7 @@ class Scheduler:
         self._idle -= 1
         try:
             started = time.perf_counter()
-            try:
-                results = self._session.run(inputs)
-            except AdapterError as exc:
-                raise InferenceFailed(str(exc)) from None
+            results = self._run(inputs)
             elapsed = time.perf_counter() - started
         finally:
             self._idle += 1
@@ -329,41 +336,69 @@ class Scheduler:
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(outcome)
-        else:
-            outputs, rows, seconds = outcome
+            return
+        outputs, runs = outcome
+        for inputs, rows, seconds in runs:
             self._stats.executed(rows, seconds)
             if self._inline:
-                self._note_run(_size_class(batch[0].inputs, rows), seconds)
-            for job, out in zip(batch, outputs):
-                if not job.future.done():
-                    job.future.set_result(out)
+                self._note_run(_size_class(inputs, rows), seconds)
+        for job, out in zip(batch, outputs):
+            if job.future.done():
+                continue
+            if isinstance(out, BaseException):
+                job.future.set_exception(out)
+            else:
+                job.future.set_result(out)
 
-    def _execute(self, batch: list[_Job]) -> tuple[list[dict[str, np.ndarray]], int, float]:
+    def _run(self, feed: dict[str, np.ndarray]) -> _Outputs:
+        """One runtime call, its failure mapped: the caller's (400) or the server's (500, logged with the trace)."""
+        try:
+            return self._session.run(feed)
+        except InputRejected as exc:
+            raise InvalidInput(str(exc)) from None
+        except AdapterError as exc:
+            log.error("model %s: run failed: %s", self._label, exc, exc_info=exc, extra={"event_kind": "run_failed"})
+            raise InferenceFailed(str(exc)) from None
+
+    def _execute(self, batch: list[_Job]) -> tuple[list[_Outputs | BaseException], list[_Run]]:
         """Runs on a pool thread: concatenate, run, split. Only numpy and the runtime here."""
         started = time.perf_counter()
         if len(batch) == 1:
-            feed = batch[0].inputs
-        else:
-            feed = {name: np.concatenate([j.inputs[name] for j in batch]) for name in batch[0].inputs}
+            job = batch[0]
+            results = self._run(job.inputs)
+            return [results], [(job.inputs, job.rows, time.perf_counter() - started)]
+        feed = {name: np.concatenate([j.inputs[name] for j in batch]) for name in batch[0].inputs}
         try:
-            results = self._session.run(feed)
-        except AdapterError as exc:
-            raise InferenceFailed(str(exc)) from None
+            results = self._run(feed)
+        except InvalidInput:
+            return self._one_by_one(batch)
         rows = sum(j.rows for j in batch)
         elapsed = time.perf_counter() - started
-        if len(batch) == 1:
-            return [results], rows, elapsed
         for name, arr in results.items():
             if arr.ndim == 0 or arr.shape[0] != rows:
                 raise InferenceFailed(
                     f"output {name!r} does not follow the batch dimension ({arr.shape}); set max_batch_size: 0"
                 )
-        split: list[dict[str, np.ndarray]] = []
+        split: list[_Outputs | BaseException] = []
         offset = 0
         for job in batch:
             split.append({name: arr[offset : offset + job.rows] for name, arr in results.items()})
             offset += job.rows
-        return split, rows, elapsed
+        return split, [(batch[0].inputs, rows, elapsed)]
+
+    def _one_by_one(self, batch: list[_Job]) -> tuple[list[_Outputs | BaseException], list[_Run]]:
+        """A batch the runtime refused for its inputs: each request runs alone, and only those refused alone fail."""
+        outputs: list[_Outputs | BaseException] = []
+        runs: list[_Run] = []
+        for job in batch:
+            started = time.perf_counter()
+            try:
+                outputs.append(self._run(job.inputs))
+            except (InvalidInput, InferenceFailed) as exc:
+                outputs.append(exc)
+                continue
+            runs.append((job.inputs, job.rows, time.perf_counter() - started))
+        return outputs, runs
 
     async def close(self) -> None:
         """Stop dispatching; requests still queued are failed, runs in progress finish."""

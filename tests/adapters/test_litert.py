@@ -10,7 +10,7 @@ import pytest
 from tflite_builder import build_mlp_onnx, build_mlp_tflite, mlp_forward, random_mlp_weights
 
 from adapters import get_runtime
-from adapters.base import AdapterError, DeviceUnavailable, SessionOptions, TensorSpec
+from adapters.base import AdapterError, DeviceUnavailable, InputRejected, SessionOptions, TensorSpec
 from adapters.litert import RUNTIME, LiteRtSession, choose_device, tflite_runtime_problem
 
 WEIGHTS = random_mlp_weights()
@@ -92,20 +92,20 @@ def test_concurrent_runs_match_sequential(tflite_model: bytes) -> None:
     sess.close()
 
 
-def test_wrong_feature_size_is_an_adapter_error_and_the_session_recovers(tflite_model: bytes) -> None:
+def test_wrong_feature_size_is_refused_as_input_and_the_session_recovers(tflite_model: bytes) -> None:
     sess = RUNTIME.load({"model.tflite": tflite_model}, SessionOptions())
-    with pytest.raises(AdapterError, match="litert run failed"):
+    with pytest.raises(InputRejected, match="litert refused the input shapes: Attempting to resize dimension 1"):
         sess.run({"input": np.zeros((2, 5), np.float32)})
-    with pytest.raises(AdapterError, match="is float64; the model takes float32"):
+    with pytest.raises(InputRejected, match="is float64; the model takes float32"):
         sess.run({"input": np.zeros((2, 4), np.float64)})
     x = _x(2, 7)
     np.testing.assert_allclose(sess.run({"input": x})["output"], mlp_forward(x, *WEIGHTS), atol=1e-5, rtol=0)
 
 
 def test_missing_and_unknown_inputs(session: LiteRtSession) -> None:
-    with pytest.raises(AdapterError, match="missing inputs: input"):
+    with pytest.raises(InputRejected, match="missing inputs: input"):
         session.run({})
-    with pytest.raises(AdapterError, match="unknown inputs: extra"):
+    with pytest.raises(InputRejected, match="unknown inputs: extra"):
         session.run({"input": _x(1, 0), "extra": _x(1, 0)})
 
 

@@ -11,7 +11,7 @@ import pytest
 from tflite_builder import build_mlp_onnx, build_mlp_tflite, mlp_forward, random_mlp_weights
 
 from adapters import get_runtime
-from adapters.base import AdapterError, DeviceUnavailable, SessionOptions, TensorSpec
+from adapters.base import AdapterError, DeviceUnavailable, InputRejected, SessionOptions, TensorSpec
 from adapters.openvino_rt import RUNTIME, OpenVinoSession, choose_device, compile_properties
 
 ov = pytest.importorskip("openvino")
@@ -140,16 +140,16 @@ def test_concurrent_runs_match_sequential(onnx_model: bytes) -> None:
     sess.close()
 
 
-def test_run_errors_are_adapter_errors(session: OpenVinoSession) -> None:
-    # OpenVINO itself answers some of these with an empty output, others by converting silently.
+def test_run_errors_on_input_are_refused_as_input(session: OpenVinoSession) -> None:
+    # OpenVINO itself answers some of these with an empty output, others by converting silently: the adapter checks.
     for bad in (np.zeros((2, 5), np.float32), np.zeros((2, 4, 1), np.float32), np.zeros(4, np.float32)):
-        with pytest.raises(AdapterError, match="has shape"):
+        with pytest.raises(InputRejected, match="has shape"):
             session.run({"input": bad})
-    with pytest.raises(AdapterError, match="is float64; the model takes float32"):
+    with pytest.raises(InputRejected, match="is float64; the model takes float32"):
         session.run({"input": np.zeros((2, 4), np.float64)})
-    with pytest.raises(AdapterError, match="missing inputs: input"):
+    with pytest.raises(InputRejected, match="missing inputs: input"):
         session.run({})
-    with pytest.raises(AdapterError, match="unknown inputs: extra"):
+    with pytest.raises(InputRejected, match="unknown inputs: extra"):
         session.run({"input": _x(1, 0), "extra": _x(1, 0)})
     x = _x(2, 9)  # the request that failed went back to the pool in a usable state
     np.testing.assert_allclose(session.run({"input": x})["output"], mlp_forward(x, *WEIGHTS), atol=1e-5, rtol=0)
