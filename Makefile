@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP_RUN  := $(VENV)/.stamp-run
 STAMP_DEV  := $(VENV)/.stamp-dev
 
-.PHONY: run test lint typecheck bench deps-system clean
+.PHONY: run test fuzz lint typecheck bench deps-system clean
 
 # Debian and Ubuntu ship venv/ensurepip separately (python3-venv): install it when creating the venv fails.
 $(PY):
@@ -45,6 +45,11 @@ lint: $(STAMP_DEV)
 
 test: $(STAMP_DEV) deps-system lint
 	$(PY) -m pytest -q
+
+# A long fuzz pass against a real daemon (tests/test_fuzz.py; make test runs a short one): prints the cases tried.
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP_DEV)
+	INFERD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
 
 bench: $(STAMP_DEV) deps-system
 	$(PY) bench/run.py

@@ -256,10 +256,7 @@ def _header_length(request: web.BaseRequest) -> int | None:
     raw = request.headers.get(HEADER_LENGTH)
     if raw is None:
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise web.HTTPBadRequest(reason=f"{HEADER_LENGTH} must be an integer, got {raw!r}") from None
+    return protocol.parse_header_length(raw)
 
 
 async def model_stats(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:

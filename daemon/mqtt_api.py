@@ -583,10 +583,7 @@ def _header_length(props: Any) -> int | None:
     """The binary form's JSON header length, from the user property of the same name as HTTP's header."""
     for key, value in getattr(props, "UserProperty", None) or []:
         if key.lower() == HEADER_LENGTH.lower():
-            try:
-                return int(value)
-            except ValueError:
-                raise InvalidInput(f"user property {HEADER_LENGTH} must be an integer, got {value!r}") from None
+            return protocol.parse_header_length(value)
     return None
 
 

@@ -53,6 +53,14 @@ def loads(body: bytes | bytearray | memoryview | str) -> Any:
         raise InvalidInput(f"malformed JSON: {exc}") from None
 
 
+def parse_header_length(raw: str) -> int:
+    """``Inference-Header-Content-Length`` as HTTP and MQTT carry it: plain ASCII digits only (``int()`` alone would
+    also take " 5", "+5", "1_0" and non-ASCII digits, none of which a client means as a length)."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+        raise InvalidInput(f"Inference-Header-Content-Length must be a non-negative integer, got {raw[:40]!r}")
+    return int(raw)
+
+
 def decode_body(
     body: bytes | bytearray | memoryview,
     header_length: int | None,

@@ -53,6 +53,7 @@ class Contract:
         self.doc = doc
         self.official = official
         self._routes: list[tuple[re.Pattern[str], int, str]] = []
+        self._validators: dict[str, OAS30Validator] = {}
         for template in doc["paths"]:
             params = template.count("{")
             pattern = "^" + re.sub(r"\{[^}]+\}", "[^/]+", re.escape(template).replace(r"\{", "{").replace(r"\}", "}"))
@@ -124,8 +125,15 @@ class Contract:
         self._validate(content[ctype]["schema"], doc, where)
         self._official(op.id, status, doc, where)
 
+    def _validator(self, schema: dict[str, Any]) -> OAS30Validator:
+        key = json.dumps(schema, sort_keys=True)
+        validator = self._validators.get(key)
+        if validator is None:
+            validator = self._validators[key] = OAS30Validator(self.schema(schema))
+        return validator
+
     def _validate(self, schema: dict[str, Any], doc: Any, where: str) -> None:
-        errors = list(OAS30Validator(self.schema(schema)).iter_errors(doc))
+        errors = list(self._validator(schema).iter_errors(doc))
         assert not errors, f"{where}: response does not match docs/openapi.yaml: {errors[0].message} in {doc!r:.300}"
 
     def _official(self, op_id: str, status: int, doc: Any, where: str) -> None:

@@ -153,7 +153,7 @@ BAD = [
     ("too many elements", "mlp", json.dumps({"inputs": [{"name": "input", "shape": [9000, 4], "datatype": "FP32",
                                                           "data": [0]}]}).encode(), "413", "exceed the limit"),
     ("unknown model", "nope", b"{}", "404", "unknown model 'nope'"),
-    ("bad header length", "mlp", b"{}", "400", "must be an integer"),
+    ("bad header length", "mlp", b"{}", "400", "must be a non-negative integer"),
 ]
 
 

@@ -1,0 +1,29 @@
+"""Models the tests build in code, shared by more than one test module."""
+
+from __future__ import annotations
+
+import numpy as np
+
+TYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+NP = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+      "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+      "FP32": np.float32, "FP64": np.float64}
+
+
+def build_identity_all_types() -> bytes:
+    """One Identity per V2 datatype: in_<T> -> out_<T>, so each datatype's round trip is checked exactly."""
+    from onnx import TensorProto, helper
+
+    onnx_type = {"BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
+                 "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8,
+                 "INT16": TensorProto.INT16, "INT32": TensorProto.INT32, "INT64": TensorProto.INT64,
+                 "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE}
+    nodes = [helper.make_node("Identity", [f"in_{t}"], [f"out_{t}"]) for t in TYPES]
+    graph = helper.make_graph(
+        nodes, "types",
+        [helper.make_tensor_value_info(f"in_{t}", onnx_type[t], ["n"]) for t in TYPES],
+        [helper.make_tensor_value_info(f"out_{t}", onnx_type[t], ["n"]) for t in TYPES],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
