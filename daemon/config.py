@@ -19,10 +19,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     ValidationInfo,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from daemon.errors import ConfigError
 
@@ -38,6 +40,42 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 
 
 ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+#: input name -> shape (zero-filled at load), or the path of a .npz file of arrays keyed by input name
+WarmupInputs = Union[dict[str, tuple[int, ...]], Path]  # noqa: UP007
+
+
+def _warmup_error(message: str, at: str = "") -> PydanticCustomError:
+    """An error whose text is ours alone; ``at`` (an input name) extends the key path when it is reported."""
+    return PydanticCustomError("warmup", message, {"at": at})
+
+
+def _check_warmup(value: Any, info: ValidationInfo) -> WarmupInputs | None:
+    """Shapes or a .npz path, told apart by type, each with its own precise error (a pydantic union would report
+    every member's complaint at once)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, Path)):
+        path = Path(value)
+        if path.suffix != ".npz":
+            raise _warmup_error(f"{str(value)!r} is not a .npz file (numpy.savez writes one, arrays by input name)")
+        return _resolve_path(path, info)
+    if isinstance(value, dict):
+        if not value:
+            raise _warmup_error("name at least one input and its shape")
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, shape in value.items():
+            if not isinstance(name, str):
+                raise _warmup_error(f"input names are strings, not {name!r}")
+            if not isinstance(shape, (list, tuple)) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            ):
+                raise _warmup_error(
+                    f"the shape must be a list of non-negative integers (e.g. [1, 16000]), not {shape!r}", name
+                )
+            shapes[name] = tuple(shape)
+        return shapes
+    raise _warmup_error(f"give input shapes (e.g. {{input: [1, 16000]}}) or the path of a .npz file, not {value!r}")
 
 
 class _Model(BaseModel):
@@ -189,6 +227,10 @@ class _ModelBase(_Model):
         description="For a lone sequential client, runs measured faster than this execute on the event loop "
         "instead of a worker thread, saving two thread hand-offs (0: always a worker).",
     )
+    warmup: Annotated[WarmupInputs | None, PlainValidator(_check_warmup)] = Field(
+        None, description="Warm-up inputs: shapes per input name (zero-filled), or a .npz of arrays by input name. "
+        "Used instead of the synthetic guess; a failure fails the load (null: the smoke test, else a guess).",
+    )
 
 
 class OnnxModelConfig(_ModelBase):
@@ -298,6 +340,9 @@ def _describe(err: Any) -> str:
         return f"{path}: required key is missing"
     value = err.get("input")
     msg = err["msg"]
+    if kind == "warmup":
+        at = err.get("ctx", {}).get("at")
+        return f"{path}{'.' + at if at else ''}: {msg}"
     if kind == "union_tag_invalid":
         return f"{path}.runtime: {value.get('runtime')!r} is not a known runtime (expected one of {sorted(_TAGS)})"
     if kind == "union_tag_not_found":

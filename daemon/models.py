@@ -12,16 +12,17 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from adapters import AdapterError, Session, SessionOptions, get_runtime
-from adapters.base import usable_cpus
+from adapters.base import TensorSpec, usable_cpus
 from daemon.artifact import Header, open_artifact
-from daemon.config import Config, ModelConfig, OnnxModelConfig, OpenVinoModelConfig
-from daemon.errors import InferdError, ModelNotFound, NotReady, VersionNotFound
+from daemon.config import Config, ModelConfig, OnnxModelConfig, OpenVinoModelConfig, WarmupInputs
+from daemon.errors import ConfigError, InferdError, ModelNotFound, NotReady, VersionNotFound
 from daemon.keys import Kek
 from daemon.metrics import LoadedInfo, VersionStats
 from daemon.scheduler import BatchPolicy, Scheduler
@@ -164,7 +165,7 @@ class ModelManager:
         options = session_options(cfg, threads)
         session = get_runtime(cfg.runtime).load(opened.model_files(), options)
         try:
-            _warm_up(session, opened.reference(), f"{cfg.name}:{version}")
+            _warm_up(session, opened.reference(), cfg.warmup, f"{cfg.name}:{version}")
         except Exception:
             session.close()
             raise
@@ -293,15 +294,41 @@ def session_options(cfg: ModelConfig, threads: int) -> SessionOptions:
 def _warm_up(
     session: Session,
     reference: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None,
+    warmup: WarmupInputs | None,
     label: str,
 ) -> None:
-    """First run pays the runtime's lazy allocations; with a packed reference it is also the smoke test."""
-    if reference is None:
-        feed = {
-            s.name: np.zeros(tuple(1 if d < 0 else d for d in s.shape), dtype=s.dtype) for s in session.inputs
-        }
-        session.run(feed)
+    """The first run pays the runtime's lazy allocations. Which inputs, and what a failure means:
+
+    - a packed smoke test is a gate: the model must reproduce its reference, or the version fails to load;
+    - inputs the operator configured (``warmup``) are declared valid, so their failure fails the load too;
+    - otherwise the inputs are a guess (zeros, every dynamic dimension 1, wherever the batch is), which a good model
+      may refuse (a reflect Pad needs more than one sample): a WARNING names the shapes tried and the model serves.
+    """
+    if reference is not None:
+        _smoke_test(session, reference, label)
+    if warmup is not None:
+        feed = warmup_feed(session.inputs, warmup, label)
+        try:
+            session.run(feed)
+        except AdapterError as exc:
+            raise AdapterError(f"{label}: warm-up with the configured inputs ({_shapes(feed)}) failed: {exc}") from exc
+        log.info("model %s warmed up with the configured inputs (%s)", label, _shapes(feed),
+                 extra={"event_kind": "warmed_up", "model": label})
         return
+    if reference is not None:
+        return
+    feed = {s.name: np.zeros(tuple(1 if d < 0 else d for d in s.shape), dtype=s.dtype) for s in session.inputs}
+    try:
+        session.run(feed)
+    except AdapterError as exc:
+        log.warning(
+            "model %s: the warm-up with guessed inputs (%s, zero-filled) failed; the model serves anyway (give "
+            "'warmup' inputs in its config, or pack a smoke test, for a real warm-up): %s",
+            label, _shapes(feed), exc, extra={"event_kind": "warmup_failed", "model": label},
+        )
+
+
+def _smoke_test(session: Session, reference: tuple[dict[str, np.ndarray], dict[str, np.ndarray]], label: str) -> None:
     inputs, expected = reference
     results = session.run(inputs)
     for name, want in expected.items():
@@ -314,3 +341,40 @@ def _warm_up(
             ok = np.array_equal(got, want)
         if not ok:
             raise AdapterError(f"{label}: smoke test failed: output {name!r} differs from the packed reference")
+
+
+def warmup_feed(specs: list[TensorSpec], warmup: WarmupInputs, label: str) -> dict[str, np.ndarray]:
+    """The configured warm-up inputs, checked against the model's inputs so a mistake names itself before the
+    runtime sees it. Shapes are zero-filled in each input's datatype; a .npz file must hold exactly the inputs."""
+    if isinstance(warmup, Path):
+        try:
+            with np.load(warmup, allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model {label}: cannot read the warm-up file {warmup}: {exc}") from None
+    else:
+        arrays = {}
+        for name, shape in warmup.items():
+            spec = next((s for s in specs if s.name == name), None)
+            arrays[name] = np.zeros(shape, dtype=spec.dtype if spec is not None else np.float32)
+    where = f"model {label}: warmup"
+    names = {s.name for s in specs}
+    unknown = sorted(set(arrays) - names)
+    missing = [s.name for s in specs if s.name not in arrays]
+    if unknown or missing:
+        problems = ([f"{', '.join(map(repr, unknown))} not among them"] if unknown else []) + (
+            [f"{', '.join(map(repr, missing))} missing"] if missing else [])
+        raise ConfigError(f"{where}: give every input of the model ({', '.join(sorted(names))}): {'; '.join(problems)}")
+    for spec in specs:
+        arr = arrays[spec.name]
+        if arr.dtype != spec.dtype:
+            raise ConfigError(f"{where}: input {spec.name!r} is {arr.dtype}; the model takes {spec.dtype}")
+        fits = len(arr.shape) == len(spec.shape) and all(d < 0 or d == n for d, n in zip(spec.shape, arr.shape))
+        if spec.shape and not fits:  # () is also how an input of unknown rank is described: the runtime judges
+            raise ConfigError(f"{where}: input {spec.name!r} has shape {list(arr.shape)}; the model takes "
+                              f"{list(spec.shape)} (-1: any size)")
+    return {s.name: arrays[s.name] for s in specs}
+
+
+def _shapes(feed: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{name} {list(arr.shape)}" for name, arr in feed.items())

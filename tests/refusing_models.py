@@ -82,6 +82,33 @@ def log_onnx() -> bytes:
                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2])])
 
 
+def state_onnx() -> bytes:
+    """x [B, 4] and state [2, B, 4] -> state + x [2, B, 4]: the batch is dimension 1 of one input (as the recurrent
+    state of the silero VAD model), so nothing may take dimension 0 for the batch."""
+    from onnx import TensorProto, helper
+
+    return _onnx([helper.make_node("Add", ["state", "x"], ["new_state"])],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4]),
+                  helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "B", 4])],
+                 [helper.make_tensor_value_info("new_state", TensorProto.FLOAT, [2, "B", 4])])
+
+
+def vad_like_onnx() -> bytes:
+    """The silero VAD model's interface: x [B, T], state [2, B, 4], sr INT64 rank 0 -> y = reflect-padded x
+    [B, T + 2 PAD] and new_state = state + sr [2, B, 4]. It refuses T = 1, what a synthetic warm-up sends."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    return _onnx([helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect"),
+                  helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
+                  helper.make_node("Add", ["state", "srf"], ["new_state"])],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T"]),
+                  helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "B", 4]),
+                  helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "U"]),
+                  helper.make_tensor_value_info("new_state", TensorProto.FLOAT, [2, "B", 4])],
+                 [numpy_helper.from_array(np.array([0, PAD, 0, PAD], np.int64), "pads")])
+
+
 # --- TFLite --------------------------------------------------------------------------------------------------
 
 #: (name, shape, shape_signature or None, buffer index, TensorType)

@@ -43,6 +43,39 @@ def test_bad_configs_name_the_key_and_value(doc: Any, message: str) -> None:
     assert message in str(err.value)
 
 
+def _model(**options: Any) -> dict[str, Any]:
+    return {"models": [{"name": "a", "runtime": "onnxruntime", **options}]}
+
+
+@pytest.mark.parametrize(
+    ("warmup", "message"),
+    [
+        ({"input": [1, -5]}, "models[0].warmup.input: the shape must be a list of non-negative integers "
+                             "(e.g. [1, 16000]), not [1, -5]"),
+        ({"input": "1x16000"}, "models[0].warmup.input: the shape must be a list of non-negative integers "
+                               "(e.g. [1, 16000]), not '1x16000'"),
+        ({"input": [1, True]}, "models[0].warmup.input: the shape must be a list of non-negative integers "
+                               "(e.g. [1, 16000]), not [1, True]"),
+        ({}, "models[0].warmup: name at least one input and its shape"),
+        ({1: [1]}, "models[0].warmup: input names are strings, not 1"),
+        ("warmup.npy", "models[0].warmup: 'warmup.npy' is not a .npz file (numpy.savez writes one, arrays by input "
+                       "name)"),
+        (5, "models[0].warmup: give input shapes (e.g. {input: [1, 16000]}) or the path of a .npz file, not 5"),
+    ],
+)
+def test_bad_warmup_inputs_name_the_problem(warmup: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(_model(warmup=warmup))
+    assert str(err.value) == f"config: {message}"
+
+
+def test_warmup_takes_shapes_or_a_npz_path_relative_to_the_config(tmp_path: Path) -> None:
+    shapes = parse_config(_model(warmup={"input": [1, 16000], "sr": []})).models[0].warmup
+    assert shapes == {"input": (1, 16000), "sr": ()}
+    (tmp_path / "c.yaml").write_text("models:\n  - {name: a, runtime: litert, warmup: w/a.npz}\n")
+    assert load_config(tmp_path / "c.yaml").models[0].warmup == tmp_path / "w" / "a.npz"
+
+
 def test_config_is_frozen() -> None:
     config = parse_config({})
     with pytest.raises(Exception, match="frozen"):
