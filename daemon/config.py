@@ -1,15 +1,14 @@
 """YAML configuration -> typed, frozen, validated objects.
 
 Every default lives here (config.example.yaml mirrors them; a test keeps the two in step). Validation happens once at
-start-up; errors name the key path, the bad value and what was expected, and suggest the closest key for typos. No
-I/O happens inside the models: key files are read later, by :mod:`daemon.keys`.
+start-up; errors name the key path, the bad value and what was expected, and suggest a fix (the closest key for
+typos, quotes for numbers; see :mod:`daemon.config_errors`). No I/O happens inside the models: key files are read
+later, by :mod:`daemon.keys`.
 """
 
 from __future__ import annotations
 
-import difflib
-import types
-import typing
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -26,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from daemon.config_errors import describe
 from daemon.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
@@ -45,9 +45,14 @@ ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 WarmupInputs = Union[dict[str, tuple[int, ...]], Path]  # noqa: UP007
 
 
+def _keyed_error(message: str, at: str = "") -> PydanticCustomError:
+    """An error whose text is ours alone, reported at its key path extended by ``at`` (``.input``,
+    ``models[1].name``): validators of a whole mapping or model would otherwise be reported at the mapping."""
+    return PydanticCustomError("keyed", message, {"at": at})
+
+
 def _warmup_error(message: str, at: str = "") -> PydanticCustomError:
-    """An error whose text is ours alone; ``at`` (an input name) extends the key path when it is reported."""
-    return PydanticCustomError("warmup", message, {"at": at})
+    return _keyed_error(message, f".{at}" if at else "")
 
 
 def _check_warmup(value: Any, info: ValidationInfo) -> WarmupInputs | None:
@@ -285,13 +290,39 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _unique_models(self) -> Config:
-        seen: set[str] = set()
-        for m in self.models:
+        seen: dict[str, int] = {}
+        for i, m in enumerate(self.models):
             if m.name == "stats":
-                raise ValueError("'stats' is reserved (GET /v2/models/stats): choose another model name")
+                raise _keyed_error("'stats' is reserved (GET /v2/models/stats): choose another model name",
+                                   f"models[{i}].name")
             if m.name in seen:
-                raise ValueError(f"model {m.name!r} is listed twice")
-            seen.add(m.name)
+                raise _keyed_error(f"model {m.name!r} is listed twice (also models[{seen[m.name]}])",
+                                   f"models[{i}].name")
+            seen[m.name] = i
+        return self
+
+    @model_validator(mode="after")
+    def _keys_apart_from_the_store(self) -> Config:
+        """Key files must not sit in the model store or below it: a copy, backup or clean-up of the store would take
+        the keys with it. A store inside a folder that holds a key is allowed (a flat working folder with the key,
+        the config and ``state/``): copying the store then takes no key. Paths are compared as written (made
+        absolute against the config's folder), without touching the disk; credentials are not paths."""
+        state = Path(os.path.normpath(self.state_dir))
+        sources = [(f"keys.{group}[{i}]", k.path) for group in ("kek", "signers")
+                   for i, k in enumerate(getattr(self.keys, group))]
+        for where, path in sources:
+            if path is None:
+                continue
+            folder = Path(os.path.normpath(path)).parent
+            if folder == state:
+                relation = "is the folder of"
+            elif state in folder.parents:
+                relation = "contains the folder of"
+            else:
+                continue
+            raise _keyed_error(
+                f"{str(state)!r} {relation} {where} ({path}): keep keys apart from the model store (a folder of "
+                "their own, or systemd credentials)", "state_dir")
         return self
 
 
@@ -304,7 +335,7 @@ def parse_config(data: Any, base_dir: Path | None = None, source: str = "config"
     try:
         return Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        lines = [_describe(err) for err in exc.errors()]
+        lines = [describe(err, Config) for err in exc.errors()]
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
@@ -322,100 +353,3 @@ def load_config(path: str | Path) -> Config:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
     return parse_config(data, base_dir=p.parent.resolve(), source=str(p))
-
-
-# --- error formatting -------------------------------------------------------------------------------------------
-
-_TAGS = {"onnxruntime", "openvino", "litert"}
-
-
-def _describe(err: Any) -> str:
-    loc = [part for part in err["loc"] if not (isinstance(part, str) and part in _TAGS)]
-    path = _format_loc(loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        hint = _suggest(list(err["loc"]))
-        return f"{path}: unknown key{hint}"
-    if kind == "missing":
-        return f"{path}: required key is missing"
-    value = err.get("input")
-    msg = err["msg"]
-    if kind == "warmup":
-        at = err.get("ctx", {}).get("at")
-        return f"{path}{'.' + at if at else ''}: {msg}"
-    if kind == "union_tag_invalid":
-        return f"{path}.runtime: {value.get('runtime')!r} is not a known runtime (expected one of {sorted(_TAGS)})"
-    if kind == "union_tag_not_found":
-        return f"{path}.runtime: required key is missing (expected one of {sorted(_TAGS)})"
-    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-    where = path or "config"
-    return f"{where}: {shown} is not valid: {msg}"
-
-
-def _format_loc(loc: list[Any]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def _suggest(loc: list[Any]) -> str:
-    """' (did you mean 'x'?)' for a mistyped key, found by walking the model classes along the path."""
-    if not loc or not isinstance(loc[-1], str):
-        return ""
-    fields = _fields_at(Config, loc[:-1])
-    if not fields:
-        return ""
-    match = difflib.get_close_matches(loc[-1], fields, n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else f" (expected one of: {', '.join(sorted(fields))})"
-
-
-def _fields_at(model: Any, loc: list[Any]) -> list[str]:
-    annotation: Any = model
-    for part in loc:
-        if isinstance(part, str) and part in _TAGS:
-            annotation = _union_member(annotation, part)
-            continue
-        annotation = _unwrap(annotation)
-        if isinstance(part, int):
-            args = typing.get_args(annotation)
-            annotation = args[0] if args else None
-            continue
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            field = annotation.model_fields.get(part)
-            if field is None:
-                return []
-            annotation = field.annotation
-        else:
-            return []
-    annotation = _unwrap(annotation)
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return list(annotation.model_fields)
-    return []
-
-
-def _union_member(annotation: Any, tag: str) -> Any:
-    """The member of a runtime-discriminated union whose ``runtime`` literal is ``tag``."""
-    while typing.get_origin(annotation) is Annotated:
-        annotation = typing.get_args(annotation)[0]
-    for member in typing.get_args(annotation):
-        field = getattr(member, "model_fields", {}).get("runtime")
-        if field is not None and tag in typing.get_args(field.annotation):
-            return member
-    return annotation
-
-
-def _unwrap(annotation: Any) -> Any:
-    """Strip Annotated/Optional; a union of models becomes the union of their fields via the first member."""
-    while True:
-        origin = typing.get_origin(annotation)
-        if origin is Annotated:
-            annotation = typing.get_args(annotation)[0]
-        elif origin in (Union, types.UnionType):
-            members = [a for a in typing.get_args(annotation) if a is not type(None)]
-            annotation = members[0]
-        else:
-            return annotation

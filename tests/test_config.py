@@ -30,10 +30,6 @@ from daemon.errors import ConfigError
         ({"models": [{"name": "a", "runtime": "onnxruntime", "device": "tpu"}]}, "models[0].device: 'tpu' is not valid"),
         ({"models": [{"runtime": "onnxruntime"}]}, "models[0].name: required key is missing"),
         ({"keys": {"kek": [{}]}}, "keys.kek[0]: dict is not valid: Value error, give exactly one of 'path' or 'credential'"),
-        (
-            {"models": [{"name": "a", "runtime": "onnxruntime"}, {"name": "a", "runtime": "onnxruntime"}]},
-            "model 'a' is listed twice",
-        ),
         ([1, 2], "the top level must be a mapping"),
     ],
 )
@@ -41,6 +37,64 @@ def test_bad_configs_name_the_key_and_value(doc: Any, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(doc)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"models": [{"name": "a", "runtime": "onnxruntime", "version": 2}]},
+         'models[0].version: 2 is not valid: Input should be a valid string (YAML reads an unquoted 2 as a number: '
+         'quote it, version: "2")'),
+        ({"models": [{"name": "a", "runtime": "onnxruntime", "version": 1.1}]},
+         'models[0].version: 1.1 is not valid: Input should be a valid string (YAML reads an unquoted 1.1 as a '
+         'number: quote it, version: "...")'),
+        ({"node_id": True},
+         'node_id: True is not valid: Input should be a valid string (YAML reads unquoted true/false/yes/no/on/off '
+         'as a boolean: quote the text, node_id: "...")'),
+        ({"mqtt": {"reply_topic_prefixes": ["a/", 7]}},
+         'mqtt.reply_topic_prefixes[1]: 7 is not valid: Input should be a valid string (YAML reads an unquoted 7 as '
+         'a number: quote it, "7")'),
+        ({"models": [{"name": "a", "runtime": "onnxruntime"}, {"name": "stats", "runtime": "openvino"}]},
+         "models[1].name: 'stats' is reserved (GET /v2/models/stats): choose another model name"),
+        ({"models": [{"name": "a", "runtime": "onnxruntime"}, {"name": "b", "runtime": "onnxruntime"},
+                     {"name": "a", "runtime": "litert"}]},
+         "models[2].name: model 'a' is listed twice (also models[0])"),
+    ],
+)
+def test_config_errors_say_the_fix_at_the_key_path(doc: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert str(err.value) == f"config: {message}"
+
+
+@pytest.mark.parametrize(
+    ("state_dir", "keys", "message"),
+    [
+        ("keys", {"kek": [{"path": "keys/site.kek"}]},
+         "state_dir: '/srv/inferd/keys' is the folder of keys.kek[0] (/srv/inferd/keys/site.kek): keep keys apart "
+         "from the model store (a folder of their own, or systemd credentials)"),
+        ("/srv/inferd/state", {"kek": [{"credential": "kek"}], "signers": [{"path": "state/trust/p.pub"}]},
+         "state_dir: '/srv/inferd/state' contains the folder of keys.signers[0] (/srv/inferd/state/trust/p.pub): "
+         "keep keys apart from the model store (a folder of their own, or systemd credentials)"),
+        ("a/../keys/.", {"kek": [{"path": "/srv/inferd/keys/./site.kek"}]},
+         "state_dir: '/srv/inferd/keys' is the folder of keys.kek[0] (/srv/inferd/keys/site.kek): keep keys apart "
+         "from the model store (a folder of their own, or systemd credentials)"),
+    ],
+)
+def test_state_dir_may_not_hold_the_keys(state_dir: str, keys: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"state_dir": state_dir, "keys": keys}, base_dir=Path("/srv/inferd"))
+    assert str(err.value) == f"config: {message}"
+
+
+@pytest.mark.parametrize(("state_dir", "keys"), [
+    ("state", {"kek": [{"path": "keys/site.kek"}], "signers": [{"path": "keys/p.pub"}]}),  # side by side
+    ("state", {"kek": [{"path": "site.kek"}]}),  # a flat folder: copying the store takes no key
+    ("keys", {"kek": [{"credential": "site-kek"}]}),  # a credential is not a path
+    ("keys-old", {"kek": [{"path": "keys/site.kek"}]}),  # a name that starts alike is another folder
+])
+def test_state_dir_beside_the_keys_is_fine(state_dir: str, keys: dict[str, Any]) -> None:
+    parse_config({"state_dir": state_dir, "keys": keys}, base_dir=Path("/srv/inferd"))
 
 
 def _model(**options: Any) -> dict[str, Any]:
