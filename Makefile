@@ -5,8 +5,12 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP_RUN  := $(VENV)/.stamp-run
 STAMP_DEV  := $(VENV)/.stamp-dev
+# constraints.txt pins what the tests ran with, on the Python it was made with (3.11); another Python resolves freely
+# (with a note), since a pin such as numpy's may have no wheel for it.
+PINNED_PY  := 3.11
+CONSTRAIN   = $$($(PY) -c 'import sys; print("-c constraints.txt" if "%d.%d" % sys.version_info[:2] == "$(PINNED_PY)" else "")')
 
-.PHONY: run test fuzz lint typecheck bench deps-system clean
+.PHONY: run test fuzz lint typecheck bench deps-system constraints clean
 
 # Debian and Ubuntu ship venv/ensurepip separately (python3-venv): install it when creating the venv fails.
 $(PY):
@@ -15,12 +19,14 @@ $(PY):
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); }
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP_RUN): pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[demo]'
+$(STAMP_RUN): pyproject.toml constraints.txt | $(PY)
+	@$(PY) -c 'import sys; v="%d.%d" % sys.version_info[:2]; v == "$(PINNED_PY)" or print(f"note: Python {v}, not $(PINNED_PY): installing without constraints.txt")'
+	$(PIP) install --quiet $(CONSTRAIN) -e '.[demo]'
 	touch $@
 
-$(STAMP_DEV): pyproject.toml | $(PY)
-	$(PIP) install --quiet -e '.[dev]'
+$(STAMP_DEV): pyproject.toml constraints.txt | $(PY)
+	@$(PY) -c 'import sys; v="%d.%d" % sys.version_info[:2]; v == "$(PINNED_PY)" or print(f"note: Python {v}, not $(PINNED_PY): installing without constraints.txt")'
+	$(PIP) install --quiet $(CONSTRAIN) -e '.[dev]'
 	touch $@ $(STAMP_RUN)
 
 run: $(STAMP_RUN)
@@ -54,6 +60,11 @@ fuzz: $(STAMP_DEV)
 bench: $(STAMP_DEV) deps-system
 	$(PY) bench/run.py
 	$(PY) bench/mqtt_bench.py
+
+# Re-pin after a dependency change: the dev venv's exact versions become the constraints every install uses.
+constraints: $(STAMP_DEV)
+	{ head -n 2 constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^-e'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache
