@@ -20,8 +20,10 @@ from aiohttp import HttpVersion11, web, web_server
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import daemon
-from daemon import protocol, service
+from daemon import protocol, responses, service
+from daemon.context import Activity, RequestContext
 from daemon.errors import InferdError, NotReady
+from daemon.frontend import Readiness
 from daemon.model_config import triton_model_config
 from daemon.models import ModelManager
 
@@ -71,17 +73,20 @@ class HttpApi:
     """
 
     def __init__(
-        self, manager: ModelManager, limits: protocol.Limits, max_body_bytes: int, registry: CollectorRegistry
+        self,
+        manager: ModelManager,
+        limits: protocol.Limits,
+        max_body_bytes: int,
+        registry: CollectorRegistry,
+        readiness: Readiness,
+        activity: Activity,
     ) -> None:
         self.manager = manager
         self.limits = limits
         self.max_body_bytes = max_body_bytes
         self.registry = registry
-        self.draining = False
-        self.in_flight = 0
-        self.idle: asyncio.Event | None = None
-        #: (state shown in readiness, whether it makes the daemon unready), or None when MQTT is off
-        self.mqtt_health: Callable[[], tuple[str, bool] | None] = lambda: None
+        self.readiness = readiness
+        self.activity = activity
 
     def server(self) -> web_server.Server:
         """The aiohttp protocol factory; create it on the running loop."""
@@ -94,14 +99,15 @@ class HttpApi:
         return web_server.Server(self.handle, request_factory=make_request, access_log=None)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Route, run, and turn every failure into V2's ``{"error": ...}``; counts in-flight requests for the drain."""
-        self.in_flight += 1
+        """Route, run, and turn every failure into V2's ``{"error": ...}``; in progress (for the drain and the
+        lone-client rule) from here until the answer is built."""
+        self.activity.enter()
         try:
             handler, params = self._route(request.method, request.rel_url.raw_path)
             if EXPECT in request.headers:
                 await _expect(request)
             response = await handler(self, request, params)
-            if self.draining:
+            if self.readiness.draining:
                 # A request that reached us is served even while draining; the client is told to reconnect elsewhere.
                 response.force_close()
             return response
@@ -120,9 +126,7 @@ class HttpApi:
             log.exception("unhandled error on %s %s", request.method, request.path)
             return error_response(500, "internal server error")
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0 and self.idle is not None:
-                self.idle.set()
+            self.activity.leave()
 
     @staticmethod
     def _route(method: str, path: str) -> tuple[Handler, list[str]]:
@@ -169,18 +173,12 @@ async def live(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web
 
 
 async def ready(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
-    if api.draining:
-        return error_response(503, "server is shutting down")
-    reasons = api.manager.not_ready_reasons()
-    mqtt = api.mqtt_health()
-    if mqtt is not None and mqtt[1]:
-        reasons.append(f"mqtt: {mqtt[0]}")
+    reasons = api.readiness.reasons()
+    if api.readiness.draining:
+        return error_response(503, reasons[0])
     if reasons:
         return error_response(503, "not ready: " + "; ".join(reasons))
-    doc: dict[str, Any] = {"ready": True}
-    if mqtt is not None:
-        doc["mqtt"] = mqtt[0]
-    return json_response(doc)
+    return json_response({"ready": True, **api.readiness.states()})
 
 
 async def server_metadata(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
@@ -193,7 +191,7 @@ def _name_version(params: list[str]) -> tuple[str, str | None]:
 
 async def model_metadata(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
     name, version = _name_version(params)
-    loaded = api.manager.route(name, version)
+    loaded = api.manager.lookup(name, version)
     entry = api.manager.entry(name)
     return json_response(
         {
@@ -210,7 +208,7 @@ async def model_metadata(api: HttpApi, request: web.BaseRequest, params: list[st
 async def model_config(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
     """Triton's model-configuration extension, so ``tritonclient``'s ``get_model_config()`` works."""
     name, version = _name_version(params)
-    loaded = api.manager.route(name, version)
+    loaded = api.manager.lookup(name, version)
     return json_response(triton_model_config(loaded, api.manager.entry(name).config))
 
 
@@ -231,7 +229,7 @@ async def openapi(api: HttpApi, request: web.BaseRequest, params: list[str]) -> 
 async def model_ready(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
     name, version = _name_version(params)
     try:
-        loaded = api.manager.route(name, version)
+        loaded = api.manager.lookup(name, version)
     except NotReady as exc:
         return error_response(503, str(exc))
     return json_response({"name": name, "version": loaded.version, "ready": True})
@@ -239,16 +237,22 @@ async def model_ready(api: HttpApi, request: web.BaseRequest, params: list[str])
 
 async def infer(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
     name, version = _name_version(params)
-    loaded = service.admit(api.manager, name, version, "http")
+    # the peer is the connection: a keep-alive client sending one request after another is one sequential client
+    ctx = RequestContext("http", api.activity, peer=request.transport.get_extra_info("peername")
+                         if request.transport is not None else None)
+    loaded = service.admit(api.manager, name, version, ctx)
     header_length = _header_length(request)
     body = await request.read()
-    reply = await service.infer(loaded, body, header_length, api.limits, "http", request.protocol)
-    if reply.header_length is None:
-        return web.Response(body=reply.body, content_type="application/json")
+    async with service.call(loaded, ctx) as call:
+        decoded = protocol.decode_body(body, header_length, loaded.session.inputs, loaded.session.outputs, api.limits)
+        results = await call.run(decoded)
+        payload, reply_length = responses.encode_response(loaded.name, loaded.version, decoded, results)
+    if reply_length is None:
+        return web.Response(body=payload, content_type="application/json")
     return web.Response(
-        body=reply.body,
+        body=payload,
         content_type="application/octet-stream",
-        headers={HEADER_LENGTH: str(reply.header_length)},
+        headers={HEADER_LENGTH: str(reply_length)},
     )
 
 
@@ -268,7 +272,7 @@ async def model_stats(api: HttpApi, request: web.BaseRequest, params: list[str])
         name, version = _name_version(params)
         entry = manager.entry(name)
         if version is not None:
-            manager.route(name, version)  # 404 for a version that is not loaded
+            manager.lookup(name, version)  # 404 for a version that is not loaded
         stats = [v.stats for v in entry.versions.values() if version is None or v.version == version]
     return json_response({"model_stats": [s.triton_stats() for s in stats]})
 

@@ -22,6 +22,7 @@ from adapters import AdapterError, Session, SessionOptions, get_runtime
 from adapters.base import TensorSpec, usable_cpus
 from daemon.artifact import Header, open_artifact
 from daemon.config import Config, ModelConfig, OnnxModelConfig, OpenVinoModelConfig, WarmupInputs
+from daemon.context import RequestContext
 from daemon.errors import ConfigError, InferdError, ModelNotFound, NotReady, VersionNotFound
 from daemon.keys import Kek
 from daemon.metrics import LoadedInfo, VersionStats
@@ -207,8 +208,13 @@ class ModelManager:
             raise ModelNotFound(f"unknown model {name!r}")
         return entry
 
-    def route(self, name: str, version: str | None = None) -> LoadedVersion:
-        """The loaded version that serves a request: the explicit one, else the active one."""
+    def pick(self, name: str, version: str | None, ctx: RequestContext) -> LoadedVersion:
+        """The loaded version that serves an inference: the explicit one, else the active one. The seam for traffic
+        splits (canary, A/B): a weighted choice sticky on ``ctx.routing_key`` goes here, and only here."""
+        return self.lookup(name, version)
+
+    def lookup(self, name: str, version: str | None = None) -> LoadedVersion:
+        """The loaded version metadata, readiness and statistics describe: the explicit one, else the active one."""
         entry = self.entry(name)
         if entry.status != "ready" or entry.active is None:
             why = f": {entry.reason}" if entry.reason else ""

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import copy
 import functools
-import itertools
 import logging
 import random
 import re
@@ -37,9 +36,11 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon import keys, protocol, service
+from daemon import keys, protocol, responses, service
 from daemon.config import Config, MqttConfig
+from daemon.context import Activity, RequestContext
 from daemon.errors import InferdError, InvalidInput, KeyProblem, PayloadTooLarge
+from daemon.frontend import Health
 from daemon.models import ModelManager
 
 log = logging.getLogger("inferd.mqtt")
@@ -117,7 +118,7 @@ class _Request:
     mid: int
     properties: Any
     generation: int  # which connection delivered it: a packet id means nothing on another connection
-    token: int = 0  # its entry among the pending requests (unique for the process, unlike id())
+    active: bool = False  # counted in the daemon's Activity (from arrival until its answer is computed)
 
 
 def parse_topic(prefix: str, topic: str) -> tuple[str, str | None]:
@@ -137,6 +138,7 @@ class MqttFrontend:
         node_id: str,
         manager: ModelManager,
         limits: protocol.Limits,
+        activity: Activity,
         password: str | None = None,
         max_payload: int = 64 << 20,
     ) -> None:
@@ -159,8 +161,7 @@ class MqttFrontend:
         self._ticker: asyncio.Future[None] | None = None
         self._accepting = True
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pending: set[int] = set()  # tokens of requests received and not yet answered (lone-requester check)
-        self._tokens = itertools.count(1)
+        self.activity = activity
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._qos0 = 0
         self._generation = 0
@@ -170,7 +171,7 @@ class MqttFrontend:
 
     @classmethod
     def from_config(
-        cls, config: Config, node_id: str, manager: ModelManager, limits: protocol.Limits
+        cls, config: Config, node_id: str, manager: ModelManager, limits: protocol.Limits, activity: Activity
     ) -> MqttFrontend:
         """Build the frontend, reading the broker password (a secret file or systemd credential) now, at start-up."""
         password = None
@@ -180,7 +181,7 @@ class MqttFrontend:
                 password = raw.decode("utf-8").strip()
             except UnicodeDecodeError:
                 raise KeyProblem("the MQTT password file is not UTF-8 text") from None
-        return cls(config.mqtt, node_id, manager, limits, password, max_payload=config.server.max_body_bytes)
+        return cls(config.mqtt, node_id, manager, limits, activity, password, max_payload=config.server.max_body_bytes)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -198,15 +199,43 @@ class MqttFrontend:
             filters = [f"$share/{self.config.shared_group}/{f}" for f in filters]
         return filters
 
-    def start(self) -> None:
+    name = "mqtt"
+
+    async def start(self) -> None:
+        """A fresh client; the connection itself is made (and remade) by :meth:`run`."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._accepting = True
+        self._stopping.clear()
+        self._stopped.clear()
+        if self.publish_event not in self.manager.listeners:
+            self.manager.listeners.append(self.publish_event)
         self._client = self._make_client()
         for event in self._early_events:  # paho queues QoS 1 publishes until the connection is up
             self.publish_event(event)
         self._early_events.clear()
+
+    async def run(self) -> None:
+        """Connect and reconnect until stopped, with paho's housekeeping beside; an unexpected error in either ends
+        both and propagates to the supervisor (which reports MQTT unready and restarts it)."""
         self._supervisor = asyncio.ensure_future(self._supervise())
         self._ticker = asyncio.ensure_future(self._tick())
+        tasks = [self._supervisor, self._ticker]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for task in done:
+            if not task.cancelled():  # cancelled: stop() ended it on purpose
+                task.result()  # re-raise a crash
+
+    def health(self) -> Health:
+        connected = bool(self.state.connected)
+        return Health("connected" if connected else "disconnected", connected or not self.config.required_for_ready)
 
     async def _supervise(self) -> None:
         """Connect, wait until the connection ends, back off (exponential, jittered), reconnect; until stopped.
@@ -452,15 +481,22 @@ class MqttFrontend:
             self._qos0 += 1
         # counted from arrival (the tasks of one burst have not started yet, but they are in progress) until the
         # answer is computed (the reply's PUBACK is not awaited: a sequential requester may already send the next)
-        req.token = next(self._tokens)
-        self._pending.add(req.token)
+        req.active = True
+        self.activity.enter()
         task = asyncio.ensure_future(self._handle(req))
         self._tasks.add(task)
-        task.add_done_callback(functools.partial(self._task_done, req.token))
+        task.add_done_callback(functools.partial(self._task_done, req))
 
-    def _task_done(self, key: int, task: asyncio.Future[None]) -> None:
+    def _task_done(self, req: _Request, task: asyncio.Future[None]) -> None:
         self._tasks.discard(task)
-        self._pending.discard(key)
+        self._answered(req)
+
+    def _answered(self, req: _Request) -> None:
+        """No longer in progress: once its answer is computed (a sequential requester may send the next before the
+        reply's PUBACK), or when its task ends, whichever comes first."""
+        if req.active:
+            req.active = False
+            self.activity.leave()
 
     async def _handle(self, req: _Request) -> None:
         self.state.in_progress += 1
@@ -482,7 +518,7 @@ class MqttFrontend:
         destination = response_topic or _reply_to(req.payload, _header_length_or_none(props))
         problem = self.check_reply_topic(destination)
         if problem is not None:
-            self._pending.discard(req.token)
+            self._answered(req)
             self.state.no_reply_destination += 1
             log.warning("mqtt request on %s refused, it cannot be answered: %s", req.topic, problem,
                         extra={"event_kind": "mqtt_unanswerable"})
@@ -497,16 +533,18 @@ class MqttFrontend:
                 raise PayloadTooLarge(f"request of {len(req.payload)} bytes exceeds the limit of {self.max_payload}")
             header_length = _header_length(props)
             model, version = parse_topic(self.prefix, req.topic)
-            loaded = await service.admit_waiting(self.manager, model, version)
-            # a lone sequential requester (nothing else pending, same reply topic as before) may run on the loop
-            peer = response_topic if len(self._pending) == 1 else None
+            ctx = RequestContext("mqtt", self.activity, peer=destination)
+            loaded = await service.admit_waiting(self.manager, model, version, ctx)
             try:
-                reply = await service.infer(loaded, req.payload, header_length, self.limits, "mqtt", peer)
+                async with service.call(loaded, ctx) as call:
+                    request = protocol.decode_body(
+                        req.payload, header_length, loaded.session.inputs, loaded.session.outputs, self.limits)
+                    results = await call.run(request)
+                    body, reply_length = responses.encode_response(loaded.name, loaded.version, request, results)
             finally:
-                self._pending.discard(req.token)
-            body = reply.body
-            if reply.header_length is not None:
-                reply_props.append((HEADER_LENGTH, str(reply.header_length)))
+                self._answered(req)
+            if reply_length is not None:
+                reply_props.append((HEADER_LENGTH, str(reply_length)))
         except Exception as exc:  # every request gets a reply, a bug included (HTTP would answer 500)
             if isinstance(exc, InferdError):
                 status = MQTT_STATUS.get(exc.code, "500")

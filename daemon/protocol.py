@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from adapters.base import NUMPY_TO_V2, V2_TO_NUMPY, TensorSpec
-from daemon.errors import InferenceFailed, InvalidInput, NonFiniteOutput, PayloadTooLarge
+from adapters.base import V2_TO_NUMPY, TensorSpec
+from daemon.errors import InvalidInput, PayloadTooLarge
 
 _INT_KINDS = "iu"
 _NUMBER_KINDS = "iuf"
@@ -334,96 +334,6 @@ def _check_kind(arr: np.ndarray, spec: TensorSpec) -> None:
         want = "numbers"
     if not ok:
         raise InvalidInput(f"input {spec.name!r}: datatype {spec.datatype} needs {want} in 'data'")
-
-
-# --- responses -------------------------------------------------------------------------------------------------
-
-
-def select_outputs(
-    results: dict[str, np.ndarray], requested: list[RequestedOutput] | None
-) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
-    if requested is None:
-        return [(name, arr, {}) for name, arr in results.items()]
-    return [(o.name, results[o.name], o.parameters) for o in requested]
-
-
-def output_tensor_json(name: str, arr: np.ndarray) -> dict[str, Any]:
-    datatype = NUMPY_TO_V2.get(arr.dtype)
-    if datatype is None:
-        raise InferenceFailed(f"output {name!r} has dtype {arr.dtype}, which V2 cannot carry")
-    flat = arr.reshape(-1)
-    if arr.dtype.kind == "f" and not np.isfinite(flat).all():
-        raise NonFiniteOutput(
-            f"output {name!r} holds NaN or infinite values, which JSON cannot carry; ask for it as binary data"
-        )
-    if arr.dtype == np.float16:  # orjson cannot serialise float16; widening is exact
-        flat = flat.astype(np.float32)
-    return {"name": name, "datatype": datatype, "shape": list(arr.shape), "data": np.ascontiguousarray(flat)}
-
-
-def _non_finite_from_input(request: InferRequest, output: str) -> InvalidInput | None:
-    """When an output JSON cannot carry came from NaN or infinity the caller sent (binary inputs are not range-checked),
-    the caller's error, saying how to get it; None when every input was finite: then it is the model's fault. Only
-    called on that failure, so the hot path never scans inputs."""
-    for name, arr in request.inputs.items():
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            return InvalidInput(
-                f"output {output!r} holds NaN or infinite values (input {name!r} holds some), which JSON cannot carry; "
-                f"ask for it as binary data: parameters.binary_data_output: true, or binary_data: true in the "
-                f"output's parameters"
-            )
-    return None
-
-
-def wants_binary(request: InferRequest, params: dict[str, Any]) -> bool:
-    """Per output ``binary_data`` wins; otherwise the request-level ``binary_data_output``; JSON by default."""
-    if "binary_data" in params:
-        return bool(params["binary_data"])
-    return bool(request.parameters.get("binary_data_output", False))
-
-
-def encode_response(
-    model_name: str,
-    model_version: str,
-    request: InferRequest,
-    results: dict[str, np.ndarray],
-    parameters: dict[str, Any] | None = None,
-) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary outputs follow it (else None).
-
-    A binary output carries ``parameters.binary_data_size`` and an empty ``data`` list, so the JSON part still
-    validates against the V2 schema, which requires ``data``; clients read the tensor from the binary section.
-    """
-    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
-    if request.id is not None:
-        doc["id"] = request.id
-    if parameters:
-        doc["parameters"] = parameters
-    tensors: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
-    for name, arr, params in select_outputs(results, request.outputs):
-        if wants_binary(request, params):
-            datatype = NUMPY_TO_V2.get(arr.dtype)
-            if datatype is None:
-                raise InferenceFailed(f"output {name!r} has dtype {arr.dtype}, which V2 cannot carry")
-            data = np.ascontiguousarray(arr).tobytes()
-            chunks.append(data)
-            tensors.append({"name": name, "datatype": datatype, "shape": list(arr.shape),
-                            "parameters": {"binary_data_size": len(data)}, "data": []})
-        else:
-            try:
-                tensors.append(output_tensor_json(name, arr))
-            except NonFiniteOutput as exc:
-                raise _non_finite_from_input(request, name) or exc from None
-    doc["outputs"] = tensors
-    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not chunks:
-        return header, None
-    return b"".join([header, *chunks]), len(header)
-
-
-def error_body(message: str) -> bytes:
-    return orjson.dumps({"error": message})
 
 
 def tensor_metadata(specs: Sequence[TensorSpec]) -> list[dict[str, Any]]:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapters.base import AdapterError, InputRejected, Session
+from daemon.context import RequestContext
 from daemon.errors import Busy, InferenceFailed, InvalidInput, Timeout
 from daemon.metrics import VersionStats
 
@@ -136,18 +137,21 @@ class Scheduler:
             await waiter
 
     async def submit(
-        self, inputs: dict[str, np.ndarray], timeout_s: float | None = None, peer: object = None
+        self, inputs: dict[str, np.ndarray], ctx: RequestContext | None = None, timeout_s: float | None = None
     ) -> dict[str, np.ndarray]:
         """Queue one request and wait for its outputs; raises Busy when the queue is full.
 
-        ``peer``: who sent it (a connection, a reply topic), given only when no other request for this model is in
-        progress. Two requests in a row from the same peer with nothing else running mean a lone sequential client,
-        whose cheap runs go on the loop. Under load consecutive requests come from different peers."""
+        The lone-client rule is decided here alone: a request from the same peer (``ctx.peer``: a connection, a reply
+        topic) as this model's previous one, while nothing else is in progress anywhere in the daemon
+        (``ctx.activity``), comes from one sequential client, whose cheap runs go on the loop. Under load
+        consecutive requests come from different peers, or others are in progress. The deadline is the earlier of
+        ``timeout_s`` (else the model's timeout) and ``ctx.deadline``."""
         if not self.has_room():
             raise Busy(f"the queue is full ({self._policy.queue_size} requests waiting); retry shortly")
         first = next(iter(inputs.values()))
         rows = int(first.shape[0]) if first.ndim else 1
-        lone = peer is not None and peer == self._last_peer
+        peer = ctx.peer if ctx is not None else None
+        lone = peer is not None and peer == self._last_peer and ctx is not None and ctx.activity.in_progress == 1
         self._last_peer = peer
         if (lone and self._inline and self._idle == self.workers and not self._queue and self._held is None
                 and not self._closed):
@@ -166,6 +170,9 @@ class Scheduler:
             key = tuple(parts)
         job = _Job(inputs, rows, key, loop.create_future())
         timeout = self._policy.timeout_s if timeout_s is None else timeout_s
+        remaining = ctx.remaining() if ctx is not None else None
+        if remaining is not None and (timeout is None or remaining < timeout):
+            timeout = remaining
         if timeout is not None:
             job.timer = loop.call_later(timeout, self._expire, job, timeout)
         self._queue.append(job)

@@ -1,72 +1,87 @@
-"""The one inference path both frontends share: route, shed, decode, schedule, encode, count.
+"""The one inference path every frontend shares: route, shed, schedule, count.
 
-HTTP and MQTT differ only in how bytes arrive and leave; everything a request goes through, and every counter it
-moves, is here so the two cannot drift apart.
+Frontends own their bytes: each decodes its wire form into an :class:`~daemon.protocol.InferRequest` and serialises
+the result tensors (:mod:`daemon.responses`). Everything between, and every counter a request moves, is here, so HTTP,
+MQTT and later gRPC cannot drift apart::
+
+    loaded = service.admit(manager, model, version, ctx)      # 404 / 503 / shed before the body is read
+    async with service.call(loaded, ctx) as call:             # counted once, whatever ends it
+        request = protocol.decode_body(...)                   # the frontend's decode
+        results = await call.run(request)                     # queue, batch, run
+        body = responses.encode_response(...)                 # the frontend's serialisation
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
-from daemon import protocol
-from daemon.errors import Busy, InferdError, InvalidInput, Timeout
+import numpy as np
+
+from daemon.context import RequestContext
+from daemon.errors import Busy, InferdError, InvalidInput
 from daemon.models import LoadedVersion, ModelManager
+from daemon.protocol import InferRequest
 
 OUTCOME_BY_CODE = {"invalid_input": "invalid", "too_large": "invalid", "busy": "shed", "timeout": "timeout"}
 
 
-@dataclass(slots=True)
-class Reply:
-    body: bytes
-    header_length: int | None  # set when binary tensors follow a JSON header
-
-
-def admit(manager: ModelManager, model: str, version: str | None, transport: str) -> LoadedVersion:
+def admit(manager: ModelManager, model: str, version: str | None, ctx: RequestContext) -> LoadedVersion:
     """Route to a loaded version and refuse at once when its queue is full, before the body is even read."""
-    loaded = manager.route(model, version)
+    loaded = manager.pick(model, version, ctx)
     if not loaded.scheduler.has_room():
-        loaded.stats.request_done(transport, "shed", 0.0)
+        loaded.stats.request_done(ctx.transport, "shed", 0.0)
         raise Busy(f"model {model!r} is at capacity (queue full); retry shortly")
     return loaded
 
 
-async def admit_waiting(manager: ModelManager, model: str, version: str | None) -> LoadedVersion:
+async def admit_waiting(manager: ModelManager, model: str, version: str | None, ctx: RequestContext) -> LoadedVersion:
     """Like :func:`admit`, but wait for queue room instead of refusing: for transports that can hold the sender
     back (MQTT, whose unacknowledged messages stop the broker at Receive Maximum)."""
-    loaded = manager.route(model, version)
+    loaded = manager.pick(model, version, ctx)
     await loaded.scheduler.wait_for_room()
     return loaded
 
 
-async def infer(
-    loaded: LoadedVersion,
-    body: bytes | bytearray | memoryview,
-    header_length: int | None,
-    limits: protocol.Limits,
-    transport: str,
-    peer: object = None,
-) -> Reply:
-    """``peer`` identifies the sender (an HTTP connection, an MQTT reply topic) for the scheduler's lone-client path."""
-    started = time.perf_counter()
-    stats = loaded.stats
-    stats.in_flight += 1
-    try:
-        request = protocol.decode_body(
-            body, header_length, loaded.session.inputs, loaded.session.outputs, limits
-        )
-        results = await loaded.scheduler.submit(
-            request.inputs, request_timeout(request.parameters), peer if stats.in_flight == 1 else None
-        )
-        payload, hlen = protocol.encode_response(loaded.name, loaded.version, request, results)
-    except InferdError as exc:
-        stats.request_done(transport, OUTCOME_BY_CODE.get(exc.code, "failed"), time.perf_counter() - started)
-        raise
-    finally:
+class Call:
+    """One request's passage through a loaded version, from decode to serialised answer: in flight meanwhile, and
+    counted under exactly one outcome when it ends (a cancelled request, whose client is gone, is not counted)."""
+
+    __slots__ = ("loaded", "ctx", "_started")
+
+    def __init__(self, loaded: LoadedVersion, ctx: RequestContext) -> None:
+        self.loaded = loaded
+        self.ctx = ctx
+        self._started = 0.0
+
+    async def __aenter__(self) -> Call:
+        self._started = time.perf_counter()
+        self.loaded.stats.in_flight += 1
+        return self
+
+    async def run(self, request: InferRequest) -> dict[str, np.ndarray]:
+        return await self.loaded.scheduler.submit(request.inputs, self.ctx, request_timeout(request.parameters))
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        stats = self.loaded.stats
         stats.in_flight -= 1
-    stats.request_done(transport, "success", time.perf_counter() - started)
-    return Reply(payload, hlen)
+        if exc is None:
+            outcome = "success"
+        elif isinstance(exc, InferdError):
+            outcome = OUTCOME_BY_CODE.get(exc.code, "failed")
+        elif isinstance(exc, asyncio.CancelledError):
+            return
+        else:
+            outcome = "failed"
+        stats.request_done(self.ctx.transport, outcome, time.perf_counter() - self._started)
+
+
+def call(loaded: LoadedVersion, ctx: RequestContext) -> Call:
+    return Call(loaded, ctx)
 
 
 def request_timeout(parameters: dict[str, Any]) -> float | None:
@@ -80,4 +95,4 @@ def request_timeout(parameters: dict[str, Any]) -> float | None:
     return None
 
 
-__all__ = ["Busy", "Reply", "Timeout", "admit", "infer", "request_timeout"]
+__all__ = ["Call", "admit", "admit_waiting", "call", "request_timeout"]

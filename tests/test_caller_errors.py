@@ -31,6 +31,7 @@ from refusing_models import (
     reflect_pad,
     reflect_pad_onnx,
 )
+from support.contexts import lone
 
 from adapters import SessionOptions, get_runtime
 from adapters.base import AdapterError, InputRejected
@@ -172,17 +173,17 @@ def test_one_bad_request_in_a_batch_fails_alone_and_its_batch_mates_get_their_ro
 
 
 def test_a_lone_clients_refused_run_is_a_400_on_the_worker_and_inline() -> None:
-    async def lone(sched: Scheduler) -> list[Any]:
+    async def one_by_one(sched: Scheduler) -> list[Any]:
         out: list[Any] = []
         for idx in ([1], [2], [8], [3], [-7], [0]):  # the first is measured on a worker, the rest run inline
             try:
-                out.append((await sched.submit({"idx": np.array(idx, np.int64)}, peer="client"))["rows"])
+                out.append((await sched.submit({"idx": np.array(idx, np.int64)}, ctx=lone("client")))["rows"])
             except InvalidInput as exc:
                 out.append(exc)
         return out
 
     outs, stats, recorder = asyncio.run(
-        _with_scheduler(gather_onnx(), BatchPolicy(max_batch_size=8, inline_max_s=0.05), lone))
+        _with_scheduler(gather_onnx(), BatchPolicy(max_batch_size=8, inline_max_s=0.05), one_by_one))
     assert stats.inline_runs >= 3  # the refused runs below were inline ones
     assert isinstance(outs[2], InvalidInput) and "idx=8" in str(outs[2])
     assert isinstance(outs[4], InvalidInput) and "idx=-7" in str(outs[4])

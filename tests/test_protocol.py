@@ -8,7 +8,8 @@ import pytest
 
 from adapters.base import TensorSpec
 from daemon.errors import InvalidInput, PayloadTooLarge
-from daemon.protocol import InferRequest, Limits, decode_request, encode_response, loads
+from daemon.protocol import InferRequest, Limits, decode_request, loads
+from daemon.responses import encode_response
 
 SPECS = [TensorSpec("x", "FP32", (-1, 2)), TensorSpec("flag", "BOOL", (-1,))]
 OUTS = [TensorSpec("y", "FP32", (-1, 2))]

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 from conftest import mlp_reference
+from support.contexts import lone
 from test_serve import build_slow_model
 
 from adapters import SessionOptions, get_runtime
@@ -231,7 +232,7 @@ def test_cheap_lone_runs_move_onto_the_loop_after_one_measured_run_per_batch_siz
     xs = [np.full((1 + i % 2, 4), i / 10, np.float32) for i in range(12)]  # alternately 1 and 2 rows
 
     async def one_by_one(sched: Scheduler):
-        return [(await sched.submit({"input": x}, peer="client-a"))["output"] for x in xs]
+        return [(await sched.submit({"input": x}, ctx=lone("client-a")))["output"] for x in xs]
 
     # a generous threshold: this checks where runs go, not how fast this machine is
     outs, stats, where = asyncio.run(
@@ -254,7 +255,7 @@ def test_runs_slower_than_the_threshold_stay_on_workers_and_the_loop_keeps_beati
     async def scenario(sched: Scheduler) -> float:
         async def one_at_a_time() -> None:
             for _ in range(4):
-                await sched.submit({"input": np.ones((16, 512), np.float32)}, peer="client-a")
+                await sched.submit({"input": np.ones((16, 512), np.float32)}, ctx=lone("client-a"))
 
         return await worst_loop_lag(one_at_a_time())
 
@@ -276,8 +277,8 @@ def test_concurrent_requests_go_to_workers_and_batch_and_inline_can_be_turned_of
 
     async def lone_then_burst(sched: Scheduler):
         for _ in range(3):  # measured on a worker, then on the loop
-            await sched.submit({"input": np.zeros((1, 4), np.float32)}, peer="client-a")
-        outs = await asyncio.gather(*(sched.submit({"input": x}, peer=f"client-{i % 4}") for i, x in enumerate(xs)))
+            await sched.submit({"input": np.zeros((1, 4), np.float32)}, ctx=lone("client-a"))
+        outs = await asyncio.gather(*(sched.submit({"input": x}, ctx=lone(f"client-{i % 4}")) for i, x in enumerate(xs)))
         return [o["output"] for o in outs]
 
     for threshold in (0.05, 0.0):
@@ -297,8 +298,8 @@ def test_a_long_sequence_is_not_judged_by_short_ones() -> None:
 
     async def short_then_long(sched: Scheduler):
         for _ in range(4):
-            await sched.submit({"x": np.ones((1, 16), np.float32)}, peer="client-a")
-        out = await sched.submit({"x": -np.ones((1, 4096), np.float32)}, peer="client-a")
+            await sched.submit({"x": np.ones((1, 16), np.float32)}, ctx=lone("client-a"))
+        out = await sched.submit({"x": -np.ones((1, 4096), np.float32)}, ctx=lone("client-a"))
         return out["y"]
 
     y, stats, where = asyncio.run(

@@ -1,0 +1,67 @@
+"""The HTTP listener as a :class:`~daemon.frontend.Frontend`: bind, serve, drain. Routes live in ``http_api``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from daemon.context import Activity
+from daemon.frontend import Health
+from daemon.http_api import HttpApi
+
+log = logging.getLogger("inferd.http")
+
+#: what aiohttp's own cleanup gives a handler still running after our drain (which already waited for handlers)
+CLEANUP_GRACE_S = 5.0
+
+
+class HttpFrontend:
+    name = "http"
+
+    def __init__(self, api: HttpApi, host: str, port: int, activity: Activity) -> None:
+        self.api = api
+        self.host = host
+        self.port = port  # the configured one until start(), then the bound one (port 0 picks a free port)
+        self._activity = activity
+        self._runner: web.ServerRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        self._stopped.clear()
+        self._runner = web.ServerRunner(self.api.server(), handle_signals=False, shutdown_timeout=CLEANUP_GRACE_S)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await self._site.start()
+        self.port = bound_port(self._runner)
+        log.info("listening on http://%s:%d", self.host, self.port,
+                 extra={"event_kind": "listening", "port": self.port})
+
+    async def run(self) -> None:
+        """aiohttp serves from its own tasks; this only marks the frontend's lifetime for the supervisor."""
+        await self._stopped.wait()
+
+    async def stop(self, budget: float) -> None:
+        """No new connections at once; requests in progress finish (within ``budget``); then the connections close."""
+        if self._site is not None:
+            await self._site.stop()
+        if self._activity.in_progress:
+            log.info("draining %d in-flight request(s)", self._activity.in_progress)
+            if not await self._activity.wait_idle(budget):
+                log.warning("drain timed out with %d request(s) in flight", self._activity.in_progress)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self._stopped.set()
+
+    def health(self) -> Health:
+        return Health("listening" if self._site is not None else "stopped", True)
+
+
+def bound_port(runner: web.ServerRunner) -> int:
+    """The port the listener really bound (``runner.addresses`` is aiohttp's public view of its sockets)."""
+    addresses = runner.addresses
+    if not addresses:
+        raise RuntimeError("the HTTP listener has no bound address")
+    return int(addresses[0][1])
