@@ -1,0 +1,108 @@
+"""The daemon in-process: wiring, readiness from one aggregator, supervision of frontends, orderly shutdown.
+
+Subprocess tests (test_serve) prove the same from outside; these reach what a subprocess cannot observe: the
+Supervisor restarting a frontend whose run() raises, and Readiness reporting it meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from conftest import Site, mlp_reference, pack_model
+from httpclient import infer, request
+
+from daemon import supervise
+from daemon.app import Daemon
+from daemon.config import load_config
+from daemon.frontend import Health, Readiness
+from daemon.supervise import Supervisor
+
+
+class FlakyFrontend:
+    """A frontend whose run() fails a given number of times: the supervisor's own contract, nothing mocked below."""
+
+    name = "flaky"
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.starts = 0
+        self.stops = 0
+        self.running = asyncio.Event()
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        self.starts += 1
+        self._stopped.clear()
+
+    async def run(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("unexpected")
+        self.running.set()
+        await self._stopped.wait()
+
+    async def stop(self, budget: float) -> None:
+        self.stops += 1
+        self._stopped.set()
+
+    def health(self) -> Health:
+        return Health("up", True)
+
+
+def test_a_crashed_frontend_makes_the_daemon_unready_and_is_restarted(monkeypatch: Any) -> None:
+    monkeypatch.setattr(supervise, "RESTART_MIN_S", 0.01)
+
+    async def scenario() -> tuple[list[list[str]], FlakyFrontend, dict[str, int]]:
+        readiness = Readiness(lambda: [])
+        flaky = FlakyFrontend(failures=2)
+        readiness.add(flaky)
+        seen: list[list[str]] = []
+        original = readiness.crashed
+
+        def crashed(name: str, why: str) -> None:
+            original(name, why)
+            seen.append(readiness.reasons())
+
+        readiness.crashed = crashed  # type: ignore[method-assign]
+        supervisor = Supervisor(readiness)
+        await flaky.start()
+        supervisor.frontend(flaky)
+        await asyncio.wait_for(flaky.running.wait(), 10)
+        assert readiness.reasons() == []  # recovered
+        await flaky.stop(0)
+        await supervisor.close()
+        return seen, flaky, supervisor.restarts
+
+    seen, flaky, restarts = asyncio.run(scenario())
+    assert seen[0] == ["flaky: crashed (RuntimeError: unexpected); restarting"]
+    assert len(seen) == 2 and restarts == {"flaky": 2}
+    assert flaky.starts == 3 and flaky.stops >= 2  # stopped (to release what it held) before each restart
+
+
+def test_the_daemon_in_process_serves_reports_readiness_and_drains(site: Site, mlp_onnx: bytes) -> None:
+    site.install(pack_model(site.keyset, mlp_onnx, name="mlp"))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}, {"name": "absent", "runtime": "onnxruntime"}]
+    daemon = Daemon(load_config(site.write_config()))
+
+    async def scenario() -> tuple[Any, Any, Any]:
+        task = asyncio.create_task(daemon.run())
+        while not daemon.frontends or daemon.manager is None or daemon.manager.entries["mlp"].status != "ready":
+            await asyncio.sleep(0.01)
+        http = daemon.frontends[0]
+        url = f"http://127.0.0.1:{http.port}"  # type: ignore[attr-defined]
+        x = np.ones((2, 4), np.float32)
+        doc = {"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32", "data": x.ravel().tolist()}]}
+        answer = await asyncio.to_thread(infer, url, "mlp", doc)
+        ready = await asyncio.to_thread(request, url + "/v2/health/ready")
+        daemon.request_stop("test")
+        await asyncio.wait_for(task, 30)
+        return answer, ready, daemon.manager.entries["mlp"].status
+
+    answer, ready, status = asyncio.run(scenario())
+    assert answer.status == 200
+    np.testing.assert_allclose(np.array(answer.json()["outputs"][0]["data"]).reshape(2, 3),
+                               mlp_reference(np.ones((2, 4), np.float32)), rtol=1e-5, atol=1e-6)
+    assert ready.status == 503 and "absent: failed" in ready.json()["error"]
+    assert status == "unloaded"  # shut down: models released
