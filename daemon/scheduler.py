@@ -44,7 +44,7 @@ import numpy as np
 
 from adapters.base import AdapterError, InputRejected, Session
 from daemon.context import RequestContext
-from daemon.errors import Busy, InferenceFailed, InvalidInput, Timeout
+from daemon.errors import Busy, InferenceFailed, InvalidInput, NotReady, Timeout
 from daemon.metrics import VersionStats
 
 log = logging.getLogger("inferd.scheduler")
@@ -114,6 +114,9 @@ class Scheduler:
         self._recent: dict[tuple[object, ...], deque[float]] = {}  # size class (see _size_class) -> last run times
         self._last_peer: object = None
         self._closed = False
+        self._draining = False  # drain() was called: new requests are refused, accepted ones finish
+        self._settled: asyncio.Event | None = None  # set by drain's bookkeeping once nothing accepted is left
+        self._room_tasks: set[asyncio.Task[object]] = set()  # waited in wait_for_room, not yet submitted
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -130,11 +133,36 @@ class Scheduler:
         return self._stats.queue_depth < self._policy.queue_size
 
     async def wait_for_room(self) -> None:
-        """Wait until the queue can take a request: how MQTT applies backpressure instead of refusing."""
+        """Wait until the queue can take a request: how MQTT applies backpressure instead of refusing.
+
+        A caller that had to wait is accepted work from then on: a drain lets its ``submit`` through. One that found
+        room at once submits before the loop runs anything else (the frontends decode in between, synchronously),
+        so a drain cannot start between the two."""
+        if self._draining:
+            raise self._retiring()
+        if self.has_room():
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._room_tasks.add(task)
+        task.add_done_callback(self._room_task_done)  # a caller that never submits (its body was bad) is let go
         while not self.has_room():
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._room_waiters.append(waiter)
             await waiter
+
+    def _admit_after_wait(self) -> None:
+        """While draining only callers that waited for room before it began get in; they stop being counted as
+        waiting once they submit."""
+        task = asyncio.current_task()
+        if task in self._room_tasks:
+            self._room_tasks.discard(task)
+        elif self._draining:
+            raise self._retiring()
+
+    def _room_task_done(self, task: asyncio.Task[object]) -> None:
+        self._room_tasks.discard(task)
+        self._check_settled()
 
     async def submit(
         self, inputs: dict[str, np.ndarray], ctx: RequestContext | None = None, timeout_s: float | None = None
@@ -146,6 +174,8 @@ class Scheduler:
         (``ctx.activity``), comes from one sequential client, whose cheap runs go on the loop. Under load
         consecutive requests come from different peers, or others are in progress. The deadline is the earlier of
         ``timeout_s`` (else the model's timeout) and ``ctx.deadline``."""
+        if self._draining or self._room_tasks:
+            self._admit_after_wait()
         if not self.has_room():
             raise Busy(f"the queue is full ({self._policy.queue_size} requests waiting); retry shortly")
         first = next(iter(inputs.values()))
@@ -182,6 +212,7 @@ class Scheduler:
             return await job.future
         except asyncio.CancelledError:
             self._forget(job)
+            self._check_settled()
             raise
 
     def _forget(self, job: _Job) -> None:
@@ -206,6 +237,7 @@ class Scheduler:
             self._queue.remove(job)
         if not job.future.done():
             job.future.set_exception(Timeout(f"request timed out after {timeout * 1000:.0f} ms in the queue"))
+        self._check_settled()
 
     def _take(self) -> _Job | None:
         while self._queue:
@@ -336,6 +368,8 @@ class Scheduler:
         self._deliver(batch, outcome)
         self._pump()
         self._wake_room()
+        if self._settled is not None:
+            self._check_settled()
 
     def _deliver(self, batch: list[_Job], outcome: _Outcome) -> None:
         self._idle += 1
@@ -407,25 +441,68 @@ class Scheduler:
             runs.append((job.inputs, job.rows, time.perf_counter() - started))
         return outputs, runs
 
+    def _retiring(self) -> NotReady:
+        return NotReady(f"model {self._stats.model!r} version {self._stats.version!r} is being retired and takes no "
+                        "new requests; retry, and the version now serving answers")
+
+    def _busy(self) -> bool:
+        """Accepted work is left: queued, held open for company, running, or waiting for room to be queued."""
+        return bool(self._stats.queue_depth or self._held or self._idle < self.workers or self._room_tasks)
+
+    def _check_settled(self) -> None:
+        if self._settled is not None and not self._busy():
+            self._settled.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Retire this scheduler gracefully: refuse new requests (``NotReady``) from now on, let everything already
+        accepted finish normally, and return when it has or ``timeout`` seconds passed; then what is still queued is
+        failed as :meth:`close` fails it, and the worker threads are stopped and joined (runs in progress finish).
+
+        "Accepted" is what is queued, held open for batching, running, or waiting in :meth:`wait_for_room`. A held
+        batch goes at once: no new company can come."""
+        if not self._draining:
+            self._draining = True
+            if self._held is not None:
+                self._release_and_pump()
+        if timeout > 0 and not self._closed and self._busy():
+            self._settled = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._settled.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("model %s version %s: drain timed out after %.1fs with work left; failing what is queued",
+                            self._stats.model, self._stats.version, timeout, extra={"event_kind": "drain_timeout"})
+            finally:
+                self._settled = None
+        await self._stop()
+
     async def close(self) -> None:
-        """Stop dispatching; requests still queued are failed, runs in progress finish."""
+        """Stop at once: new requests are refused, requests still queued are failed, runs in progress finish."""
+        await self.drain(0)
+
+    async def _stop(self) -> None:
+        self._draining = True
         held, self._held = self._held or [], None
         if self._held_timer is not None:
             self._held_timer.cancel()
+            self._held_timer = None
         failure = InferenceFailed("the model was unloaded before this request ran")
+        for waiter in self._room_waiters:  # first: the room freed below must not let them in
+            if not waiter.done():
+                waiter.set_exception(failure)
+        self._room_waiters.clear()
+        self._room_tasks.clear()
         for job in [*held, *self._queue]:
             self._forget(job)
             if not job.future.done():
                 job.future.set_exception(failure)
         self._queue.clear()
-        for waiter in self._room_waiters:
-            if not waiter.done():
-                waiter.set_exception(failure)
-        self._room_waiters.clear()
         self._idle = 0  # nothing more is sent
-        self._closed = True  # and nothing runs on the loop (runs finishing now give their worker slots back)
-        for _ in self._threads:
-            self._work.put(None)
+        if not self._closed:
+            self._closed = True  # and nothing runs on the loop (runs finishing now give their worker slots back)
+            for _ in self._threads:
+                self._work.put(None)
+        if self._settled is not None:
+            self._settled.set()  # a drain waiting meanwhile has nothing left to wait for
         loop = asyncio.get_running_loop()
         for t in self._threads:
             await loop.run_in_executor(None, t.join)
