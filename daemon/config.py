@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from adapters.base import SessionOptions
 from daemon.config_errors import describe
 from daemon.errors import ConfigError
 
@@ -237,6 +238,23 @@ class _ModelBase(_Model):
         "Used instead of the synthetic guess; a failure fails the load (null: the smoke test, else a guess).",
     )
 
+    # Each runtime's config class maps its own options: nothing above adapters/ knows a runtime's option names.
+    def session_options(self, threads: int) -> SessionOptions:
+        """The runtime-neutral options for one load, runtime-specific settings in ``extra``."""
+        return SessionOptions(device=self.device, fallback=self.fallback, threads=threads,
+                              inter_op_threads=self._inter_op_threads(), precision=self.precision,
+                              workers=self.workers, extra=self._runtime_extra())
+
+    def threads_in_use(self, threads: int) -> int:
+        """Threads this model may run at once with ``threads`` per inference (for the start-up budget check)."""
+        return threads * self.workers
+
+    def _inter_op_threads(self) -> int:
+        return 1
+
+    def _runtime_extra(self) -> dict[str, Any]:
+        return {}
+
 
 class OnnxModelConfig(_ModelBase):
     runtime: Literal["onnxruntime"]
@@ -244,6 +262,12 @@ class OnnxModelConfig(_ModelBase):
     session_config: dict[str, str] = Field(
         default_factory=dict, description="Extra ONNX Runtime session config entries (advanced)."
     )
+
+    def _inter_op_threads(self) -> int:
+        return self.inter_op_threads
+
+    def _runtime_extra(self) -> dict[str, Any]:
+        return dict(self.session_config)
 
 
 class OpenVinoModelConfig(_ModelBase):
@@ -257,6 +281,15 @@ class OpenVinoModelConfig(_ModelBase):
     properties: dict[str, str] = Field(
         default_factory=dict, description="Extra OpenVINO compile properties (advanced; CACHE_DIR is refused)."
     )
+
+    def threads_in_use(self, threads: int) -> int:
+        return threads  # INFERENCE_NUM_THREADS bounds the whole compiled model, all streams together
+
+    def _runtime_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"performance_hint": self.performance_hint, **self.properties}
+        if self.num_streams is not None:
+            extra["num_streams"] = self.num_streams
+        return extra
 
     @model_validator(mode="after")
     def _positive_streams(self) -> OpenVinoModelConfig:

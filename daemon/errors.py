@@ -67,6 +67,24 @@ class IntegrityError(InferdError):
     code = "integrity"
 
 
+class SmokeTestFailed(InferdError):
+    """A version did not reproduce the reference outputs packed in its artifact: it must not serve."""
+
+    code = "smoke_test_failed"
+
+
+class ArtifactMismatch(InferdError):
+    """The store entry or the config disagrees with the artifact: another model, version or runtime inside."""
+
+    code = "artifact_mismatch"
+
+
+class LoadFailed(InferdError):
+    """A runtime refused to load a version (its message says why); the version is not served."""
+
+    code = "load_failed"
+
+
 class KeyProblem(InferdError):
     """A key is missing, unreadable, malformed or too widely readable."""
 

@@ -1,7 +1,14 @@
-"""Loaded model versions: load from the store, warm up, route requests to a version, report readiness.
+"""Loaded model versions: load beside the active one, switch atomically, retire gracefully, route requests.
 
-A model moves through ``loading`` -> ``ready`` or ``failed``; a failed model is reported with its reason and the others
-keep serving. Decryption, runtime loading and warm-up are blocking, so they run in an executor.
+A model points at its active version; other versions may be loaded beside it (staged: addressable explicitly, not
+routed by default). Each :class:`LoadedVersion` has its own scheduler and state (``ready``, later ``probation``,
+``draining``, ``retired``). Switching is one assignment on the event loop: a request holds the version it was routed
+to, so in-flight work finishes where it started. Retiring drains the version's scheduler (what was accepted finishes,
+what is new is refused) and then closes its session. Decryption, runtime loading and warm-up are blocking, so they
+run in an executor. Every failure is a typed error (:mod:`daemon.errors`) an updater can act on.
+
+A model's own status is ``loading`` until its first version is active, ``ready`` while one is, ``failed`` when the
+first load failed (the others keep serving); a failed reload leaves the active version serving.
 """
 
 from __future__ import annotations
@@ -12,27 +19,26 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from adapters import AdapterError, Session, SessionOptions, get_runtime
-from adapters.base import TensorSpec, usable_cpus
+from adapters import AdapterError, Session, get_runtime
+from adapters.base import usable_cpus
 from daemon.artifact import Header, open_artifact
-from daemon.config import Config, ModelConfig, OnnxModelConfig, OpenVinoModelConfig, WarmupInputs
+from daemon.config import Config, ModelConfig
 from daemon.context import RequestContext
-from daemon.errors import ConfigError, InferdError, ModelNotFound, NotReady, VersionNotFound
+from daemon.errors import ArtifactMismatch, InferdError, LoadFailed, ModelNotFound, NotReady, VersionNotFound
 from daemon.keys import Kek
 from daemon.metrics import LoadedInfo, VersionStats
 from daemon.scheduler import BatchPolicy, Scheduler
 from daemon.store import Store
+from daemon.warmup import warm_up
 
 log = logging.getLogger("inferd.models")
 
-SMOKE_RTOL = 1e-4
-SMOKE_ATOL = 1e-5
+#: how long retiring a version after a switch waits for its accepted work (the drain budget of a swap)
+RETIRE_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -46,6 +52,7 @@ class LoadedVersion:
     header: Header
     threads: int
     load_seconds: float
+    state: str = "ready"
 
     @property
     def platform(self) -> str:
@@ -69,7 +76,8 @@ class ModelEntry:
     status: str = "loading"
     reason: str | None = None
     active: LoadedVersion | None = None
-    versions: dict[str, LoadedVersion] = field(default_factory=dict)
+    versions: dict[str, LoadedVersion] = field(default_factory=dict)  # loaded: the active one and any staged
+    failures: dict[str, str] = field(default_factory=dict)  # version -> why its last load failed
 
 
 class ModelManager:
@@ -85,51 +93,102 @@ class ModelManager:
         self._keks = keks
         self._signers = signers
         self.entries: dict[str, ModelEntry] = {m.name: ModelEntry(m) for m in config.models}
-        #: called on the event loop with each model event (activated, load_failed); MQTT publishes them
+        #: called on the event loop with each model event (activated, load_failed, retired); MQTT publishes them
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._auto_threads = max(1, usable_cpus() // max(1, sum(m.workers for m in config.models)))
 
-    # -- loading ----------------------------------------------------------------------------------------------
+    # -- the version lifecycle --------------------------------------------------------------------------------
 
     async def load_all(self) -> None:
-        """Load every configured model; failures are recorded per model, never raised."""
+        """Load and activate every configured model's version; failures are recorded per model, never raised."""
         for entry in self.entries.values():
-            await self._load_entry(entry)
-
-    async def _load_entry(self, entry: ModelEntry) -> None:
-        cfg = entry.config
-        entry.status, entry.reason = "loading", None
-        try:
+            cfg = entry.config
+            entry.status, entry.reason = "loading", None
             version = cfg.version or self._store.state(cfg.name).active
             if version is None:
-                raise ModelNotFound(
+                self._fail_model(entry, None, ModelNotFound(
                     f"model {cfg.name!r} has no active version in the store (install one with 'inferd model install')"
-                )
-            loaded = await asyncio.get_running_loop().run_in_executor(None, self._load_version, cfg, version)
-        except (InferdError, AdapterError) as exc:
-            entry.status, entry.reason = "failed", str(exc)
-            log.error("model %s failed to load: %s", cfg.name, exc)
-            self._emit("load_failed", cfg.name, None, entry.reason)
-            return
-        except Exception as exc:  # a runtime or library bug must cost one model, never the daemon
-            entry.status, entry.reason = "failed", f"unexpected error: {type(exc).__name__}: {exc}"
-            log.exception("model %s failed to load", cfg.name)
-            self._emit("load_failed", cfg.name, None, entry.reason)
-            return
+                ))
+                continue
+            try:
+                await self.load_version(cfg.name, version)
+            except InferdError as exc:
+                self._fail_model(entry, version, exc)
+                continue
+            self.activate(cfg.name, version)
+
+    def _fail_model(self, entry: ModelEntry, version: str | None, exc: InferdError) -> None:
+        entry.status, entry.reason = "failed", str(exc)
+        if version is None:  # nothing could even be tried; load_version already logged and emitted the others
+            log.error("model %s failed to load: %s", entry.config.name, exc)
+            self._emit("load_failed", entry.config.name, None, entry.reason)
+
+    async def load_version(self, name: str, version: str) -> LoadedVersion:
+        """Load ``version`` beside whatever serves now, warm it up and smoke-test it, start its scheduler, and stage
+        it (explicit requests reach it; nothing is routed to it by default until :meth:`activate`). Raises a typed
+        InferdError (SmokeTestFailed, ArtifactMismatch, IntegrityError, KeyProblem, LoadFailed...), after recording it
+        in the entry's ``failures``; the model's active version is untouched either way."""
+        entry = self.entry(name)
+        if version in entry.versions:
+            return entry.versions[version]
+        try:
+            loaded = await asyncio.get_running_loop().run_in_executor(None, self._build, entry.config, version)
+        except Exception as exc:
+            error = exc if isinstance(exc, InferdError) else LoadFailed(
+                str(exc) if isinstance(exc, AdapterError) else f"unexpected error: {type(exc).__name__}: {exc}")
+            if not isinstance(exc, (InferdError, AdapterError)):  # a runtime or library bug costs one version
+                log.error("model %s failed to load (version %s)", name, version, exc_info=exc)
+            else:
+                log.error("model %s failed to load (version %s): %s", name, version, error)
+            entry.failures[version] = str(error)
+            self._emit("load_failed", name, version, str(error))
+            raise error from exc
         loaded.scheduler.start()
-        entry.versions[loaded.version] = loaded
-        entry.active = loaded
-        entry.status = "ready"
-        self._emit("activated", cfg.name, loaded.version, None)
-        log.info(
-            "model %s version %s ready on %s (%s, %d threads, %.2fs)",
-            cfg.name,
-            loaded.version,
-            loaded.session.device,
-            loaded.runtime,
-            loaded.threads,
-            loaded.load_seconds,
-        )
+        entry.failures.pop(version, None)
+        entry.versions[version] = loaded
+        log.info("model %s version %s loaded on %s (%s, %d threads, %.2fs)", name, version, loaded.session.device,
+                 loaded.runtime, loaded.threads, loaded.load_seconds,
+                 extra={"event_kind": "version_loaded", "model": name, "version": version})
+        return loaded
+
+    def activate(self, name: str, version: str) -> LoadedVersion | None:
+        """Make a loaded version the one requests go to: one assignment, on the loop, so no request ever sees a model
+        without a version. Returns the version it replaced (still loaded: retire it when it should go)."""
+        entry = self.entry(name)
+        loaded = entry.versions.get(version)
+        if loaded is None:
+            raise VersionNotFound(f"version {version!r} of model {name!r} is not loaded")
+        previous, entry.active = entry.active, loaded
+        entry.status, entry.reason = "ready", None
+        self._emit("activated", name, version, None)
+        log.info("model %s version %s active", name, version,
+                 extra={"event_kind": "activated", "model": name, "version": version})
+        return previous if previous is not loaded else None
+
+    async def retire(self, name: str, version: str, timeout: float = RETIRE_TIMEOUT_S) -> None:
+        """Unload a version that is not active: no new request reaches it, the ones it accepted finish (up to
+        ``timeout``), then its session is closed."""
+        entry = self.entry(name)
+        loaded = entry.versions.get(version)
+        if loaded is None:
+            raise VersionNotFound(f"version {version!r} of model {name!r} is not loaded")
+        if loaded is entry.active:
+            raise InferdError(f"version {version} of model {name!r} is active: activate another before retiring it")
+        del entry.versions[version]
+        loaded.state = "draining"
+        await loaded.scheduler.drain(timeout)
+        await asyncio.get_running_loop().run_in_executor(None, loaded.session.close)
+        loaded.state = "retired"
+        self._emit("retired", name, version, None)
+        log.info("model %s version %s retired", name, version,
+                 extra={"event_kind": "retired", "model": name, "version": version})
+
+    async def swap(self, name: str, version: str, timeout: float = RETIRE_TIMEOUT_S) -> None:
+        """Load ``version`` beside the active one, switch to it, and retire the one it replaced: the hot swap."""
+        await self.load_version(name, version)
+        previous = self.activate(name, version)
+        if previous is not None:
+            await self.retire(name, previous.version, timeout)
 
     def _emit(self, event: str, model: str, version: str | None, reason: str | None) -> None:
         doc: dict[str, Any] = {"event": event, "model": model, "version": version,
@@ -145,7 +204,8 @@ class ModelManager:
     def _threads(self, cfg: ModelConfig) -> int:
         return cfg.threads or self._auto_threads
 
-    def _load_version(self, cfg: ModelConfig, version: str) -> LoadedVersion:
+    def _build(self, cfg: ModelConfig, version: str) -> LoadedVersion:
+        """Runs in an executor: read, verify and decrypt in memory, load in the runtime, warm up."""
         started = time.monotonic()
         blob = self._store.read_artifact(cfg.name, version)
         opened = open_artifact(
@@ -154,19 +214,18 @@ class ModelManager:
         del blob
         header = opened.header
         if header.name != cfg.name or header.version != version:
-            raise InferdError(
+            raise ArtifactMismatch(
                 f"store entry {cfg.name}:{version} holds an artifact for {header.name}:{header.version}"
             )
         if header.runtime != cfg.runtime:
-            raise AdapterError(
+            raise ArtifactMismatch(
                 f"model {cfg.name} is configured for runtime {cfg.runtime} but its artifact was packed for "
                 f"{header.runtime}"
             )
         threads = self._threads(cfg)
-        options = session_options(cfg, threads)
-        session = get_runtime(cfg.runtime).load(opened.model_files(), options)
+        session = get_runtime(cfg.runtime).load(opened.model_files(), cfg.session_options(threads))
         try:
-            _warm_up(session, opened.reference(), cfg.warmup, f"{cfg.name}:{version}")
+            warm_up(session, opened.reference(), cfg.warmup, f"{cfg.name}:{version}")
         except Exception:
             session.close()
             raise
@@ -182,12 +241,9 @@ class ModelManager:
         for entry in self.entries.values():
             cfg = entry.config
             threads = self._threads(cfg)
-            if isinstance(cfg, OpenVinoModelConfig):
-                used = threads  # INFERENCE_NUM_THREADS bounds the whole compiled model, all streams together
-                parts.append(f"{cfg.name}: {threads}")
-            else:
-                used = threads * cfg.workers
-                parts.append(f"{cfg.name}: {threads} threads x {cfg.workers} workers")
+            used = cfg.threads_in_use(threads)
+            parts.append(f"{cfg.name}: {used}" if used == threads else
+                         f"{cfg.name}: {threads} threads x {cfg.workers} workers")
             total += used
         return total, usable_cpus(), parts
 
@@ -273,114 +329,3 @@ def batch_policy(cfg: ModelConfig) -> BatchPolicy:
         timeout_s=cfg.timeout_ms / 1000 if cfg.timeout_ms else None,
         inline_max_s=cfg.inline_max_ms / 1000,
     )
-
-
-def session_options(cfg: ModelConfig, threads: int) -> SessionOptions:
-    """Map a model's config onto the runtime-neutral options, runtime-specific settings going into ``extra``."""
-    extra: dict[str, Any] = {}
-    inter_op = 1
-    if isinstance(cfg, OnnxModelConfig):
-        extra = dict(cfg.session_config)
-        inter_op = cfg.inter_op_threads
-    elif isinstance(cfg, OpenVinoModelConfig):
-        extra = {"performance_hint": cfg.performance_hint, **cfg.properties}
-        if cfg.num_streams is not None:
-            extra["num_streams"] = cfg.num_streams
-    return SessionOptions(
-        device=cfg.device,
-        fallback=cfg.fallback,
-        threads=threads,
-        inter_op_threads=inter_op,
-        precision=cfg.precision,
-        workers=cfg.workers,
-        extra=extra,
-    )
-
-
-def _warm_up(
-    session: Session,
-    reference: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None,
-    warmup: WarmupInputs | None,
-    label: str,
-) -> None:
-    """The first run pays the runtime's lazy allocations. Which inputs, and what a failure means:
-
-    - a packed smoke test is a gate: the model must reproduce its reference, or the version fails to load;
-    - inputs the operator configured (``warmup``) are declared valid, so their failure fails the load too;
-    - otherwise the inputs are a guess (zeros, every dynamic dimension 1, wherever the batch is), which a good model
-      may refuse (a reflect Pad needs more than one sample): a WARNING names the shapes tried and the model serves.
-    """
-    if reference is not None:
-        _smoke_test(session, reference, label)
-    if warmup is not None:
-        feed = warmup_feed(session.inputs, warmup, label)
-        try:
-            session.run(feed)
-        except AdapterError as exc:
-            raise AdapterError(f"{label}: warm-up with the configured inputs ({_shapes(feed)}) failed: {exc}") from exc
-        log.info("model %s warmed up with the configured inputs (%s)", label, _shapes(feed),
-                 extra={"event_kind": "warmed_up", "model": label})
-        return
-    if reference is not None:
-        return
-    feed = {s.name: np.zeros(tuple(1 if d < 0 else d for d in s.shape), dtype=s.dtype) for s in session.inputs}
-    try:
-        session.run(feed)
-    except AdapterError as exc:
-        log.warning(
-            "model %s: the warm-up with guessed inputs (%s, zero-filled) failed; the model serves anyway (give "
-            "'warmup' inputs in its config, or pack a smoke test, for a real warm-up): %s",
-            label, _shapes(feed), exc, extra={"event_kind": "warmup_failed", "model": label},
-        )
-
-
-def _smoke_test(session: Session, reference: tuple[dict[str, np.ndarray], dict[str, np.ndarray]], label: str) -> None:
-    inputs, expected = reference
-    results = session.run(inputs)
-    for name, want in expected.items():
-        got = results.get(name)
-        if got is None or got.shape != want.shape or got.dtype != want.dtype:
-            raise AdapterError(f"{label}: smoke test failed: output {name!r} missing, or of the wrong shape or dtype")
-        if want.dtype.kind in "fc":
-            ok = np.allclose(got, want, rtol=SMOKE_RTOL, atol=SMOKE_ATOL)
-        else:
-            ok = np.array_equal(got, want)
-        if not ok:
-            raise AdapterError(f"{label}: smoke test failed: output {name!r} differs from the packed reference")
-
-
-def warmup_feed(specs: list[TensorSpec], warmup: WarmupInputs, label: str) -> dict[str, np.ndarray]:
-    """The configured warm-up inputs, checked against the model's inputs so a mistake names itself before the
-    runtime sees it. Shapes are zero-filled in each input's datatype; a .npz file must hold exactly the inputs."""
-    if isinstance(warmup, Path):
-        try:
-            with np.load(warmup, allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"model {label}: cannot read the warm-up file {warmup}: {exc}") from None
-    else:
-        arrays = {}
-        for name, shape in warmup.items():
-            spec = next((s for s in specs if s.name == name), None)
-            arrays[name] = np.zeros(shape, dtype=spec.dtype if spec is not None else np.float32)
-    where = f"model {label}: warmup"
-    names = {s.name for s in specs}
-    unknown = sorted(set(arrays) - names)
-    missing = [s.name for s in specs if s.name not in arrays]
-    if unknown or missing:
-        problems = ([f"{', '.join(map(repr, unknown))} not among them"] if unknown else []) + (
-            [f"{', '.join(map(repr, missing))} missing"] if missing else [])
-        raise ConfigError(f"{where}: give every input of the model ({', '.join(sorted(names))}): {'; '.join(problems)}")
-    for spec in specs:
-        arr = arrays[spec.name]
-        if arr.dtype != spec.dtype:
-            raise ConfigError(f"{where}: input {spec.name!r} is {arr.dtype}; the model takes {spec.dtype}")
-        fits = len(arr.shape) == len(spec.shape) and all(d < 0 or d == n for d, n in zip(spec.shape, arr.shape))
-        if spec.shape and not fits:  # () is also how an input of unknown rank is described: the runtime judges
-            raise ConfigError(f"{where}: input {spec.name!r} has shape {list(arr.shape)}; the model takes "
-                              f"{list(spec.shape)} (-1: any size)")
-    return {s.name: arrays[s.name] for s in specs}
-
-
-def _shapes(feed: dict[str, np.ndarray]) -> str:
-    return ", ".join(f"{name} {list(arr.shape)}" for name, arr in feed.items())

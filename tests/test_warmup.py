@@ -15,8 +15,8 @@ from httpclient import infer, request
 from refusing_models import PAD, reflect_pad, reflect_pad_onnx, state_onnx, vad_like_onnx
 
 from adapters import AdapterError, SessionOptions, get_runtime
-from daemon.errors import ConfigError
-from daemon.models import _warm_up, warmup_feed
+from daemon.errors import ConfigError, SmokeTestFailed
+from daemon.warmup import warm_up, warmup_feed
 
 
 def session(model: bytes) -> Any:
@@ -28,7 +28,7 @@ def session(model: bytes) -> Any:
 
 def test_a_refused_guess_is_a_warning_naming_the_shapes_tried(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="inferd.models"):
-        _warm_up(session(vad_like_onnx()), None, None, "vad:1")
+        warm_up(session(vad_like_onnx()), None, None, "vad:1")
     [record] = caplog.records
     assert record.levelno == logging.WARNING and getattr(record, "event_kind", None) == "warmup_failed"
     message = record.getMessage()
@@ -39,24 +39,24 @@ def test_a_refused_guess_is_a_warning_naming_the_shapes_tried(caplog: pytest.Log
 
 def test_the_guess_does_not_take_dimension_0_for_the_batch(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="inferd.models"):
-        _warm_up(session(state_onnx()), None, None, "state:1")  # state [2, B, 4]: dimension 0 is fixed at 2
+        warm_up(session(state_onnx()), None, None, "state:1")  # state [2, B, 4]: dimension 0 is fixed at 2
     assert caplog.records == []
 
 
 def test_configured_shapes_warm_up_really_and_their_failure_fails_the_load() -> None:
     sess = session(reflect_pad_onnx())
-    _warm_up(sess, None, {"x": (1, 16)}, "pad:1")
+    warm_up(sess, None, {"x": (1, 16)}, "pad:1")
     with pytest.raises(AdapterError, match=r"pad:1: warm-up with the configured inputs \(x \[1, 2\]\) failed: "
                                            r"onnxruntime refused the input: .*Pad reflect"):
-        _warm_up(sess, None, {"x": (1, 2)}, "pad:1")
+        warm_up(sess, None, {"x": (1, 2)}, "pad:1")
 
 
 def test_the_smoke_test_stays_a_gate_when_warm_up_inputs_are_configured() -> None:
     x = np.arange(8, dtype=np.float32).reshape(2, 4)
     sess = session(reflect_pad_onnx())
-    _warm_up(sess, ({"x": x}, {"y": reflect_pad(x)}), {"x": (1, 16)}, "pad:1")
-    with pytest.raises(AdapterError, match="pad:1: smoke test failed: output 'y' differs from the packed reference"):
-        _warm_up(sess, ({"x": x}, {"y": reflect_pad(x) + 1}), {"x": (1, 16)}, "pad:1")
+    warm_up(sess, ({"x": x}, {"y": reflect_pad(x)}), {"x": (1, 16)}, "pad:1")
+    with pytest.raises(SmokeTestFailed, match="pad:1: smoke test failed: output 'y' differs from the packed reference"):
+        warm_up(sess, ({"x": x}, {"y": reflect_pad(x) + 1}), {"x": (1, 16)}, "pad:1")
 
 
 @pytest.mark.parametrize(("warmup", "message"), [
