@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import queue
-import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,14 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from support.daemon import REPO, DaemonProcess, Daemons
+from support.threads import leaked_threads
 from tflite_builder import build_mlp_onnx, mlp_forward, random_mlp_weights
 
 from daemon import artifact, keys
 from daemon.config import KeySource
 from daemon.store import Store
 
-REPO = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT = 60.0
+__all__ = ["REPO", "DaemonProcess"]  # test modules import these from here for their type hints and paths
 
 
 # --- keys ----------------------------------------------------------------------------------------------------
@@ -169,104 +164,33 @@ def site(tmp_path: Path, keyset: KeySet) -> Site:
 # --- the daemon as a subprocess ------------------------------------------------------------------------------
 
 
-class DaemonProcess:
-    """``inferd serve`` in a child process; its JSON log lines are read by a thread into a queue."""
-
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        self.config = config
-        self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
-        self.log: list[dict[str, Any]] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "serve", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})},
-            cwd=REPO,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.port = 0
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            try:
-                doc = json.loads(raw)
-            except ValueError:
-                doc = {"event": raw.decode(errors="replace").rstrip(), "raw": True}
-            self.lines.put(doc)
-        self.lines.put({"event_kind": "eof"})
-
-    def wait_for(self, kind: str, timeout: float = STARTUP_TIMEOUT, new: bool = False) -> dict[str, Any]:
-        """Block until a log line with ``event_kind == kind`` (one already read counts unless ``new``); fail with
-        the log so far on exit or timeout."""
-        if not new:
-            for doc in self.log:
-                if doc.get("event_kind") == kind:
-                    return doc
-        while True:
-            try:
-                doc = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"no {kind!r} log line within {timeout}s; log: {self.log}") from None
-            self.log.append(doc)
-            if doc.get("event_kind") == kind:
-                return doc
-            if doc.get("event_kind") == "eof":
-                raise AssertionError(f"daemon exited ({self.proc.wait()}) before {kind!r}; log: {self.log}")
-
-    def start(self) -> DaemonProcess:
-        self.port = int(self.wait_for("listening")["port"])
-        self.wait_for("ready")
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def events(self) -> list[str]:
-        self.drain()
-        return [str(d.get("event")) for d in self.log]
-
-    def drain(self) -> None:
-        while True:
-            try:
-                self.log.append(self.lines.get_nowait())
-            except queue.Empty:
-                return
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-
 @pytest.fixture
 def start_daemon() -> Iterator[Callable[..., DaemonProcess]]:
-    started: list[DaemonProcess] = []
+    """``start_daemon(config, env=None, wait=True)``: a daemon owned by this test, killed and reaped at teardown."""
+    daemons = Daemons()
+    yield daemons.start
+    daemons.close()
 
-    def _start(config: Path, env: dict[str, str] | None = None, wait: bool = True) -> DaemonProcess:
-        d = DaemonProcess(config, env)
-        started.append(d)
-        return d.start() if wait else d
 
-    yield _start
-    for d in started:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
-        if d.proc.stderr is not None:
-            d.proc.stderr.close()
+# --- what every test must leave behind: no threads of its own ------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def openvino_imported_first() -> None:
+    """``import openvino`` starts OpenVINO's telemetry worker (openvino_telemetry's ThreadPoolExecutor, a
+    once-per-process thread nothing can stop): imported before the first test, it is never counted as that test's.
+    The one thread allowed this way, by where it comes from, not by its generic name."""
+    import openvino  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
-    """inferd's own threads (schedulers' workers, the MQTT network loop) must end with what started them."""
+    """A thread started during a test and still running after it fails the test (python-zeroconf's check).
+
+    Autouse fixtures are set up before the test's other function-scoped fixtures, so this teardown runs after
+    theirs: a daemon the test started is already reaped and a broker stopped by then. Module-scoped daemons are
+    started before this snapshot is taken, and their readers are owned, not leaked."""
+    before = set(threading.enumerate())
     yield
-    ours = [t.name for t in threading.enumerate() if t.name.startswith(("infer-", "mqtt-"))]
-    assert ours == [], f"threads left running: {ours}"
+    leaked = leaked_threads(before)
+    assert leaked == [], f"threads started by this test still run after it: {leaked}"

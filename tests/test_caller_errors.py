@@ -32,6 +32,7 @@ from refusing_models import (
     reflect_pad_onnx,
 )
 from support.contexts import lone
+from support.daemon import served_daemon
 
 from adapters import SessionOptions, get_runtime
 from adapters.base import AdapterError, InputRejected
@@ -240,9 +241,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet) -> Iterator
         {"name": "expand", "runtime": "onnxruntime", "threads": 1},
         {"name": "log", "runtime": "onnxruntime", "threads": 1},
     ]
-    daemon = DaemonProcess(site.write_config()).start()
-    yield daemon
-    assert daemon.stop() == 0
+    with served_daemon(site.write_config()) as daemon:
+        yield daemon
 
 
 def tensor(name: str, arr: np.ndarray, datatype: str) -> dict[str, Any]:

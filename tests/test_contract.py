@@ -12,6 +12,7 @@ import yaml
 from conftest import DaemonProcess, KeySet, Site, pack_model
 from contract import OFFICIAL_HOW, OPENAPI, contract, official_spec_path
 from httpclient import infer, request
+from support.daemon import served_daemon
 
 import daemon
 from daemon import http_api
@@ -62,11 +63,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet, mlp_onnx: b
     site.install(pack_model(keyset, mlp_onnx, name="mlp", version="1"))
     site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1, "preferred_batch_sizes": [4, 8],
                     "max_queue_delay_ms": 0.5}]
-    proc = DaemonProcess(site.write_config()).start()
-    yield proc
-    assert proc.stop() == 0
-    assert proc.proc.stderr is not None
-    proc.proc.stderr.close()
+    with served_daemon(site.write_config()) as proc:
+        yield proc
 
 
 def test_the_daemon_serves_the_document(served: DaemonProcess) -> None:

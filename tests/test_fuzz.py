@@ -31,6 +31,7 @@ from contract import OPENAPI
 from httpclient import Reply, infer, request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.daemon import served_daemon
 from support.models import NP, TYPES, build_identity_all_types
 
 EXAMPLES = int(os.environ.get("INFERD_FUZZ_EXAMPLES", "60"))
@@ -57,14 +58,11 @@ def served(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet, mlp_onnx: b
         {"name": "broken", "runtime": "onnxruntime"},  # nothing installed: every route's 503 path
     ]
     site.extra = {"server": {"max_body_bytes": 64 * 1024, "max_tensor_elements": 4096}}
-    daemon = DaemonProcess(site.write_config()).start()
-    baseline_rss_kb[daemon.port] = rss_kb(daemon.proc.pid)
-    yield daemon
-    print(f"\nfuzz: {sum(tried.values())} cases tried: {dict(sorted(tried.items()))}; "
-          f"statuses: {dict(sorted(statuses.items()))}")
-    assert daemon.stop() == 0
-    assert daemon.proc.stderr is not None
-    daemon.proc.stderr.close()
+    with served_daemon(site.write_config()) as daemon:
+        baseline_rss_kb[daemon.port] = rss_kb(daemon.proc.pid)
+        yield daemon
+        print(f"\nfuzz: {sum(tried.values())} cases tried: {dict(sorted(tried.items()))}; "
+              f"statuses: {dict(sorted(statuses.items()))}")
 
 
 @pytest.fixture

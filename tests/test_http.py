@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import DaemonProcess, KeySet, Site, SklearnModel, mlp_reference, pack_model
 from httpclient import infer, request
+from support.daemon import served_daemon
 from support.models import NP, build_identity_all_types
 
 
@@ -28,11 +29,8 @@ def served(
         {"name": "broken", "runtime": "onnxruntime"},
     ]
     site.extra = {"server": {"max_body_bytes": 256 * 1024, "max_tensor_elements": 20_000}}
-    daemon = DaemonProcess(site.write_config()).start()
-    yield daemon
-    assert daemon.stop() == 0
-    assert daemon.proc.stderr is not None
-    daemon.proc.stderr.close()
+    with served_daemon(site.write_config()) as daemon:
+        yield daemon
 
 
 def mlp_doc(x: np.ndarray, **extra: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 from conftest import DaemonProcess, KeySet, Site, mlp_reference, pack_model
 from httpclient import infer, request
 from prometheus_client.parser import text_string_to_metric_families
+from support.daemon import served_daemon
 from test_serve import build_slow_model
 
 
@@ -26,9 +27,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet, mlp_onnx: b
         {"name": "slow", "runtime": "onnxruntime", "threads": 1, "workers": 1, "queue_size": 4,
          "max_batch_size": 0},
     ]
-    daemon = DaemonProcess(site.write_config()).start()
-    yield daemon
-    assert daemon.stop() == 0
+    with served_daemon(site.write_config()) as daemon:
+        yield daemon
 
 
 def binary_body(doc: dict[str, Any], *tensors: np.ndarray) -> tuple[bytes, dict[str, str]]:

@@ -18,6 +18,7 @@ from httpclient import infer, request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from support.daemon import served_daemon
 from tflite_builder import build_mlp_onnx, build_mlp_tflite, mlp_forward, random_mlp_weights
 
 WEIGHTS = random_mlp_weights(n_in=6, hidden=16, n_out=3, seed=11)
@@ -52,9 +53,8 @@ def runtimes(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet) -> Iterat
         {"name": "ov-ir", "runtime": "openvino", "threads": 1, "workers": 2},
         {"name": "tfl", "runtime": "litert", "threads": 1, "workers": 2},
     ]
-    daemon = DaemonProcess(site.write_config()).start()
-    yield daemon
-    assert daemon.stop() == 0
+    with served_daemon(site.write_config()) as daemon:
+        yield daemon
 
 
 def doc(x: np.ndarray) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from tflite_builder import build_mlp_onnx, build_mlp_tflite, mlp_forward, random
 
 from adapters import get_runtime
 from adapters.base import AdapterError, DeviceUnavailable, InputRejected, SessionOptions, TensorSpec
-from adapters.litert import RUNTIME, LiteRtSession, choose_device, tflite_runtime_problem
+from adapters.litert import RUNTIME, LiteRtSession, _import_interpreter, choose_device, tflite_runtime_problem
 
 WEIGHTS = random_mlp_weights()
 
@@ -33,6 +33,14 @@ def _x(batch: int, seed: int) -> np.ndarray:
 def test_registered_under_its_config_name() -> None:
     assert get_runtime("litert") is RUNTIME
     assert RUNTIME.available_devices() == ["cpu"]
+
+
+def test_the_interpreter_is_ai_edge_litert() -> None:
+    """The dev extra installs ai-edge-litert: these tests run against it, never a fallback found by chance (and a
+    missing package fails here rather than skipping)."""
+    import ai_edge_litert.interpreter
+
+    assert _import_interpreter() is ai_edge_litert.interpreter.Interpreter
 
 
 def test_specs_have_a_dynamic_batch(session: LiteRtSession) -> None:
