@@ -418,12 +418,12 @@ def wait_for_metric(daemon: DaemonProcess, family: str, value: float, timeout: f
 def test_the_buffered_socket_hands_out_exactly_the_bytes_sent() -> None:
     import socket as socketlib
 
-    from daemon.mqtt_api import _BufferedSocket
+    from daemon.buffered_socket import BufferedSocket
 
     a, b = socketlib.socketpair()
     try:
         b.setblocking(False)
-        sock = _BufferedSocket(b)
+        sock = BufferedSocket(b)
         assert sock.fileno() == b.fileno() and sock.pending() == 0
         with pytest.raises(BlockingIOError):
             sock.recv(1)  # nothing sent yet: as the socket itself would say
