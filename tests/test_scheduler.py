@@ -13,9 +13,10 @@ from support.contexts import lone
 from test_serve import build_slow_model
 
 from adapters import SessionOptions, get_runtime
+from daemon.batchqueue import batchable
 from daemon.errors import Busy, Timeout
 from daemon.metrics import VersionStats
-from daemon.scheduler import BatchPolicy, Scheduler, batchable
+from daemon.scheduler import BatchPolicy, Scheduler
 
 
 def session(model: bytes):
