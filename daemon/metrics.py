@@ -94,7 +94,8 @@ class Duration:
 
 @dataclass
 class VersionStats:
-    """Counters for one loaded model version."""
+    """Counters for one loaded model version: written on the request path, read only for export. What a part
+    decides on (the scheduler's queue depth) is that part's own state, exported through the collector's sources."""
 
     model: str
     version: str
@@ -112,7 +113,6 @@ class VersionStats:
     execution_count: int = 0  # runtime executions (batches)
     inline_runs: int = 0  # of which ran on the event loop (cheap runs, see scheduler)
     last_inference_ms: int = 0
-    queue_depth: int = 0
     in_flight: int = 0
 
     def request_done(self, protocol: str, outcome: str, seconds: float) -> None:
@@ -168,8 +168,13 @@ class LoadedInfo:
     device: str
 
 
+#: one loaded version's queue, as its scheduler counts it: (model, version, requests waiting)
+QueueDepth = tuple[str, str, int]
+
+
 class InferdCollector:
-    """Reads the live counters at scrape time; ``sources`` returns the current VersionStats and model states."""
+    """Reads the live counters at scrape time from its sources: the VersionStats, the loaded versions, readiness,
+    each scheduler's queue depth and MQTT's counters, each a callable asked at every scrape."""
 
     def __init__(
         self,
@@ -177,11 +182,13 @@ class InferdCollector:
         loaded: Callable[[], Iterable[LoadedInfo]],
         readiness: Callable[[], Iterable[tuple[str, bool]]],
         mqtt: Callable[[], dict[str, Any] | None] = lambda: None,
+        queues: Callable[[], Iterable[QueueDepth]] = lambda: (),
     ) -> None:
         self._stats = stats
         self._loaded = loaded
         self._readiness = readiness
         self._mqtt = mqtt
+        self._queues = queues
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # collected lazily; names are fixed in METRICS
@@ -223,8 +230,9 @@ class InferdCollector:
                 hists[name].add_metric(labels, h.cumulative(), h.total)
             executions.add_metric([*labels, "worker"], s.execution_count - s.inline_runs)
             executions.add_metric([*labels, "loop"], s.inline_runs)
-            depth.add_metric(labels, s.queue_depth)
             in_flight.add_metric(labels, s.in_flight)
+        for model, version, waiting in self._queues():
+            depth.add_metric([model, version], waiting)
         loaded = GaugeMetricFamily(
             "inferd_model_loaded", help_["inferd_model_loaded"], labels=["model", "version", "runtime", "device"]
         )

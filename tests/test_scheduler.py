@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import mlp_reference
 from support.contexts import lone
+from support.gates import GatedSession
 from test_serve import build_slow_model
 
 from adapters import SessionOptions, get_runtime
@@ -112,22 +113,27 @@ def test_full_queue_sheds_at_once_and_accepted_requests_complete() -> None:
     assert all(np.array_equal(d["output"], first) for d in done)
 
 
-def test_a_request_that_expires_in_the_queue_never_runs() -> None:
-    slow = build_slow_model(n=512, depth=24)
+def test_a_request_that_expires_in_the_queue_never_runs(mlp_onnx: bytes) -> None:
+    gated = GatedSession(session(mlp_onnx))  # the busy run is held until the 1 ms timer has fired
 
-    async def scenario(sched: Scheduler):
-        # a first run first: a fresh session's first run may hold the interpreter lock while it sets itself up,
-        # and the loop must get its turns (the 1 ms timer) while the busy run below goes on
-        await sched.submit({"input": np.ones((1, 512), np.float32)})
-        busy = asyncio.ensure_future(sched.submit({"input": np.ones((32, 512), np.float32)}))
-        await asyncio.sleep(0)  # let the dispatcher take the busy request
-        with pytest.raises(Timeout, match="timed out after 1 ms in the queue"):
-            await sched.submit({"input": np.ones((1, 512), np.float32)}, timeout_s=0.001)
-        await busy
+    async def scenario() -> Scheduler:
+        sched = Scheduler(gated, 1, BatchPolicy(max_batch_size=0), VersionStats("m", "1"), "m")
+        sched.start()
+        try:
+            busy = asyncio.ensure_future(sched.submit({"input": np.ones((32, 4), np.float32)}))
+            assert await asyncio.to_thread(gated.wait_running)
+            with pytest.raises(Timeout, match="timed out after 1 ms in the queue"):
+                await sched.submit({"input": np.ones((1, 4), np.float32)}, timeout_s=0.001)
+            assert sched.queue_depth == 0
+            gated.gate.set()
+            assert (await busy)["output"].shape == (32, 3)
+        finally:
+            gated.gate.set()
+            await sched.close()
+        return sched
 
-    _, stats = asyncio.run(run_with(slow, BatchPolicy(max_batch_size=0), 1, scenario))
-    assert stats.execution_count == 2 and stats.inference_count == 1 + 32  # the expired one never ran
-    assert stats.queue_depth == 0
+    asyncio.run(scenario())
+    assert gated.runs == [32]  # the expired one never ran
 
 
 async def worst_loop_lag(work) -> float:
