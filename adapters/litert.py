@@ -223,7 +223,7 @@ class LiteRtSession:
             worker.shapes = [None] * len(worker.shapes)
             if isinstance(exc, InputRejected):
                 raise
-            raise AdapterError(f"litert run failed: {exc}") from exc
+            raise AdapterError(f"litert run failed: {runtime_message(str(exc))}") from exc
         finally:
             self._idle.put(worker)
 

@@ -127,7 +127,7 @@ class OnnxSession:
         except Exception as exc:  # ORT raises its own Fail/InvalidArgument types
             if input_caused(exc):
                 raise InputRejected(f"onnxruntime refused the input: {runtime_message(str(exc))}") from exc
-            raise AdapterError(f"onnxruntime run failed: {exc}") from exc
+            raise AdapterError(f"onnxruntime run failed: {runtime_message(str(exc))}") from exc
         return dict(zip(self._output_names, results))
 
     def close(self) -> None:

@@ -227,7 +227,7 @@ class OpenVinoSession:
         except Exception as exc:  # OpenVINO raises RuntimeError/ValueError/TypeError with its own messages
             if input_caused(exc):
                 raise InputRejected(f"openvino refused the input: {runtime_message(str(exc))}") from exc
-            raise AdapterError(f"openvino run failed: {exc}") from exc
+            raise AdapterError(f"openvino run failed: {runtime_message(str(exc))}") from exc
         finally:
             self._requests.put(request)
 

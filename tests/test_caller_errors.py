@@ -290,6 +290,7 @@ def test_http_a_runtime_failure_is_a_500_with_no_traceback_and_logged_with_one(s
     assert reply.status == 500
     assert "Failed to allocate memory" in reply.json()["error"]
     assert "Traceback" not in reply.body.decode()
+    assert not SOURCE_LOCATION.search(reply.json()["error"]), reply.json()["error"]  # no runtime source paths
     logged = served.wait_for("run_failed")
     assert "Traceback" in logged["exception"] and "Failed to allocate memory" in logged["exception"]
 
