@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ import paho.mqtt.client as paho
 import pytest
 from conftest import DaemonProcess, KeySet, Site, mlp_reference, pack_model
 from httpclient import request
-from mqttclient import Broker, Requester
+from mqttclient import Broker, Requester, unread_bytes
 from test_serve import build_slow_model
 
 PREFIX = "plant/line1"
@@ -25,7 +27,7 @@ PREFIX = "plant/line1"
 def broker(tmp_path: Path) -> Iterator[Broker]:
     b = Broker(tmp_path / "broker").start()
     yield b
-    b.stop(signal.SIGKILL)
+    b.close()
 
 
 def mqtt_site(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker, **mqtt: Any) -> Path:
@@ -201,15 +203,28 @@ def test_status_and_events_topics(site: Site, keyset: KeySet, mlp_onnx: bytes, b
         watcher.close()
 
 
-def send_stream(req: Requester, n: int, topic: str) -> dict[bytes, np.ndarray]:
-    rng = np.random.default_rng(2)
-    sent = {}
-    for i in range(n):
+def send_stream(req: Requester, n: int, topic: str, first: int = 0) -> dict[bytes, np.ndarray]:
+    """Requests r{first}..r{first+n-1}, each with its own rows; returns once the broker has every one (PUBACK)."""
+    rng = np.random.default_rng(2 + first)
+    sent, infos = {}, []
+    for i in range(first, first + n):
         x = rng.normal(size=(1, 4)).astype(np.float32)
         cid = f"r{i}".encode()
         sent[cid] = x
-        req.request(topic, mlp_request(x), correlation=cid)
+        infos.append(req.request(topic, mlp_request(x), correlation=cid))
+    for info in infos:
+        info.wait_for_publish(30)
     return sent
+
+
+def mqtt_requests(daemon: DaemonProcess, model: str) -> float:
+    """Requests this daemon process ran for ``model`` over MQTT, whatever their outcome (from /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = request(daemon.url + "/metrics").body.decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "inferd_requests_total" and s.labels.get("protocol") == "mqtt"
+               and s.labels.get("model") == model)
 
 
 def collect(req: Requester, expected: dict[bytes, np.ndarray], timeout: float = 60.0,
@@ -234,15 +249,24 @@ def test_broker_restart_mid_stream_loses_nothing(site: Site, keyset: KeySet, mlp
                                                  start_daemon) -> None:
     daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker))
     req = Requester(broker.port, persistent=True, name="stream-client")
+    topic = f"{PREFIX}/models/mlp/infer"
     try:
-        first = send_stream(req, 100, f"{PREFIX}/models/mlp/infer")
-        early = req.wait()  # the stream is flowing
-        assert early.status == "200" and early.correlation is not None
-        broker.stop(signal.SIGTERM)  # the broker goes away mid-stream (it saves its sessions on the way out)
-        broker.start()
+        collect(req, send_stream(req, 50, topic))  # the stream flows
+        # Stopped, the daemon answers nothing: the second half is certainly unanswered when the broker goes away,
+        # part of it delivered into the daemon's socket (up to receive_maximum), the rest queued at the broker.
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            second = send_stream(req, 50, topic, first=50)
+            req.disconnected.clear()
+            broker.stop(signal.SIGTERM)  # it saves its sessions, and the messages they hold, on the way out
+            assert req.disconnected.wait(30)
+            assert req.replies.empty(), "a request was answered before the fault: nothing would test redelivery"
+            broker.start()  # on the same port: the daemon's config names it
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
         daemon.wait_for("mqtt_connected", new=True)
-        counts = collect(req, first, timeout=60, seen={early.correlation: 1})
-        assert set(counts) == set(first)
+        counts = collect(req, second, timeout=60)
+        assert set(counts) == set(second)
     finally:
         req.close()
     assert daemon.stop() == 0
@@ -258,16 +282,23 @@ def test_daemon_killed_mid_stream_gets_every_request_again(site: Site, keyset: K
     config.write_text(text)
     daemon = start_connected(start_daemon, config)
     req = Requester(broker.port, persistent=True, name="kill-client")
+    n = 40
+    x = np.full((8, 256), 0.01, np.float32)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [8, 256], "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+
+    def send(ids: range) -> None:
+        for info in [req.request(f"{PREFIX}/models/slow/infer", body, correlation=f"k{i}".encode()) for i in ids]:
+            info.wait_for_publish(30)
+
     try:
-        n = 40
-        x = np.full((8, 256), 0.01, np.float32)
-        body = json.dumps({"inputs": [{"name": "input", "shape": [8, 256], "datatype": "FP32",
-                                       "data": x.ravel().tolist()}]}).encode()
-        for i in range(n):
-            req.request(f"{PREFIX}/models/slow/infer", body, correlation=f"k{i}".encode())
+        send(range(n // 2))
         got: dict[bytes, int] = {}
         reply = req.wait()
         got[reply.correlation] = 1  # the daemon is mid-stream: replies are flowing, more are in flight
+        # stopped before it is killed, it cannot answer the second half: they are certainly left for the next one
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        send(range(n // 2, n))
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait()
         again = start_connected(start_daemon, config)
@@ -276,6 +307,8 @@ def test_daemon_killed_mid_stream_gets_every_request_again(site: Site, keyset: K
             assert reply.status == "200"
             got[reply.correlation] = got.get(reply.correlation, 0) + 1
         assert set(got) == {f"k{i}".encode() for i in range(n)}
+        # what the new daemon ran came from the broker's redelivery of what the killed one left
+        assert mqtt_requests(again, "slow") >= n // 2
     finally:
         req.close()
     assert again.stop() == 0
@@ -346,7 +379,7 @@ def test_broker_down_at_start_up_and_http_keeps_serving(site: Site, keyset: KeyS
         req.close()
     finally:
         assert daemon.stop() == 0
-        broker.stop(signal.SIGKILL)
+        broker.close()
 
 
 def test_the_documented_mosquitto_rr_example_works(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker,
@@ -389,11 +422,87 @@ def test_unusable_reply_topics_and_oversized_requests(site: Site, keyset: KeySet
                     if s.name == "inferd_requests_total" and s.labels["protocol"] == "mqtt"}
         assert outcomes == {"success": 1}
         assert families["inferd_mqtt_refused_replies"].samples[0].value == 0
+        assert families["inferd_mqtt_connects"].samples[0].value == 1  # never disconnected
         daemon.wait_for("mqtt_unanswerable")
-        daemon.drain()
-        assert sum(1 for d in daemon.log if d.get("event_kind") == "mqtt_connected") == 1  # never disconnected
     finally:
         old.close()
+        req.close()
+    assert daemon.stop() == 0
+
+
+def test_replies_go_only_under_the_configured_reply_topic_prefixes(site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                                                   broker: Broker, start_daemon) -> None:
+    daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker,
+                                                     reply_topic_prefixes=["devices/", "test/replies/"]))
+    inside = Requester(broker.port)  # replies to test/replies/<id>
+    outside = Requester(broker.port, reply_topic=f"plant/line1/elsewhere/{uuid.uuid4().hex}")
+    try:
+        x = np.ones((1, 4), np.float32)
+        outside.request(f"{PREFIX}/models/mlp/infer", mlp_request(x), correlation=b"out")
+        line = daemon.wait_for("mqtt_unanswerable")
+        assert "outside mqtt.reply_topic_prefixes" in str(line["event"]) and outside.reply_topic in str(line["event"])
+        inside.request(f"{PREFIX}/models/mlp/infer", mlp_request(x), correlation=b"in")
+        assert inside.wait().status == "200"
+        families = wait_for_metric(daemon, "inferd_mqtt_unanswerable", 1)
+        outcomes = {s.labels["outcome"]: s.value for s in families["inferd_requests"].samples
+                    if s.name == "inferd_requests_total" and s.labels["protocol"] == "mqtt"}
+        assert outcomes == {"success": 1}  # the refused one never reached the model
+        assert outside.replies.empty()  # refused before anything was published
+    finally:
+        inside.close()
+        outside.close()
+    assert daemon.stop() == 0
+
+
+def test_required_for_ready_makes_readiness_follow_the_broker(site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                                              tmp_path: Path, start_daemon) -> None:
+    broker = Broker(tmp_path / "late-broker")  # configured, not started yet
+    try:
+        daemon = start_daemon(mqtt_site(site, keyset, mlp_onnx, broker, required_for_ready=True))
+        down = request(daemon.url + "/v2/health/ready")
+        assert (down.status, down.json()) == (503, {"error": "not ready: mqtt: disconnected"})
+        assert request(daemon.url + "/v2/health/live").status == 200  # alive all along, and HTTP serves
+        broker.start()
+        daemon.wait_for("mqtt_connected")
+        up = request(daemon.url + "/v2/health/ready")
+        assert (up.status, up.json()) == (200, {"ready": True, "mqtt": "connected"})
+        broker.stop(signal.SIGKILL)
+        assert "connection lost" in str(daemon.wait_for("mqtt_error", new=True)["event"])
+        assert request(daemon.url + "/v2/health/ready").status == 503
+        assert daemon.stop() == 0
+    finally:
+        broker.close()
+
+
+def test_qos0_requests_beyond_receive_maximum_are_dropped_and_counted(site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                                                      broker: Broker, start_daemon) -> None:
+    daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker, receive_maximum=2))
+    req = Requester(broker.port)
+    n = 10
+    try:
+        # ~3 kB each, so that n - 1 of them (with their ~100 bytes of topic and properties) are fewer bytes than n
+        # payloads, and all n together fit in one read of the daemon's socket buffer (64 kB)
+        payload = mlp_request(np.ones((1, 4), np.float32), id="p" * 3000)
+        # While the daemon is stopped the broker passes it every QoS 0 request (the broker does not count those
+        # against receive_maximum); once they all wait in its socket, the daemon reads them in one go: the first
+        # two are taken, the others arrive while two are in progress.
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            for i in range(n):
+                req.request(f"{PREFIX}/models/mlp/infer", payload, correlation=f"q{i}".encode(), qos=0)
+            deadline = time.monotonic() + 30
+            while unread_bytes(daemon.proc.pid, broker.port) < n * len(payload):
+                assert time.monotonic() < deadline, "the broker did not pass the requests on"
+                time.sleep(0.01)
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        replies = [req.wait(), req.wait()]
+        assert {r.correlation for r in replies} == {b"q0", b"q1"} and {r.status for r in replies} == {"200"}
+        families = wait_for_metric(daemon, "inferd_mqtt_dropped", n - 2)
+        outcomes = {s.labels["outcome"]: s.value for s in families["inferd_requests"].samples
+                    if s.name == "inferd_requests_total" and s.labels["protocol"] == "mqtt"}
+        assert outcomes == {"success": 2}  # dropped ones never reached a model, nor were answered
+    finally:
         req.close()
     assert daemon.stop() == 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import signal
 import subprocess
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def tls_broker(tmp_path: Path):
              f"require_certificate true\npassword_file {passwords}\n")
     broker = Broker(tmp_path / "broker", listener_extra=extra, anonymous=False).start()
     yield broker, pki
-    broker.stop(signal.SIGKILL)
+    broker.close()
 
 
 def tls_config(site: Site, keyset: KeySet, mlp_onnx: bytes, port: int, pki: dict[str, Path], ca: Path,
