@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from support.daemon import REPO, DaemonProcess, Daemons
+from support.loop_guard import loop_guard
 from support.threads import leaked_threads
 from tflite_builder import build_mlp_onnx, mlp_forward, random_mlp_weights
 
@@ -173,6 +174,14 @@ def start_daemon() -> Iterator[Callable[..., DaemonProcess]]:
 
 
 # --- what every test must leave behind: no threads of its own ------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def event_loop_never_blocks() -> Iterator[None]:
+    """Every test runs under the event-loop guard (tests/support/loop_guard.py): in-process asyncio code that makes
+    a blocking call fails with BlockingError; threads without a running loop are not affected."""
+    with loop_guard():
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
