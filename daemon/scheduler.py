@@ -28,12 +28,12 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from adapters.base import Session
 from daemon.admission import Admission
+from daemon.batchpolicy import BatchPolicy
 from daemon.batchqueue import BatchQueue, Job, Outputs, batch_key, batchable
 from daemon.context import RequestContext
 from daemon.errors import Busy, InferenceFailed, Timeout
@@ -42,16 +42,6 @@ from daemon.execution import Outcome, execute, run_one
 from daemon.metrics import VersionStats
 
 log = logging.getLogger("inferd.scheduler")
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    max_batch_size: int = 32
-    max_queue_delay_s: float = 0.0
-    preferred_batch_sizes: tuple[int, ...] = ()
-    queue_size: int = 256
-    timeout_s: float | None = None
-    inline_max_s: float = 0.0  # runs estimated below this go on the event loop (0: never)
 
 
 class Scheduler:
@@ -270,10 +260,10 @@ class Scheduler:
         failed as :meth:`close` fails it, and the worker threads are stopped and joined (runs in progress finish).
 
         "Accepted" is what is queued, held open for batching, running, or waiting in :meth:`wait_for_room`. A held
-        batch goes at once: no new company can come."""
+        batch goes at once (no new company can come), unless ``timeout`` is 0."""
         if not self._admission.draining:
             self._admission.draining = True
-            if self._held is not None:
+            if self._held is not None and timeout > 0:
                 self._release_and_pump()
         if timeout > 0 and not self._closed and self._busy():
             self._settled = asyncio.Event()
