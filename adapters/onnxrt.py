@@ -82,8 +82,9 @@ def input_caused(exc: BaseException) -> bool:
     - ``InvalidArgument`` (status 2): a wrong dtype or rank, or a kernel refusing the values it was given (a Gather
       index out of range, a reflect Pad longer than its input).
     - ``Fail`` (status 1) raised while running a node: a kernel's own check on the shapes it met at run time
-      (operands that do not broadcast, a Reshape or MatMul that does not fit, a Concat of unequal dims). The model
-      already ran its warm-up, so what differs is the input. Allocation and CUDA failures stay the server's.
+      (operands that do not broadcast, a Reshape or MatMul that does not fit, a Concat of unequal dims), on shapes
+      the request chose: a model with fixed shapes that cannot run at all fails its warm-up and never serves, so what
+      differs here is the input. Allocation and CUDA failures stay the server's.
 
     Everything else (``RuntimeException``, ``EPFail``, ...) is the server's.
     """

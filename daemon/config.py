@@ -30,6 +30,8 @@ from daemon.config_errors import describe
 from daemon.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+#: model names a route already takes (GET /v2/models/stats): refused wherever a model name is first given
+RESERVED_MODEL_NAMES = {"stats": "GET /v2/models/stats"}
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -325,9 +327,9 @@ class Config(_Model):
     def _unique_models(self) -> Config:
         seen: dict[str, int] = {}
         for i, m in enumerate(self.models):
-            if m.name == "stats":
-                raise _keyed_error("'stats' is reserved (GET /v2/models/stats): choose another model name",
-                                   f"models[{i}].name")
+            if m.name in RESERVED_MODEL_NAMES:
+                raise _keyed_error(f"{m.name!r} is reserved ({RESERVED_MODEL_NAMES[m.name]}): choose another model "
+                                   "name", f"models[{i}].name")
             if m.name in seen:
                 raise _keyed_error(f"model {m.name!r} is listed twice (also models[{seen[m.name]}])",
                                    f"models[{i}].name")

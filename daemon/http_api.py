@@ -16,7 +16,7 @@ from urllib.parse import unquote
 
 import orjson
 import yaml
-from aiohttp import HttpVersion11, web, web_server
+from aiohttp import HttpVersion11, web, web_protocol, web_server
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import daemon
@@ -119,6 +119,11 @@ class HttpApi:
             return error_response(status, str(exc), headers)
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
+        except web_protocol.RequestPayloadError as exc:  # e.g. a Content-Encoding whose data does not decode
+            return error_response(400, f"the request body cannot be read: {exc}")
+        except ConnectionResetError:  # the client hung up mid-body: nobody to answer, nothing to log as an error
+            log.info("client closed the connection before its request body was complete")
+            return error_response(400, "the request body was cut short")
         except web.HTTPException as exc:
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             return error_response(exc.status, exc.reason, allow)

@@ -15,6 +15,27 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+class ClientFaultsAreWarnings(logging.Filter):
+    """aiohttp logs a client's malformed HTTP (bad framing, an undecodable Content-Encoding, a body cut short) at
+    ERROR with a traceback, as if the server had failed. They are the client's faults: WARNING, one line. Anything
+    else aiohttp logs keeps its level and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno >= logging.ERROR and exc is not None and _client_fault(exc):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+def _client_fault(exc: BaseException) -> bool:
+    from aiohttp import http_exceptions, web_protocol
+
+    return isinstance(exc, (http_exceptions.HttpProcessingError, web_protocol.RequestPayloadError,
+                            ConnectionResetError))
+
+
 def configure(level: str = "info", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     shared: list[Any] = [
@@ -41,6 +62,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(ClientFaultsAreWarnings())
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapters import AdapterError, AdapterUnavailable, SessionOptions, TensorSpec, get_runtime
-from daemon.config import NAME_PATTERN
+from daemon.config import NAME_PATTERN, RESERVED_MODEL_NAMES
 
 RUNTIME_FILE_SUFFIXES = {
     "onnxruntime": (".onnx",),
@@ -52,6 +52,8 @@ def check_name(label: str, value: str) -> None:
     """Refuse a name or version where it is first given, by the rule the config and the store apply later."""
     if re.fullmatch(NAME_PATTERN.removeprefix("^").removesuffix("$"), value) is None:
         raise ValueError(f"invalid {label} {value!r}: model names and versions are {NAME_RULE}")
+    if label == "model name" and value in RESERVED_MODEL_NAMES:
+        raise ValueError(f"invalid {label} {value!r}: it is reserved ({RESERVED_MODEL_NAMES[value]}); choose another")
 
 
 def check_runtime_files(runtime: str, names: list[str]) -> None:

@@ -34,7 +34,8 @@ def warm_up(
     - a packed smoke test is a gate: the model must reproduce its reference, or the version fails to load;
     - inputs the operator configured (``warmup``) are declared valid, so their failure fails the load too;
     - otherwise the inputs are a guess (zeros, every dynamic dimension 1, wherever the batch is), which a good model
-      may refuse (a reflect Pad needs more than one sample): a WARNING names the shapes tried and the model serves.
+      may refuse (a reflect Pad needs more than one sample): a WARNING names the shapes tried and the model serves;
+      unless every dimension is fixed, when the guess has the only shapes a request could have: then it fails the load.
     """
     if reference is not None:
         _smoke_test(session, reference, label)
@@ -53,6 +54,10 @@ def warm_up(
     try:
         session.run(feed)
     except AdapterError as exc:
+        if all(s.shape and min(s.shape) >= 0 for s in session.inputs):
+            # every dimension is fixed: these are the only shapes a request can have, so the model cannot serve
+            raise AdapterError(f"{label}: the model fails on inputs of the only shapes it accepts "
+                               f"({_shapes(feed)}, zero-filled): {exc}") from exc
         log.warning(
             "model %s: the warm-up with guessed inputs (%s, zero-filled) failed; the model serves anyway (give "
             "'warmup' inputs in its config, or pack a smoke test, for a real warm-up): %s",

@@ -67,7 +67,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet, mlp_onnx: b
 
 @pytest.fixture
 def daemon(served: DaemonProcess) -> Iterator[DaemonProcess]:
-    """The shared daemon, proven healthy after each test: live, correct on a good request, RSS bounded."""
+    """The shared daemon, proven healthy after each test: live, correct on a good request, RSS bounded, and nothing
+    logged at error level (a hostile request is the client's problem, never a server error)."""
+    served.drain()
+    seen = len(served.log)
     yield served
     assert served.proc.poll() is None, "the daemon died"
     assert request(served.url + "/v2/health/live").status == 200
@@ -79,6 +82,9 @@ def daemon(served: DaemonProcess) -> Iterator[DaemonProcess]:
     np.testing.assert_allclose(out, mlp_reference(x), rtol=1e-5, atol=1e-6)
     growth = rss_kb(served.proc.pid) - baseline_rss_kb[served.port]
     assert growth < MAX_RSS_GROWTH_KB, f"RSS grew by {growth} kB"
+    served.drain()
+    errors = [d for d in served.log[seen:] if d.get("level") in ("error", "critical")]
+    assert errors == [], errors[:3]
 
 
 def rss_kb(pid: int) -> int:
@@ -290,6 +296,38 @@ def test_json_text_that_is_not_json(daemon: DaemonProcess) -> None:
     for literal in (b"NaN", b"Infinity", b"-Infinity", b"1e400"):
         body = good.replace(b"1.0", literal, 1)
         assert post(daemon, "mlp", body, "json-text").status == 400, body
+
+
+def test_bodies_whose_content_encoding_lies(daemon: DaemonProcess) -> None:
+    import gzip
+    import zlib
+
+    good = json.dumps({"inputs": [mlp_input()]}).encode()
+    encoders = {"gzip": gzip.compress, "deflate": zlib.compress, "identity": lambda b: b}
+
+    @FUZZ
+    @given(encoding=st.sampled_from([*encoders, "br", "zstd", "x-nonsense"]), honest=st.booleans(),
+           garbage=st.binary(max_size=64))
+    def run(encoding: str, honest: bool, garbage: bytes) -> None:
+        body = encoders[encoding](good) if honest and encoding in encoders else garbage
+        r = post(daemon, "mlp", body, "content-encoding", {"Content-Type": "application/json",
+                                                           "Content-Encoding": encoding})
+        if honest and encoding in encoders:
+            assert r.status == 200, (encoding, r.body)
+        else:
+            assert r.status == 400, (encoding, r.status, r.body)
+
+    run()
+
+
+def test_size_limits(daemon: DaemonProcess) -> None:
+    """The fixture's limits: 64 KiB bodies, 4096 elements a tensor."""
+    big = {"inputs": [mlp_input(shape=[2000, 4], data=[0.0] * 8000)]}
+    assert post(daemon, "mlp", big, "limits").status == 413
+    huge = {"inputs": [mlp_input(shape=[2**31, 4], data=[0.0])]}
+    assert post(daemon, "mlp", huge, "limits").status == 413
+    raw = np.zeros((1100, 4), np.float32).tobytes()  # 4,400 elements in a raw body under the byte limit
+    assert post(daemon, "mlp", raw, "limits", {"Inference-Header-Content-Length": "0"}).status == 413
 
 
 def test_duplicate_names_and_unknown_outputs(daemon: DaemonProcess) -> None:

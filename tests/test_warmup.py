@@ -163,3 +163,17 @@ def test_daemon_uses_configured_warm_up_inputs_and_fails_a_model_they_do_not_run
     assert infer(daemon.url, "pad-warm", {"inputs": [tensor("x", x)]}).json()["outputs"][0]["data"] == \
         reflect_pad(x).reshape(-1).tolist()
     assert daemon.stop() == 0
+
+
+def test_a_model_of_fixed_shapes_that_cannot_run_fails_its_load() -> None:
+    """Every dimension fixed: the guess has the only shapes a request could have, so its failure is the model's."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    target = numpy_helper.from_array(np.array([3], np.int64), "target")  # 8 values cannot be reshaped to 3
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "target"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [target])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with pytest.raises(AdapterError, match=r"fixed:1: the model fails on inputs of the only shapes it accepts \(x \[2, 4\]"):
+        warm_up(session(model.SerializeToString()), None, None, "fixed:1")
