@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, KeySet, pack_model
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from daemon import artifact, keys
 from daemon.artifact import (
@@ -119,20 +121,45 @@ def test_truncated_artifacts_are_detected(keyset: KeySet, big_model: bytes) -> N
         open_artifact(blob[:20], keks, signers)
 
 
-def test_truncation_at_a_chunk_boundary_is_caught_by_the_last_chunk_flag(keyset: KeySet) -> None:
-    """Even a header that claims the shorter size cannot make chunk n-1 pass as the last chunk."""
-    model = os.urandom(3 * CHUNK)
-    blob = pack_model(keyset, model, chunk_size=CHUNK)
+def _forge_truncated(keyset: KeySet, blob: bytes, drop: int, last_flag_on_new_end: bool) -> bytes:
+    """``blob`` cut to its first chunks minus ``drop``, re-tagged and re-signed as only the key holders could: the
+    header claims the shorter payload, its tag and every kept chunk are valid again under the new header (the chunks'
+    associated data is the header's hash), and each kept chunk keeps the last-chunk flag it was packed with unless
+    ``last_flag_on_new_end`` re-encrypts the new final chunk as a last one. So only the flag can tell."""
     header, tag_at = read_header(blob)
-    keks, signers = trusted(keyset)
-    # an attacker without the data key cannot fix the header tag, so the header check fires first
+    data_key = AESGCM(keyset.kek.key).decrypt(header.wrap_nonce, header.wrapped_key, artifact._wrap_aad(header.kek_id))
+    old_aad = hashlib.sha256(blob[:tag_at]).digest()
+    count = -(-header.payload_size // header.chunk_size)
+    at = tag_at + artifact.TAG_LEN
+    size = header.chunk_size + artifact.TAG_LEN
+    plain = [AESGCM(data_key).decrypt(artifact._nonce(header.nonce_prefix, i, i == count - 1),
+                                      blob[at + i * size : at + (i + 1) * size], old_aad) for i in range(count - drop)]
     doc = json.loads(blob[struct.calcsize(">8sHI") : tag_at])
-    doc["payload_size"] -= CHUNK
-    assert header.payload_size > CHUNK
+    doc["payload_size"] = sum(len(p) for p in plain)
     new_header = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    forged = blob[:8] + struct.pack(">HI", 1, len(new_header)) + new_header + blob[tag_at:]
-    with pytest.raises(HeaderTampered):
-        open_artifact(forged, keks, signers)
+    prefix = blob[:8] + struct.pack(">HI", 1, len(new_header)) + new_header
+    aead = AESGCM(data_key)
+    parts = [prefix, aead.encrypt(artifact._nonce(header.nonce_prefix, artifact._HEADER_TAG_INDEX, True), b"", prefix)]
+    aad = hashlib.sha256(prefix).digest()
+    for i, chunk in enumerate(plain):
+        last = last_flag_on_new_end and i == len(plain) - 1
+        parts.append(aead.encrypt(artifact._nonce(header.nonce_prefix, i, last), chunk, aad))
+    body = b"".join(parts)
+    return body + keyset.signing_key.sign(artifact._SIG_CONTEXT + hashlib.sha256(body).digest())
+
+
+def test_truncation_at_a_chunk_boundary_is_caught_by_the_last_chunk_flag(keyset: KeySet) -> None:
+    """Even a header that claims the shorter size, with a valid tag and signature, cannot make chunk n-2 pass as
+    the last chunk: it was encrypted as "not last", and only that flag differs from a well-formed artifact."""
+    blob = pack_model(keyset, os.urandom(3 * CHUNK), chunk_size=CHUNK)  # payload: 4 + manifest + 3 KiB: 4 chunks
+    keks, signers = trusted(keyset)
+    assert read_header(blob)[0].payload_size > 3 * CHUNK
+    with pytest.raises(ChunkTampered, match="chunk 2 failed authentication"):
+        open_artifact(_forge_truncated(keyset, blob, drop=1, last_flag_on_new_end=False), keks, signers)
+    # the control: the same forgery with the flag set on its new end passes every chunk check and fails only where
+    # the payload no longer holds its files, so the error above came from the flag and nothing else
+    with pytest.raises(ArtifactFormatError, match="artifact payload is malformed: file sizes exceed the payload"):
+        open_artifact(_forge_truncated(keyset, blob, drop=1, last_flag_on_new_end=True), keks, signers)
 
 
 def test_wrong_kek(keyset: KeySet, big_model: bytes, tmp_path: Path) -> None:
