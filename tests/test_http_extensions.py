@@ -14,7 +14,7 @@ from conftest import DaemonProcess, KeySet, Site, mlp_reference, pack_model
 from httpclient import infer, request
 from prometheus_client.parser import text_string_to_metric_families
 from support.daemon import served_daemon
-from test_serve import build_slow_model
+from support.models import build_slow_model
 
 
 @pytest.fixture(scope="module")

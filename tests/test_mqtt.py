@@ -18,7 +18,7 @@ import pytest
 from conftest import DaemonProcess, KeySet, Site, mlp_reference, pack_model
 from httpclient import request
 from mqttclient import Broker, Requester, unread_bytes
-from test_serve import build_slow_model
+from support.models import build_slow_model
 
 PREFIX = "plant/line1"
 

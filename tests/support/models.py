@@ -27,3 +27,25 @@ def build_identity_all_types() -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def build_slow_model(n: int = 1024, depth: int = 24) -> bytes:
+    """[batch, n] -> depth chained MatMuls with one shared weight: a run costs what its rows say (milliseconds to
+    tens of milliseconds per 16 rows on one thread, depending on the machine), for tests that need busy workers."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = (np.eye(n, dtype=np.float32) * 0.5 + 0.5 / n).astype(np.float32)
+    nodes, prev = [], "input"
+    for i in range(depth):
+        out = "output" if i == depth - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes, "slow",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
