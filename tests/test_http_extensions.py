@@ -153,11 +153,18 @@ def test_metrics_count_what_was_sent(served: DaemonProcess) -> None:
 
 
 def test_statistics_route(served: DaemonProcess) -> None:
-    r = request(served.url + "/v2/models/mlp/versions/1/stats")
+    url = served.url + "/v2/models/mlp/versions/1/stats"
+    (before,) = request(url).json()["model_stats"]
+    three_rows = {"inputs": [{"name": "input", "shape": [3, 4], "datatype": "FP32", "data": [0.5] * 12}]}
+    assert infer(served.url, "mlp", three_rows).status == 200
+    r = request(url)
     assert r.status == 200
     (entry,) = r.json()["model_stats"]
     assert entry["name"] == "mlp" and entry["version"] == "1"
-    assert entry["inference_count"] >= entry["execution_count"] >= 1
+    # this test's own request, whatever ran before it (the warm-up runs before the counters exist: not counted)
+    assert entry["inference_count"] - before["inference_count"] == 3
+    assert entry["execution_count"] - before["execution_count"] == 1
+    assert entry["inference_stats"]["success"]["count"] - before["inference_stats"]["success"]["count"] == 1
     assert {"success", "fail", "queue", "compute_infer"} <= set(entry["inference_stats"])
     assert {e["name"] for e in request(served.url + "/v2/models/stats").json()["model_stats"]} == {"mlp", "slow"}
     assert request(served.url + "/v2/models/mlp/versions/9/stats").status == 404
