@@ -18,6 +18,7 @@ import pytest
 from conftest import KeySet, Site, pack_model
 from httpclient import request
 from mqttclient import Broker, Requester, unread_bytes
+from support.models import build_slow_model
 from support.mqtt import (
     PREFIX,
     collect,
@@ -29,7 +30,6 @@ from support.mqtt import (
     start_connected,
     wait_for_metric,
 )
-from test_serve import build_slow_model
 
 
 @pytest.fixture
