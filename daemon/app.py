@@ -56,7 +56,8 @@ class Daemon:
 
             self.mqtt = MqttFrontend.from_config(self.config, self.node_id, manager, limits, self.activity)
         registry = metrics.make_registry(
-            metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness, self._mqtt_metrics)
+            metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness, self._mqtt_metrics,
+                                    queues=manager.queue_depths)
         )
         api = http_api.HttpApi(manager, limits, server.max_body_bytes, registry, readiness, self.activity)
         http = HttpFrontend(api, server.host, server.port, self.activity)

@@ -17,13 +17,14 @@ from urllib.parse import unquote
 import orjson
 import yaml
 from aiohttp import HttpVersion11, web, web_protocol, web_server
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import daemon
 from daemon import protocol, responses, service
 from daemon.context import Activity, RequestContext
 from daemon.errors import InferdError, NotReady
 from daemon.frontend import Readiness
+from daemon.metrics import Registries
 from daemon.model_config import triton_model_config
 from daemon.models import ModelManager
 
@@ -77,7 +78,7 @@ class HttpApi:
         manager: ModelManager,
         limits: protocol.Limits,
         max_body_bytes: int,
-        registry: CollectorRegistry,
+        registry: Registries,
         readiness: Readiness,
         activity: Activity,
     ) -> None:
@@ -283,7 +284,8 @@ async def model_stats(api: HttpApi, request: web.BaseRequest, params: list[str])
 
 
 async def metrics(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
-    body = generate_latest(api.registry)
+    process = await asyncio.get_running_loop().run_in_executor(None, generate_latest, api.registry.process)
+    body = generate_latest(api.registry.inferd) + process
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

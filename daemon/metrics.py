@@ -262,9 +262,18 @@ class InferdCollector:
                                       value=mqtt["refused_replies"])
 
 
-def make_registry(collector: InferdCollector) -> CollectorRegistry:
-    """A registry of our own (not the global one) with inferd's metrics and the process's CPU and memory."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    ProcessCollector(registry=registry)
-    return registry
+@dataclass(frozen=True)
+class Registries:
+    """Two registries of our own (not the global one), rendered where each belongs: inferd's counters are memory the
+    event loop mutates, so they are read on the loop; the process collector reads /proc files, so it runs off it."""
+
+    inferd: CollectorRegistry
+    process: CollectorRegistry
+
+
+def make_registry(collector: InferdCollector) -> Registries:
+    inferd = CollectorRegistry(auto_describe=False)
+    inferd.register(collector)
+    process = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=process)
+    return Registries(inferd, process)

@@ -298,6 +298,11 @@ class ModelManager:
     def all_stats(self) -> list[VersionStats]:
         return [v.stats for e in self.entries.values() for v in e.versions.values()]
 
+    def queue_depths(self) -> list[tuple[str, str, int]]:
+        """Each loaded version's waiting requests, as its scheduler counts them (inferd_queue_depth)."""
+        return [(v.name, v.version, v.scheduler.queue_depth)
+                for e in self.entries.values() for v in e.versions.values()]
+
     def loaded_info(self) -> list[LoadedInfo]:
         return [
             LoadedInfo(v.name, v.version, v.runtime, v.session.device)
@@ -321,11 +326,4 @@ class ModelManager:
 
 
 def batch_policy(cfg: ModelConfig) -> BatchPolicy:
-    return BatchPolicy(
-        max_batch_size=cfg.max_batch_size,
-        max_queue_delay_s=cfg.max_queue_delay_ms / 1000,
-        preferred_batch_sizes=tuple(cfg.preferred_batch_sizes),
-        queue_size=cfg.queue_size,
-        timeout_s=cfg.timeout_ms / 1000 if cfg.timeout_ms else None,
-        inline_max_s=cfg.inline_max_ms / 1000,
-    )
+    return BatchPolicy.from_config(cfg)

@@ -96,11 +96,17 @@ def test_the_daemon_in_process_serves_reports_readiness_and_drains(site: Site, m
         doc = {"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32", "data": x.ravel().tolist()}]}
         answer = await asyncio.to_thread(infer, url, "mlp", doc)
         ready = await asyncio.to_thread(request, url + "/v2/health/ready")
+        scraped = await asyncio.to_thread(request, url + "/metrics")
         daemon.request_stop("test")
         await asyncio.wait_for(task, 30)
-        return answer, ready, daemon.manager.entries["mlp"].status
+        return answer, ready, scraped, daemon.manager.entries["mlp"].status
 
-    answer, ready, status = asyncio.run(scenario())
+    answer, ready, scraped, status = asyncio.run(scenario())
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(scraped.body.decode())}
+    depth = [(s.labels, s.value) for s in families["inferd_queue_depth"].samples]
+    assert depth == [({"model": "mlp", "version": "1"}, 0.0)]  # every loaded version, read from its scheduler
     assert answer.status == 200
     np.testing.assert_allclose(np.array(answer.json()["outputs"][0]["data"]).reshape(2, 3),
                                mlp_reference(np.ones((2, 4), np.float32)), rtol=1e-5, atol=1e-6)

@@ -15,7 +15,7 @@ from daemon.scheduler import BatchPolicy, Scheduler
 
 
 def scrape(collector: InferdCollector) -> dict[str, dict[tuple[str, ...], float]]:
-    text = generate_latest(make_registry(collector)).decode()
+    text = generate_latest(make_registry(collector).inferd).decode()
     return {f.name: {tuple(s.labels.values()): s.value for s in f.samples} for f in text_string_to_metric_families(text)}
 
 
