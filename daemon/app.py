@@ -11,6 +11,7 @@ import signal
 import socket
 from typing import Any
 
+from adapters.base import usable_cpus
 from daemon import http_api, keys, metrics, protocol, sdnotify
 from daemon.config import Config
 from daemon.context import Activity
@@ -43,10 +44,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
-        keks = keys.load_keks(list(self.config.keys.kek))
-        signers = keys.load_signers(list(self.config.keys.signers))
-        self.store.ensure()
-        manager = ModelManager(self.config, self.store, keks, signers)
+        # key files, the state folders and the cgroup CPU quota are file system work: off the loop, as everything is
+        keks = await loop.run_in_executor(None, keys.load_keks, list(self.config.keys.kek))
+        signers = await loop.run_in_executor(None, keys.load_signers, list(self.config.keys.signers))
+        await loop.run_in_executor(None, self.store.ensure)
+        cpus = await loop.run_in_executor(None, usable_cpus)
+        manager = ModelManager(self.config, self.store, keks, signers, cpus)
         self.manager = manager
         server = self.config.server
         limits = protocol.Limits(server.max_tensor_elements)

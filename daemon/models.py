@@ -87,15 +87,19 @@ class ModelManager:
         store: Store,
         keks: Mapping[str, Kek],
         signers: Mapping[str, Ed25519PublicKey],
+        cpus: int | None = None,
     ) -> None:
+        """``cpus``: the CPUs this process may use (read from the cgroup files, so the daemon reads it off the loop
+        and passes it in; None reads it here, for tools that build a manager outside a running loop)."""
         self._config = config
+        self._cpus = usable_cpus() if cpus is None else cpus
         self._store = store
         self._keks = keks
         self._signers = signers
         self.entries: dict[str, ModelEntry] = {m.name: ModelEntry(m) for m in config.models}
         #: called on the event loop with each model event (activated, load_failed, retired); MQTT publishes them
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        self._auto_threads = max(1, usable_cpus() // max(1, sum(m.workers for m in config.models)))
+        self._auto_threads = max(1, self._cpus // max(1, sum(m.workers for m in config.models)))
 
     # -- the version lifecycle --------------------------------------------------------------------------------
 
@@ -104,7 +108,8 @@ class ModelManager:
         for entry in self.entries.values():
             cfg = entry.config
             entry.status, entry.reason = "loading", None
-            version = cfg.version or self._store.state(cfg.name).active
+            version = cfg.version or (await asyncio.get_running_loop().run_in_executor(
+                None, self._store.state, cfg.name)).active
             if version is None:
                 self._fail_model(entry, None, ModelNotFound(
                     f"model {cfg.name!r} has no active version in the store (install one with 'inferd model install')"
@@ -245,7 +250,7 @@ class ModelManager:
             parts.append(f"{cfg.name}: {used}" if used == threads else
                          f"{cfg.name}: {threads} threads x {cfg.workers} workers")
             total += used
-        return total, usable_cpus(), parts
+        return total, self._cpus, parts
 
     def warn_if_oversubscribed(self) -> None:
         wanted, cpus, parts = self.thread_budget()
