@@ -78,6 +78,23 @@ class DaemonProcess:
             if doc.get("event_kind") == "eof":
                 raise AssertionError(f"daemon exited ({self.proc.wait()}) before {kind!r}; log: {self.log}")
 
+    def wait_for_event(self, prefix: str, timeout: float = STARTUP_TIMEOUT) -> dict[str, Any]:
+        """Block until a log line whose message starts with ``prefix`` (for lines that carry no event_kind); one
+        already read counts. Fails with the log so far on exit or timeout."""
+        for doc in self.log:
+            if str(doc.get("event", "")).startswith(prefix):
+                return doc
+        while True:
+            try:
+                doc = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no log line starting {prefix!r} within {timeout}s; log: {self.log}") from None
+            self.log.append(doc)
+            if str(doc.get("event", "")).startswith(prefix):
+                return doc
+            if doc.get("event_kind") == "eof":
+                raise AssertionError(f"daemon exited ({self.proc.wait()}) before {prefix!r}; log: {self.log}")
+
     def start(self) -> DaemonProcess:
         self.port = int(self.wait_for("listening")["port"])
         self.wait_for("ready")
