@@ -10,8 +10,8 @@ The allowances are explicit and few:
 
 - the scheduler's inline path (``INLINE``), which runs a lone client's cheap request on the loop by design;
 - the ones blockbuster ships (asyncio's own executor shutdown, ``threading.Thread.start``'s handshake, ...);
-- ``PENDING``: blocking calls this guard found in daemon/ when it was introduced, each named by its function, until
-  daemon/ moves them off the loop. They are bugs, not design: the list only shrinks.
+- ``PENDING``: blocking calls known in daemon/, each named by its function, until daemon/ moves them off the loop.
+  They are bugs, not design: the list only shrinks (it is empty now).
 """
 
 from __future__ import annotations
@@ -27,17 +27,10 @@ __all__ = ["INLINE", "PENDING", "BlockingError", "loop_guard"]
 #: (module, function) that may block the loop by design: the scheduler's inline run (DESIGN.md, "Never block the
 #: event loop": "the one measured exception"). tests/test_loop_guard.py fails if the function is renamed or moved.
 INLINE: tuple[tuple[str, str], ...] = (("daemon.scheduler", "Scheduler._run_alone"),)
-#: Found by this guard on its first run (issue 10), reported, to be fixed in daemon/ and then deleted here:
-#: ``Daemon.run`` reads the key files (os.stat, reads) and creates the state folders on the loop before serving;
-#: ``ModelManager.__init__`` reads the cgroup CPU quota (usable_cpus) there; ``ModelManager.load_all`` reads each
-#: model's state.json there while the HTTP port is already open.
-PENDING: tuple[tuple[str, str], ...] = (
-    ("daemon.keys", "load_keks"),
-    ("daemon.keys", "load_signers"),
-    ("daemon.store", "Store.ensure"),
-    ("daemon.store", "Store.state"),
-    ("adapters.base", "usable_cpus"),
-)
+#: Blocking calls in daemon/ that are known and not yet moved off the loop, as (module, function): a bug list that
+#: only shrinks. Empty: what the guard found on its first run (key files, state folders, the cgroup quota, each
+#: model's state journal read on the loop at start-up) was moved to the executor.
+PENDING: tuple[tuple[str, str], ...] = ()
 
 
 def _file_of(module: str) -> str:
