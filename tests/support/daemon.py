@@ -34,13 +34,15 @@ class DaemonProcess:
     Construct it only through :class:`Daemons` or :func:`served_daemon`, which guarantee :meth:`close`.
     """
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None, wrapper: list[str] | None = None) -> None:
+        """``wrapper`` runs before the daemon and must ``exec`` it (e.g. a shell line that enters a cgroup first), so
+        that ``proc`` is the daemon itself."""
         self.config = config
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         self.log: list[dict[str, Any]] = []
         self.port = 0
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "serve", "--config", str(config)],
+            [*(wrapper or []), sys.executable, "-m", "daemon", "serve", "--config", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
@@ -149,8 +151,9 @@ class Daemons:
     def __init__(self) -> None:
         self._started: list[DaemonProcess] = []
 
-    def start(self, config: Path, env: dict[str, str] | None = None, wait: bool = True) -> DaemonProcess:
-        daemon = DaemonProcess(config, env)
+    def start(self, config: Path, env: dict[str, str] | None = None, wait: bool = True,
+              wrapper: list[str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(config, env, wrapper)
         self._started.append(daemon)  # owned before it starts: a failed start-up is cleaned up too
         return daemon.start() if wait else daemon
 
