@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, KeySet, Site, pack_model
+from conftest import REPO, KeySet, Site, build_mlp, mlp_reference, pack_model
 from httpclient import infer, request
 from support.models import build_slow_model
+from tflite_builder import random_mlp_weights
 
 from daemon import artifact, keys
 
@@ -148,3 +149,34 @@ def test_the_service_config_validates() -> None:
     unit = (REPO / "systemd" / "inferd.service").read_text()
     for line in ("Type=notify", "WatchdogSec=", "NoNewPrivileges=yes", "ProtectSystem=strict", "LoadCredential="):
         assert line in unit
+
+
+def test_a_pinned_version_is_served_instead_of_the_active_one(site: Site, keyset: KeySet, start_daemon) -> None:
+    """``version:`` in a model's config pins it (config.example.yaml, docs/store.md): the store's active version is
+    ignored, and a pin to a version that is not installed fails that model with the reason."""
+    v1, v2 = random_mlp_weights(seed=1), random_mlp_weights(seed=2)
+    site.install(pack_model(keyset, build_mlp(v1), name="mlp", version="1"))
+    site.install(pack_model(keyset, build_mlp(v2), name="mlp", version="2"), activate=True)
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+    doc = {"inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32", "data": x.ravel().tolist()}]}
+
+    def answer(url: str) -> tuple[str, np.ndarray]:
+        r = infer(url, "mlp", doc)
+        assert r.status == 200, r.body
+        return r.json()["model_version"], np.array(r.json()["outputs"][0]["data"], np.float32).reshape(2, 3)
+
+    for pin, weights in ((None, v2), ("1", v1)):
+        site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1, **({"version": pin} if pin else {})}]
+        daemon = start_daemon(site.write_config())
+        version, out = answer(daemon.url)
+        assert version == (pin or "2")
+        np.testing.assert_allclose(out, mlp_reference(x, weights), rtol=1e-5, atol=1e-5)
+        assert request(daemon.url + "/v2/models/mlp").json()["parameters"]["version"] == (pin or "2")
+        assert daemon.stop() == 0
+
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1, "version": "3"}]
+    daemon = start_daemon(site.write_config())
+    ready = request(daemon.url + "/v2/models/mlp/ready")
+    assert ready.status == 503
+    assert "version '3' of model 'mlp' is not installed" in request(daemon.url + "/v2/health/ready").json()["error"]
+    assert daemon.stop() == 0
