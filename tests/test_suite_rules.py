@@ -72,3 +72,11 @@ def test_the_log_reader_of_a_daemon_still_owned_is_allowed(site, keyset, mlp_onn
         daemons.close()
     assert daemon.proc.returncode is not None and daemon.proc.stderr is not None and daemon.proc.stderr.closed
     assert leaked_threads(before, grace_s=0.05) == []
+
+
+def test_test_modules_never_import_each_other() -> None:
+    """Shared builders live in tests/support: importing a test module runs its collection-time code and couples
+    two test files' fixtures."""
+    pattern = re.compile(r"^\s*(?:from|import)\s+test_\w+", re.M)
+    offenders = [str(p.relative_to(REPO)) for p, text in _sources().items() if pattern.search(text)]
+    assert offenders == []
