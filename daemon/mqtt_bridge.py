@@ -182,6 +182,8 @@ class MqttBridge:
         self._stopped = asyncio.Event()
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._generation = 0
+        self._subscription: int | None = None  # the message id of this connection's SUBSCRIBE
+        self._session_present: bool | None = None
         self._task: asyncio.Task[None] | None = None  # the connect loop
         self._connecting: asyncio.Future[Any] | None = None  # the blocking connect, in its executor
         self._client = self._make_client()
@@ -290,6 +292,7 @@ class MqttBridge:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = lambda c, u, sock: self._on_loop(self._watch.forget, sock)
         client.on_socket_register_write = lambda c, u, sock: self._on_loop(self._watch.add_writer, sock)
@@ -325,12 +328,20 @@ class MqttBridge:
         self.state.connected = True
         self.state.connects += 1
         self.state.last_error = None
-        for topic in self.filters:
-            # retainHandling=2: a retained request is not re-run at every reconnect
-            client.subscribe(topic, options=paho.SubscribeOptions(qos=1, retainHandling=2))
+        options = paho.SubscribeOptions(qos=1, retainHandling=2)  # a retained request is not re-run at each connect
+        self._subscription = client.subscribe([(topic, options) for topic in self.filters])[1]
+        self._session_present = getattr(flags, "session_present", None)
         client.publish(self.status_topic, b"online", qos=1, retain=True)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        """Connected is logged once the broker has the subscriptions: a request published from then on reaches us."""
+        if mid != self._subscription:
+            return
+        for topic, reason in zip(self.filters, reasons):
+            if reason.is_failure:
+                self._note_error(f"broker refused the subscription to {topic}: {reason}")
         log.info("mqtt connected to %s:%d as %s (session present: %s)", self.config.host, self.config.port,
-                 self.client_id, getattr(flags, "session_present", None), extra={"event_kind": "mqtt_connected"})
+                 self.client_id, self._session_present, extra={"event_kind": "mqtt_connected"})
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         was = self.state.connected

@@ -14,7 +14,16 @@ import pytest
 from conftest import KeySet, Site, mlp_reference
 from httpclient import request
 from mqttclient import Broker, Requester
-from support.mqtt import PREFIX, mlp_request, mqtt_outcomes, mqtt_site, outputs, start_connected, wait_for_metric
+from support.mqtt import (
+    PREFIX,
+    executions,
+    mlp_request,
+    mqtt_outcomes,
+    mqtt_site,
+    outputs,
+    start_connected,
+    wait_for_metric,
+)
 
 
 @pytest.fixture
@@ -49,8 +58,6 @@ def test_mqtt5_request_response(site: Site, keyset: KeySet, mlp_onnx: bytes, bro
 
 def test_a_lone_requester_runs_on_the_loop_and_a_burst_is_answered_in_full(
         site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker, start_daemon) -> None:
-    from test_http_extensions import executions
-
     daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker))
     req = Requester(broker.port)
     try:
@@ -60,7 +67,7 @@ def test_a_lone_requester_runs_on_the_loop_and_a_burst_is_answered_in_full(
             reply = req.wait()
             assert reply.status == "200" and reply.correlation == f"s{i}".encode()
             np.testing.assert_allclose(outputs(reply.payload), mlp_reference(x), rtol=1e-5, atol=1e-6)
-        assert executions(daemon.url, "mlp")["loop"] >= 8
+        assert executions(daemon, "mlp")["loop"] >= 8
         xs = [np.full((1, 4), i / 7, np.float32) for i in range(64)]
         for i, xi in enumerate(xs):  # 64 in flight from the same requester: answered in full, each its own rows
             req.request(f"{PREFIX}/models/mlp/infer", mlp_request(xi), correlation=f"b{i}".encode())

@@ -273,8 +273,9 @@ def test_a_crashed_mqtt_frontend_is_reported_restarted_and_answers_again(site: S
     x = np.ones((1, 4), np.float32)
     body = protocol_body(x)
 
+    manager = ModelManager(config, store, keks, signers)  # off the loop: it reads the cgroup's CPU quota
+
     async def scenario() -> None:
-        manager = ModelManager(config, store, keks, signers)
         await manager.load_all()
         activity = Activity()
         frontend = Frontend(config.mqtt, "node", manager, protocol.Limits(config.server.max_tensor_elements), activity)

@@ -46,7 +46,8 @@ def test_broker_restart_mid_stream_loses_nothing(site: Site, keyset: KeySet, mlp
     req = Requester(broker.port, persistent=True, name="stream-client")
     topic = f"{PREFIX}/models/mlp/infer"
     try:
-        collect(req, send_stream(req, 50, topic))  # the stream flows
+        first = send_stream(req, 50, topic)
+        answered = collect(req, first)  # the stream flows
         # Stopped, the daemon answers nothing: the second half is certainly unanswered when the broker goes away,
         # part of it delivered into the daemon's socket (up to receive_maximum), the rest queued at the broker.
         os.kill(daemon.proc.pid, signal.SIGSTOP)
@@ -60,8 +61,9 @@ def test_broker_restart_mid_stream_loses_nothing(site: Site, keyset: KeySet, mlp
         finally:
             os.kill(daemon.proc.pid, signal.SIGCONT)
         daemon.wait_for("mqtt_connected", new=True)
-        counts = collect(req, second, timeout=60)
-        assert set(counts) == set(second)
+        # at least once: a first-half request whose ack had not reached the broker is answered again, too
+        counts = collect(req, {**first, **second}, timeout=60, seen=answered)
+        assert set(second) <= set(counts)
     finally:
         req.close()
     assert daemon.stop() == 0

@@ -4,6 +4,7 @@ and the metrics that say what the daemon did (test_mqtt, test_mqtt_faults)."""
 from __future__ import annotations
 
 import json
+import queue
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,8 +77,8 @@ def collect(req: Requester, expected: dict[bytes, np.ndarray], timeout: float = 
     while set(counts) != set(expected):
         try:
             reply = req.wait(timeout=timeout)
-        except Exception:
-            raise AssertionError(f"no reply for {sorted(set(expected) - set(counts))}") from None
+        except queue.Empty:
+            raise AssertionError(f"no reply within {timeout}s for {sorted(set(expected) - set(counts))}") from None
         assert reply.status == "200", reply.payload
         assert reply.correlation in expected
         np.testing.assert_allclose(outputs(reply.payload), mlp_reference(expected[reply.correlation]),
@@ -105,3 +106,15 @@ def mqtt_outcomes(families: dict[str, Any]) -> dict[str, float]:
     """MQTT requests by outcome, from scraped metric families."""
     return {s.labels["outcome"]: s.value for s in families["inferd_requests"].samples
             if s.name == "inferd_requests_total" and s.labels["protocol"] == "mqtt"}
+
+
+def executions(daemon: DaemonProcess, model: str) -> dict[str, float]:
+    """inferd_executions_total of one model, by where the runs happened (``worker`` or ``loop``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {"worker": 0.0, "loop": 0.0}
+    for family in text_string_to_metric_families(request(daemon.url + "/metrics").body.decode()):
+        for s in family.samples:
+            if s.name == "inferd_executions_total" and s.labels["model"] == model:
+                out[s.labels["where"]] += s.value
+    return out
