@@ -21,7 +21,7 @@ from mqttclient import Broker, Requester
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon import keys, protocol, supervise
+from daemon import keys, mqtt_bridge, protocol, supervise
 from daemon.buffered_socket import BufferedSocket
 from daemon.config import MqttConfig, load_config
 from daemon.context import Activity
@@ -136,7 +136,7 @@ def test_reply_properties_copied_from_a_template_pack_as_properties_built_by_the
     decoded.unpack(fast.pack())
     assert getattr(decoded, "UserProperty", None) == [("status", "200"), *user]
     assert reply_properties("504", [], None).pack() != fast.pack()  # each reply its own values
-    assert Properties(PacketTypes.PUBLISH).pack() == reply_properties.__globals__["_BLANK_PUBLISH_PROPERTIES"].pack()
+    assert mqtt_bridge._BLANK_PUBLISH_PROPERTIES.pack() == Properties(PacketTypes.PUBLISH).pack()  # still blank
 
 
 # --- one bridge after another on the same session -------------------------------------------------------------
