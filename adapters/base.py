@@ -7,7 +7,6 @@ hands it decrypted model files as bytes and gets back a :class:`Session`; plaint
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -125,41 +124,6 @@ class Runtime(Protocol):
 def warn_fallback(runtime: str, asked: str, runs: str, why: str) -> None:
     """The one WARNING line every adapter writes when it cannot honour the requested device."""
     log.warning("device %s requested for %s is not usable (%s); running on %s", asked, runtime, why, runs)
-
-
-def usable_cpus() -> int:
-    """CPUs this process may really use: the affinity mask, capped by a cgroup v2/v1 CPU quota.
-
-    ``os.cpu_count()`` reports the host's CPUs, which oversubscribes thread pools inside containers and systemd
-    slices that set ``CPUQuota=``.
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    quota = _cgroup_quota()
-    if quota is not None:
-        cpus = min(cpus, max(1, int(quota + 0.999)))
-    return max(1, cpus)
-
-
-def _cgroup_quota() -> float | None:
-    try:
-        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
-            quota, period = f.read().split()
-        if quota != "max":
-            return int(quota) / int(period)
-        return None
-    except (OSError, ValueError):
-        pass
-    try:
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii") as f:
-            q = int(f.read())
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii") as f:
-            p = int(f.read())
-        return q / p if q > 0 else None
-    except (OSError, ValueError):
-        return None
 
 
 def check_inputs_present(specs: list[TensorSpec], inputs: Mapping[str, np.ndarray]) -> None:

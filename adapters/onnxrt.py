@@ -122,9 +122,12 @@ class OnnxSession:
         return self._device
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sess = self._sess
+        if sess is None:
+            raise AdapterError("the onnxruntime session is closed")
         check_inputs_present(self._inputs, inputs)
         try:
-            results = self._sess.run(self._output_names, inputs)
+            results = sess.run(self._output_names, inputs)
         except Exception as exc:  # ORT raises its own Fail/InvalidArgument types
             if input_caused(exc):
                 raise InputRejected(f"onnxruntime refused the input: {runtime_message(str(exc))}") from exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -57,7 +58,17 @@ _FORBIDDEN_PROPERTIES = ("CACHE_DIR",)
 _INSTALL_HINT = "openvino is not installed; install it with: pip install 'inferd[openvino]'"
 
 
+def without_telemetry() -> None:
+    """OpenVINO's package reports usage to Google Analytics from import time (``import openvino`` imports its model
+    converter, which starts ``openvino_telemetry`` with consent assumed unless a consent file declines, or ``CI`` is
+    set). A serving daemon on a customer's box sends nothing anywhere, so the telemetry package is hidden before
+    OpenVINO is imported: its converter then falls back to its own no-op stub (it guards every telemetry import)."""
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+
+
 def _import_ov() -> Any:
+    without_telemetry()
     try:
         import openvino
     except ImportError as exc:

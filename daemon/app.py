@@ -11,7 +11,7 @@ import signal
 import socket
 from typing import Any
 
-from adapters.base import usable_cpus
+from adapters.cpus import usable_cpus
 from daemon import http_api, keys, metrics, protocol, sdnotify
 from daemon.config import Config
 from daemon.context import Activity

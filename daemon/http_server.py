@@ -13,8 +13,10 @@ from daemon.http_api import HttpApi
 
 log = logging.getLogger("inferd.http")
 
-#: what aiohttp's own cleanup gives a handler still running after our drain (which already waited for handlers)
-CLEANUP_GRACE_S = 5.0
+#: what aiohttp's own cleanup gives a handler still running after our drain, which already waited for handlers up to
+#: server.drain_timeout_s. aiohttp spends it twice (waiting for the handlers, then again after cancelling them, which
+#: does not reach a handler awaiting the scheduler), so it is short: the schedulers' close then fails what is queued.
+CLEANUP_GRACE_S = 0.5
 
 
 class HttpFrontend:

@@ -24,7 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from adapters import AdapterError, Session, get_runtime
-from adapters.base import usable_cpus
+from adapters.cpus import usable_cpus
 from daemon.artifact import Header, open_artifact
 from daemon.config import Config, ModelConfig
 from daemon.context import RequestContext

@@ -16,11 +16,16 @@ from support.loop_guard import loop_guard
 from support.threads import leaked_threads
 from tflite_builder import build_mlp_onnx, mlp_forward, random_mlp_weights
 
+from adapters.openvino_rt import without_telemetry
 from daemon import artifact, keys
 from daemon.config import KeySource
 from daemon.store import Store
 
 __all__ = ["REPO", "DaemonProcess"]  # test modules import these from here for their type hints and paths
+
+# Test modules import openvino themselves: hide its telemetry first, as the adapter does before its own import (an
+# imported openvino_telemetry would also start a worker thread nothing can stop).
+without_telemetry()
 
 
 # --- keys ----------------------------------------------------------------------------------------------------
@@ -182,14 +187,6 @@ def event_loop_never_blocks() -> Iterator[None]:
     a blocking call fails with BlockingError; threads without a running loop are not affected."""
     with loop_guard():
         yield
-
-
-@pytest.fixture(scope="session", autouse=True)
-def openvino_imported_first() -> None:
-    """``import openvino`` starts OpenVINO's telemetry worker (openvino_telemetry's ThreadPoolExecutor, a
-    once-per-process thread nothing can stop): imported before the first test, it is never counted as that test's.
-    The one thread allowed this way, by where it comes from, not by its generic name."""
-    import openvino  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

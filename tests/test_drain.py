@@ -139,9 +139,9 @@ def test_a_short_drain_timeout_ends_the_process_on_time_with_status_0(site: Site
                                                                      start_daemon) -> None:
     drain_s = 0.5
     rows, cost = rows_for(TARGET_RUN_S, build_slow_model(n=N, depth=DEPTH))
-    # the drain, then aiohttp's shutdown_timeout (CLEANUP_GRACE_S), which aiohttp 3.14 spends twice: waiting for the
-    # handlers, then again after its cancel, which does not reach a handler awaiting the scheduler. docs/http-api.md
-    # says one grace of 5 s; what the daemon does today is two (reported in issue 10). Then a margin.
+    # the drain, then aiohttp's shutdown_timeout (CLEANUP_GRACE_S), which aiohttp spends twice: waiting for the
+    # handlers, then again after its cancel, which does not reach a handler awaiting the scheduler (docs/http-api.md,
+    # "Shutdown"). Then a margin.
     on_time = drain_s + 2 * CLEANUP_GRACE_S + 3.0
     n = min(200, math.ceil(3 * on_time / cost))  # three times more queued work than the exit may take
     daemon = serve_slow(site, keyset, start_daemon, drain_timeout_s=drain_s)

@@ -69,10 +69,6 @@ def entering(group: Path) -> list[str]:
     return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "adapters/base.py _cgroup_quota reads the root cgroup's files (/sys/fs/cgroup/cpu.max, "
-    "/sys/fs/cgroup/cpu/cpu.cfs_quota_us), not those of the cgroup the process is in (/proc/self/cgroup), so a "
-    "quota on the service's own cgroup (systemd CPUQuota=) is not seen; reported in issue 10"))
 def test_a_cgroup_cpu_quota_caps_the_threads(one_cpu_cgroup: Path, site: Site, keyset: KeySet, mlp_onnx: bytes,
                                             start_daemon) -> None:
     if len(os.sched_getaffinity(0)) < 2:
@@ -81,3 +77,40 @@ def test_a_cgroup_cpu_quota_caps_the_threads(one_cpu_cgroup: Path, site: Site, k
     assert (one_cpu_cgroup / "cgroup.procs").read_text().split() == [str(daemon.proc.pid)]  # it runs in the group
     assert threads_of(daemon.url, "a") == 1
     assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize(("layout", "expected"), [
+    ("v2", 1), ("v2-parent", 1), ("v2-none", None), ("v1", 2), ("v1-unseen", 3), ("none", None),
+])
+def test_the_quota_of_the_process_own_cgroup_and_its_ancestors_applies(tmp_path: Path, layout: str,
+                                                                       expected: int | None) -> None:
+    """cgroup files as the kernel lays them out, in a folder: the quota read is the tightest on the path from the
+    process's own cgroup (from /proc/self/cgroup) up to the root, not the root's alone."""
+    from adapters.cpus import cgroup_quota
+
+    root, me = tmp_path / "cgroup", tmp_path / "self"
+    service = "system.slice/inferd.service"
+    if layout.startswith("v2"):
+        (root / service).mkdir(parents=True)
+        (root / "cgroup.controllers").write_text("cpu memory\n")
+        (root / "cpu.max").write_text("max 100000\n")
+        if layout == "v2":
+            (root / service / "cpu.max").write_text("50000 100000\n")  # CPUQuota=50%
+        elif layout == "v2-parent":
+            (root / "system.slice" / "cpu.max").write_text("100000 100000\n")
+            (root / service / "cpu.max").write_text("max 100000\n")
+        me.write_text(f"0::/{service}\n")
+    elif layout.startswith("v1"):
+        cpu = root / "cpu"
+        (cpu / service).mkdir(parents=True)
+        (cpu / "cpu.cfs_quota_us").write_text("300000\n")
+        (cpu / "cpu.cfs_period_us").write_text("100000\n")
+        (cpu / service / "cpu.cfs_quota_us").write_text("200000\n")
+        (cpu / service / "cpu.cfs_period_us").write_text("100000\n")
+        path = service if layout == "v1" else "not/visible/here"  # another cgroup namespace: the root is ours
+        me.write_text(f"4:memory:/x\n1:cpu:/{path}\n0::/\n")
+    else:
+        root.mkdir()
+        me.write_text("0::/\n")
+    quota = cgroup_quota(root, me)
+    assert (None if quota is None else int(quota + 0.999)) == expected

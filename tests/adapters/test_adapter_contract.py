@@ -124,13 +124,7 @@ def test_refused_inputs_are_the_callers_and_the_session_recovers(session: Sessio
     np.testing.assert_allclose(session.run({"input": x})["output"], mlp_forward(x, *WEIGHTS), rtol=RTOL, atol=ATOL)
 
 
-CLOSED_XFAIL = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="adapters/onnxrt.py: run() after close() fails with \"'NoneType' object has no attribute 'run'\" "
-           "instead of saying the session is closed (reported in issue 10)")
-
-
-@pytest.mark.parametrize("name", [pytest.param("onnxruntime", marks=CLOSED_XFAIL), "openvino", "litert"])
+@pytest.mark.parametrize("name", ["onnxruntime", "openvino", "litert"])
 def test_a_closed_session_refuses_runs_and_closes_twice(name: str) -> None:
     sess = load(name)
     sess.close()

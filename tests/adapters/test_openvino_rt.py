@@ -267,3 +267,16 @@ def test_extra_properties_pass_through_but_the_cache_is_refused() -> None:
 def test_bad_tuning_values_are_refused(extra: dict[str, object]) -> None:
     with pytest.raises(AdapterError):
         compile_properties("CPU", SessionOptions(extra=extra))
+
+
+def test_openvino_is_imported_without_its_telemetry() -> None:
+    """``import openvino`` would start openvino_telemetry (usage reports to Google Analytics, consent assumed): the
+    adapter hides it, so OpenVINO's converter uses its no-op stub and no telemetry thread starts."""
+    import subprocess
+    import sys
+
+    code = ("import threading, sys; from adapters.openvino_rt import _import_ov; ov = _import_ov(); "
+            "import openvino.tools.ovc.telemetry_utils as t; "
+            "print(sys.modules.get('openvino_telemetry'), t.tm.__name__, len(threading.enumerate()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["None", "openvino.tools.ovc.telemetry_stub", "1"], out.stdout + out.stderr
