@@ -2,9 +2,9 @@
 
 :mod:`daemon.mqtt_api` decides what a message means and what to answer; this module only moves packets. paho is
 driven from the event loop (the aiomqtt pattern): its socket is watched with add_reader/add_writer, its callbacks
-run on the loop, publishes and acks are made on the loop, and a 1 s task does its keep-alive housekeeping. Only the
-blocking TCP/TLS connect runs in an executor. So no call into paho ever races another thread, and a message costs no
-thread hand-off. Reconnects use our own jittered exponential backoff.
+run on the loop, publishes and acks are made on the loop, and the connect loop does paho's keep-alive housekeeping
+once a second. Only the blocking TCP/TLS connect runs in an executor. So no call into paho ever races another
+thread, and a message costs no thread hand-off. Reconnects use our own jittered exponential backoff.
 
 Private details of paho relied on here, and nowhere else (tests/test_mqtt_bridge.py fails loudly if one changes):
 - ``Client._sock`` is the socket paho reads from and ``socket()`` returns: replaced by :class:`BufferedSocket`.
