@@ -38,12 +38,15 @@ run: $(STAMP_RUN)
 	@echo
 	$(VENV)/bin/inferd serve --config config.example.yaml
 
-# The broker the MQTT tests start; installed from Debian's packages when missing.
+# The broker the MQTT tests start, and curl for the README's example; installed from Debian's packages when missing.
 deps-system:
 	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } && command -v mosquitto_rr >/dev/null 2>&1 || { \
 	  echo "installing mosquitto"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
+	@command -v curl >/dev/null 2>&1 || { echo "installing curl (the README's example request is tested)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq curl >/dev/null; }
 
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check daemon adapters tests $(wildcard bench)

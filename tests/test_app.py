@@ -89,6 +89,9 @@ def test_the_daemon_in_process_serves_reports_readiness_and_drains(site: Site, m
     async def scenario() -> tuple[Any, Any, Any]:
         task = asyncio.create_task(daemon.run())
         while not daemon.frontends or daemon.manager is None or daemon.manager.entries["mlp"].status != "ready":
+            if task.done():
+                task.result()  # run() ended before serving: its error, not a timeout
+                raise AssertionError("the daemon stopped before its model was ready")
             await asyncio.sleep(0.01)
         http = daemon.frontends[0]
         url = f"http://127.0.0.1:{http.port}"  # type: ignore[attr-defined]
