@@ -107,6 +107,7 @@ class Daemon:
         """Stop taking work on every frontend at once, let accepted work finish against one deadline
         (server.drain_timeout_s), then release everything. Fits systemd's TimeoutStopSec (45 s) with the default."""
         sdnotify.notify("STOPPING=1")
+        supervisor.closing()
         readiness.draining = True  # readiness turns 503 at once
         budget = self.config.server.drain_timeout_s
         await asyncio.gather(*(f.stop(budget) for f in self.frontends))

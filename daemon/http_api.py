@@ -95,7 +95,8 @@ class HttpApi:
         limit = self.max_body_bytes
 
         def make_request(message: Any, payload: Any, proto: Any, writer: Any, task: Any) -> web.BaseRequest:
-            return web.BaseRequest(message, payload, proto, writer, task, loop, client_max_size=limit)
+            return web.BaseRequest(message=message, payload=payload, protocol=proto, payload_writer=writer, task=task,
+                                   loop=loop, client_max_size=limit)
 
         return web_server.Server(self.handle, request_factory=make_request, access_log=None)
 

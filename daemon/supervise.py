@@ -82,6 +82,11 @@ class Supervisor:
             await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311
             delay = min(delay * 2, RESTART_MAX_S)
 
+    def closing(self) -> None:
+        """From now on nothing is restarted: called before the frontends are stopped, so a restart waiting out its
+        delay cannot start a frontend that is shutting down."""
+        self._closing = True
+
     async def close(self) -> None:
         """Cancel whatever is still running (frontends have been stopped by then, so their run() has returned)."""
         self._closing = True

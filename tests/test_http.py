@@ -232,3 +232,15 @@ def test_triton_client_interoperates(served: DaemonProcess, mlp_onnx: bytes) -> 
         assert np.array_equal(result.as_numpy("output"), expected)
     finally:
         client.close()
+
+
+def test_the_request_factory_uses_aiohttp_s_keyword_names() -> None:
+    """http_api builds each request by keyword (aiohttp's low-level server leaves that to us): fail loudly, naming the
+    parameter, if an aiohttp release renames one."""
+    import inspect
+
+    from aiohttp import web
+
+    names = set(inspect.signature(web.BaseRequest).parameters)
+    wanted = {"message", "payload", "protocol", "payload_writer", "task", "loop", "client_max_size"}
+    assert wanted <= names, f"aiohttp's BaseRequest no longer takes {sorted(wanted - names)}"
