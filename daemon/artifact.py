@@ -25,7 +25,16 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from daemon.errors import IntegrityError, KeyProblem
+from daemon.errors import (
+    ArtifactFormatError,
+    ChunkTampered,
+    HeaderTampered,
+    SignatureInvalid,
+    Truncated,
+    UnknownKeyId,
+    UntrustedSigner,
+    WrongKey,
+)
 from daemon.keys import Kek, signer_id
 from daemon.packing import check_name, check_runtime_files
 
@@ -38,38 +47,6 @@ _PREFIX = struct.Struct(">8sHI")  # magic, format version, header length
 _SIG_CONTEXT = b"inferd-artifact-v1\x00"
 _HEADER_TAG_INDEX = 0xFFFFFFFF  # a nonce index no chunk can use
 MAX_HEADER = 1 << 20
-
-
-class ArtifactFormatError(IntegrityError):
-    """Not an artifact, an unknown format version, or a malformed header."""
-
-
-class UnknownKeyId(KeyProblem):
-    """The header names a KEK id that is not configured."""
-
-
-class WrongKey(IntegrityError):
-    """The configured KEK with the header's id does not unwrap the data key."""
-
-
-class HeaderTampered(IntegrityError):
-    pass
-
-
-class ChunkTampered(IntegrityError):
-    pass
-
-
-class Truncated(IntegrityError):
-    pass
-
-
-class SignatureInvalid(IntegrityError):
-    pass
-
-
-class UntrustedSigner(IntegrityError):
-    pass
 
 
 @dataclass(frozen=True)

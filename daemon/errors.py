@@ -93,3 +93,38 @@ class KeyProblem(InferdError):
 
 class StoreError(InferdError):
     code = "store"
+
+
+# --- artifact checks (daemon/artifact.py raises these; each kind of tampering has its own) ---------------------
+
+
+class ArtifactFormatError(IntegrityError):
+    """Not an artifact, an unknown format version, or a malformed header."""
+
+
+class UnknownKeyId(KeyProblem):
+    """The header names a KEK id that is not configured."""
+
+
+class WrongKey(IntegrityError):
+    """The configured KEK with the header's id does not unwrap the data key."""
+
+
+class HeaderTampered(IntegrityError):
+    pass
+
+
+class ChunkTampered(IntegrityError):
+    pass
+
+
+class Truncated(IntegrityError):
+    pass
+
+
+class SignatureInvalid(IntegrityError):
+    pass
+
+
+class UntrustedSigner(IntegrityError):
+    pass

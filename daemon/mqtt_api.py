@@ -31,7 +31,8 @@ from daemon.context import Activity, RequestContext
 from daemon.errors import InferdError, InvalidInput, KeyProblem, PayloadTooLarge
 from daemon.frontend import Health
 from daemon.models import ModelManager
-from daemon.mqtt_bridge import Incoming, MqttBridge, MqttState
+from daemon.mqtt_bridge import MqttBridge
+from daemon.mqtt_state import Incoming, MqttState
 
 log = logging.getLogger("inferd.mqtt")
 

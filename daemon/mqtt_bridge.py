@@ -25,7 +25,6 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -34,6 +33,7 @@ from paho.mqtt.properties import Properties
 
 from daemon.buffered_socket import BufferedSocket
 from daemon.config import MqttConfig
+from daemon.mqtt_state import Incoming, MqttState
 
 log = logging.getLogger("inferd.mqtt")
 
@@ -41,35 +41,6 @@ log = logging.getLogger("inferd.mqtt")
 CLOSE_GRACE_S = 5.0
 #: connections of every bridge of this process get distinct numbers: a packet id means nothing on another one
 _GENERATIONS = itertools.count(1)
-
-
-@dataclass
-class MqttState:
-    """What /metrics and readiness report about the broker connection; outlives each bridge (counters stay
-    monotonic across a frontend restart)."""
-
-    connected: bool = False
-    connects: int = 0
-    dropped_qos0: int = 0
-    no_reply_destination: int = 0
-    refused_replies: int = 0
-    in_progress: int = 0
-    last_error: str | None = None
-
-
-@dataclass(slots=True)
-class Incoming:
-    """One request message, with what the request handling needs of its properties already read out."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    mid: int
-    generation: int  # which connection delivered it: it is acknowledged on that one only
-    response_topic: str | None
-    correlation: bytes | None
-    user: list[tuple[str, str]] | None
-    active: bool = False  # counted in the daemon's Activity (from arrival until its answer is computed)
 
 
 def reply_properties(status: str, user: list[tuple[str, str]], correlation: bytes | None) -> Properties:

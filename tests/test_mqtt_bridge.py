@@ -28,7 +28,8 @@ from daemon.context import Activity
 from daemon.frontend import Health, Readiness
 from daemon.models import ModelManager
 from daemon.mqtt_api import MqttFrontend
-from daemon.mqtt_bridge import Incoming, MqttBridge, MqttState, reply_properties
+from daemon.mqtt_bridge import MqttBridge, reply_properties
+from daemon.mqtt_state import Incoming, MqttState
 from daemon.store import Store
 from daemon.supervise import Supervisor
 
