@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class Activity:
@@ -59,7 +59,6 @@ class RequestContext:
     identity: str | None = None  # the authenticated caller, once auth exists
     deadline: float | None = None  # time.monotonic() by which the answer is due (gRPC deadlines), None: no limit
     routing_key: str | None = None  # for sticky traffic splits (canary), None: no preference
-    received: float = field(default_factory=time.monotonic)
 
     def remaining(self) -> float | None:
         """Seconds left before the deadline (never negative), or None without one."""
