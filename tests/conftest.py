@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from mqttclient import Broker
 from support.daemon import REPO, DaemonProcess, Daemons
 from support.loop_guard import loop_guard
 from support.threads import leaked_threads
@@ -187,6 +188,14 @@ def event_loop_never_blocks() -> Iterator[None]:
     a blocking call fails with BlockingError; threads without a running loop are not affected."""
     with loop_guard():
         yield
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A real mosquitto on its own port for one test (tests/mqttclient.py; make deps-system installs it)."""
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.close()
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -24,13 +22,6 @@ from support.mqtt import (
     start_connected,
     wait_for_metric,
 )
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.close()
 
 
 def test_mqtt5_request_response(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker, start_daemon) -> None:

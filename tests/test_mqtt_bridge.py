@@ -10,7 +10,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,13 +34,6 @@ from daemon.supervise import Supervisor
 
 SOCK_CHANGED = ("paho no longer keeps its socket in Client._sock: daemon/mqtt_bridge.py's buffered read "
                 "(_SocketWatch.watch) silently falls back to paho's byte-at-a-time reads; adapt it to this paho")
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.close()
 
 
 class LogEvents(logging.Handler):

@@ -5,22 +5,12 @@ outputs; a real mosquitto, a real daemon, models that really refuse."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import KeySet, Site, pack_model
 from mqttclient import Broker, Requester
 from refusing_models import TABLE, gather_onnx, log_onnx
 from support.mqtt import PREFIX, start_connected
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.close()
 
 
 def test_runtime_refusals_and_nan_from_nan_are_400_replies(site: Site, keyset: KeySet, broker: Broker,

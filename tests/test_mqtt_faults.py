@@ -10,7 +10,6 @@ import queue
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,6 @@ from support.mqtt import (
     start_connected,
     wait_for_metric,
 )
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "broker").start()
-    yield b
-    b.close()
 
 
 @pytest.mark.slow
