@@ -171,14 +171,19 @@ class OnnxRuntime:
             sess = ort.InferenceSession(model, sess_options=so, providers=providers)
         except Exception as exc:
             raise AdapterError(f"onnxruntime could not load the model: {exc}") from exc
-        actual = sess.get_providers()
-        if device != "cpu" and "CUDAExecutionProvider" not in actual:
-            # The provider was listed but failed to initialise (driver, CUDA libs): fall back like any other case.
-            if not options.fallback:
-                raise DeviceUnavailable("CUDAExecutionProvider failed to initialise and fallback is disabled")
-            warn_fallback("onnxruntime", options.device, "cpu", "CUDAExecutionProvider failed to initialise")
-            device = "cpu"
-        return OnnxSession(sess, device)
+        return OnnxSession(sess, settle_device(device, sess.get_providers(), options))
+
+
+def settle_device(chosen: str, initialised: list[str], options: SessionOptions) -> str:
+    """The device that really runs once the session exists: ORT drops a listed provider that fails to initialise
+    (driver, CUDA libraries) without an error, so a GPU asked for but absent from ``initialised`` falls back like
+    any other case (one WARNING), or is refused with ``fallback: false``. Pure, so it is tested without a GPU."""
+    if chosen == "cpu" or "CUDAExecutionProvider" in initialised:
+        return chosen
+    if not options.fallback:
+        raise DeviceUnavailable("CUDAExecutionProvider failed to initialise and fallback is disabled")
+    warn_fallback("onnxruntime", options.device, "cpu", "CUDAExecutionProvider failed to initialise")
+    return "cpu"
 
 
 def _single_model_file(files: Mapping[str, bytes]) -> bytes:

@@ -16,7 +16,7 @@ import pytest
 from tflite_builder import build_mlp_onnx, mlp_forward, random_mlp_weights
 
 from adapters import AdapterError, DeviceUnavailable, SessionOptions, TensorSpec, get_runtime
-from adapters.onnxrt import RUNTIME, OnnxSession, choose_providers
+from adapters.onnxrt import RUNTIME, OnnxSession, choose_providers, settle_device
 
 WEIGHTS = random_mlp_weights()
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -145,3 +145,17 @@ def test_specs_carry_dynamic_dims_as_minus_one(onnx_model: bytes) -> None:
         assert sess.platform == "onnxruntime_onnx"
     finally:
         sess.close()
+
+
+def test_a_gpu_provider_that_fails_to_initialise_falls_back_or_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """ORT drops a listed CUDA provider that cannot initialise without raising: the session's providers say so."""
+    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert settle_device("cuda:0", cuda, SessionOptions(device="gpu")) == "cuda:0"
+    assert settle_device("cpu", ["CPUExecutionProvider"], SessionOptions(device="cpu")) == "cpu"
+    with caplog.at_level(logging.WARNING, logger="inferd.adapters"):
+        assert settle_device("cuda:0", ["CPUExecutionProvider"], SessionOptions(device="auto")) == "cpu"
+    assert [r.getMessage() for r in caplog.records] == [
+        "device auto requested for onnxruntime is not usable (CUDAExecutionProvider failed to initialise); "
+        "running on cpu"]
+    with pytest.raises(DeviceUnavailable, match="failed to initialise and fallback is disabled"):
+        settle_device("cuda:0", ["CPUExecutionProvider"], SessionOptions(device="gpu", fallback=False))
