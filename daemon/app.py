@@ -64,12 +64,20 @@ class Daemon:
         )
         api = http_api.HttpApi(manager, limits, server.max_body_bytes, registry, readiness, self.activity)
         http = HttpFrontend(api, server.host, server.port, self.activity)
-        self.frontends = [http] + ([self.mqtt] if self.mqtt is not None else [])
+        grpc_frontend: Frontend | None = None
+        if self.config.grpc.enabled:
+            from daemon import grpc_api  # grpcio and protobuf only when asked for
+
+            grpc_frontend = grpc_api.from_config(self.config.grpc, manager, limits, readiness, self.activity)
+        self.frontends = [http] + [f for f in (grpc_frontend, self.mqtt) if f is not None]
         for frontend in self.frontends:
             readiness.add(frontend)
         supervisor = Supervisor(readiness)
         await http.start()  # the port opens before the models load: readiness says "loading" meanwhile
         supervisor.frontend(http)
+        if grpc_frontend is not None:
+            await grpc_frontend.start()  # like HTTP, before the models load: inference is UNAVAILABLE meanwhile
+            supervisor.frontend(grpc_frontend)
         manager.warn_if_oversubscribed()
         sdnotify.notify(f"STATUS=loading {len(manager.entries)} model(s)")
         await manager.load_all()

@@ -196,6 +196,29 @@ class MqttConfig(_Model):
         return self
 
 
+class GrpcConfig(_Model):
+    enabled: bool = Field(False, description="Serve the KServe V2 gRPC API as well as HTTP (see docs/grpc.md).")
+    host: str = Field("127.0.0.1", description="Address the gRPC API listens on; loopback unless you mean it.")
+    port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 picks a free port, logged at start-up).")
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, le=2**31 - 1,
+        description="Largest request message accepted; larger ones get RESOURCE_EXHAUSTED.",
+    )
+    keepalive_time_s: float = Field(
+        7200.0, gt=0, description="How often the server pings an idle connection to check the client is there."
+    )
+    keepalive_timeout_s: float = Field(20.0, gt=0, description="How long a keepalive ping may go unanswered.")
+    keepalive_permit_without_calls: bool = Field(
+        False, description="Accept client keepalive pings on connections with no call in progress."
+    )
+    min_ping_interval_s: float = Field(
+        300.0, ge=0, description="Shortest interval between client pings without data the server accepts."
+    )
+    max_ping_strikes: int = Field(
+        2, ge=0, description="Too-frequent client pings tolerated before the connection is closed (0: any number)."
+    )
+
+
 class _ModelBase(_Model):
     name: str = Field(pattern=NAME_PATTERN, description="Model name, as used in URLs and topics.")
     device: Literal["cpu", "gpu", "auto"] = Field(
@@ -321,6 +344,7 @@ class Config(_Model):
     keys: KeysConfig = Field(default_factory=KeysConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     models: list[ModelConfig] = Field(default_factory=list, description="The models this daemon serves.")
 
     @model_validator(mode="after")

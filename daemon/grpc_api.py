@@ -1,0 +1,226 @@
+"""The KServe V2 gRPC frontend (``inference.GRPCInferenceService``) on grpcio's asyncio server, in the daemon's loop.
+
+The message classes and the servicer base come from tritonclient's generated ``service_pb2``/``service_pb2_grpc``
+(a maintained package and a superset of KServe's service), so stock Triton and KServe clients work unchanged. Every
+inference takes the one path HTTP takes (:func:`daemon.service.admit` + :func:`daemon.service.call`), decoded by
+:mod:`daemon.grpc_codec` with protocol's checks; errors leave through the one table below. This module is imported
+only when ``grpc.enabled`` is set: grpcio and protobuf are not free to import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+import daemon
+from daemon import grpc_codec, responses, service
+from daemon.config import GrpcConfig
+from daemon.context import Activity, RequestContext
+from daemon.errors import InferdError, NotReady
+from daemon.frontend import Health, Readiness
+from daemon.http_api import SERVER_NAME
+from daemon.model_config import triton_model_config
+from daemon.models import ModelManager
+from daemon.protocol import Limits, tensor_metadata
+
+log = logging.getLogger("inferd.grpc")
+
+#: transport-neutral error code -> gRPC status; the only place gRPC statuses for domain errors are chosen.
+GRPC_STATUS: dict[str, grpc.StatusCode] = {
+    "invalid_input": grpc.StatusCode.INVALID_ARGUMENT,
+    "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "model_not_found": grpc.StatusCode.NOT_FOUND,
+    "version_not_found": grpc.StatusCode.NOT_FOUND,
+    "not_ready": grpc.StatusCode.UNAVAILABLE,
+    "busy": grpc.StatusCode.UNAVAILABLE,
+    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "forbidden": grpc.StatusCode.PERMISSION_DENIED,
+}
+EXTENSIONS: list[str] = ["statistics", "model_configuration"]
+#: trailing metadata a shed client gets: gRPC's server pushback (gRFC A6), honoured by clients with a retry policy
+RETRY_PUSHBACK = (("grpc-retry-pushback-ms", "1000"),)
+#: RPCs of Triton's service inferd does not serve (yet): each answers UNIMPLEMENTED naming itself
+UNIMPLEMENTED = (
+    "ModelStreamInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+    "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting", "LogSettings",
+)
+
+
+async def _fail(context: grpc.aio.ServicerContext, exc: InferdError) -> NoReturn:
+    code = GRPC_STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("gRPC request failed: %s", exc)
+    if exc.code == "busy":
+        context.set_trailing_metadata(RETRY_PUSHBACK)
+    await context.abort(code, str(exc))
+    raise AssertionError("grpc.aio's abort raises")  # for the type checker: abort is not typed NoReturn
+
+
+def _version(value: str) -> str | None:
+    return value or None  # protobuf's empty string is "no version given": the active one
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, manager: ModelManager, limits: Limits, readiness: Readiness, activity: Activity) -> None:
+        self.manager = manager
+        self.limits = limits
+        self.readiness = readiness
+        self.activity = activity
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - gRPC names
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return service_pb2.ServerReadyResponse(ready=not self.readiness.reasons())
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=daemon.__version__, extensions=EXTENSIONS)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        """Not ready is an answer (ready=false), as Triton gives it; an unknown model or version is NOT_FOUND."""
+        try:
+            self.manager.entry(request.name)
+            self.manager.lookup(request.name, _version(request.version))
+        except NotReady:
+            return service_pb2.ModelReadyResponse(ready=False)
+        except InferdError as exc:
+            await _fail(context, exc)
+        return service_pb2.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        try:
+            loaded = self.manager.lookup(request.name, _version(request.version))
+            entry = self.manager.entry(request.name)
+        except InferdError as exc:
+            await _fail(context, exc)
+        tensor = service_pb2.ModelMetadataResponse.TensorMetadata
+        return service_pb2.ModelMetadataResponse(
+            name=request.name, versions=list(entry.versions), platform=loaded.platform,
+            inputs=[tensor(**t) for t in tensor_metadata(loaded.session.inputs)],
+            outputs=[tensor(**t) for t in tensor_metadata(loaded.session.outputs)],
+        )
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        """Triton's model configuration, the document HTTP's config route gives, for ``get_model_config()``."""
+        try:
+            loaded = self.manager.lookup(request.name, _version(request.version))
+            doc = triton_model_config(loaded, self.manager.entry(request.name).config)
+        except InferdError as exc:
+            await _fail(context, exc)
+        config = json_format.ParseDict(doc, model_config_pb2.ModelConfig())
+        return service_pb2.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        """The counters HTTP's stats route gives: every loaded version, or those of one model (and version)."""
+        manager = self.manager
+        try:
+            if not request.name:
+                stats = manager.all_stats()
+            else:
+                version = _version(request.version)
+                entry = manager.entry(request.name)
+                if version is not None:
+                    manager.lookup(request.name, version)  # NOT_FOUND for a version that is not loaded
+                stats = [v.stats for v in entry.versions.values() if version is None or v.version == version]
+        except InferdError as exc:
+            await _fail(context, exc)
+        return json_format.ParseDict({"model_stats": [s.triton_stats() for s in stats]},
+                                     service_pb2.ModelStatisticsResponse())
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        self.activity.enter()
+        try:
+            remaining = context.time_remaining()
+            ctx = RequestContext("grpc", self.activity, peer=context.peer(),
+                                 deadline=None if remaining is None else time.monotonic() + remaining)
+            loaded = service.admit(self.manager, request.model_name, _version(request.model_version), ctx)
+            async with service.call(loaded, ctx) as call:
+                session = loaded.session
+                decoded = grpc_codec.decode_infer(request, session.inputs, session.outputs, self.limits)
+                results = await call.run(decoded)
+                built = responses.build_response(loaded.name, loaded.version, decoded, results)
+                return grpc_codec.encode_infer(built, service_pb2)
+        except InferdError as exc:
+            await _fail(context, exc)
+        except Exception:
+            log.exception("unhandled error on ModelInfer for %r", request.model_name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+        finally:
+            self.activity.leave()
+
+
+def _unimplemented(name: str) -> Any:
+    async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> NoReturn:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"inferd does not implement {name}")
+        raise AssertionError("grpc.aio's abort raises")
+
+    handler.__name__ = name
+    return handler
+
+
+for _name in UNIMPLEMENTED:
+    setattr(InferenceServicer, _name, _unimplemented(_name))
+
+
+def server_options(cfg: GrpcConfig) -> list[tuple[str, int]]:
+    """grpcio channel arguments from the config: the message bound (over it, RESOURCE_EXHAUSTED from grpcio itself)
+    and keepalive. Responses are not bounded here: their size is the model's, and the client's own limit applies."""
+    return [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.keepalive_time_ms", int(cfg.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(cfg.keepalive_permit_without_calls)),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(cfg.min_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", cfg.max_ping_strikes),
+        ("grpc.so_reuseport", 0),  # a second daemon on the same port must fail to bind, not share it
+    ]
+
+
+class GrpcFrontend:
+    name = "grpc"
+
+    def __init__(self, cfg: GrpcConfig, servicer: InferenceServicer) -> None:
+        self.cfg = cfg
+        self.servicer = servicer
+        self.port = cfg.port  # the configured one until start(), then the bound one (port 0 picks a free port)
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        self._stopped.clear()
+        server = grpc.aio.server(options=server_options(self.cfg))
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
+        host = self.cfg.host
+        address = f"[{host}]:{self.cfg.port}" if ":" in host else f"{host}:{self.cfg.port}"
+        self.port = server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+        log.info("gRPC listening on %s:%d", host, self.port, extra={"event_kind": "grpc_listening", "port": self.port})
+
+    async def run(self) -> None:
+        """grpcio serves from its own tasks; this only marks the frontend's lifetime for the supervisor."""
+        await self._stopped.wait()
+
+    async def stop(self, budget: float) -> None:
+        """New RPCs are refused at once (UNAVAILABLE); accepted ones finish within ``budget``, then are cancelled."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(budget)
+        self._stopped.set()
+
+    def health(self) -> Health:
+        return Health("listening" if self._server is not None else "stopped", True)
+
+
+def from_config(cfg: GrpcConfig, manager: ModelManager, limits: Limits, readiness: Readiness,
+                activity: Activity) -> GrpcFrontend:
+    return GrpcFrontend(cfg, InferenceServicer(manager, limits, readiness, activity))
