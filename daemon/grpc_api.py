@@ -46,6 +46,8 @@ GRPC_STATUS: dict[str, grpc.StatusCode] = {
 EXTENSIONS: list[str] = ["statistics", "model_configuration"]
 #: trailing metadata a shed client gets: gRPC's server pushback (gRFC A6), honoured by clients with a retry policy
 RETRY_PUSHBACK = (("grpc-retry-pushback-ms", "1000"),)
+#: at most this much of a caller's deadline is kept back to answer in (see :func:`deadline`)
+DEADLINE_MARGIN_S = 0.05
 #: RPCs of Triton's service inferd does not serve (yet): each answers UNIMPLEMENTED naming itself
 UNIMPLEMENTED = (
     "ModelStreamInfer", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
@@ -62,6 +64,16 @@ async def _fail(context: grpc.aio.ServicerContext, exc: InferdError) -> NoReturn
         context.set_trailing_metadata(RETRY_PUSHBACK)
     await context.abort(code, str(exc))
     raise AssertionError("grpc.aio's abort raises")  # for the type checker: abort is not typed NoReturn
+
+
+def deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's gRPC deadline as the request's (time.monotonic()), a little early: the caller's own timer runs
+    out first (its deadline was set before the request travelled), so a request that expires in the queue is
+    answered with the daemon's DEADLINE_EXCEEDED, which says where the time went, before the caller gives up."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return time.monotonic() + max(0.0, remaining - min(DEADLINE_MARGIN_S, remaining * 0.1))
 
 
 def _version(value: str) -> str | None:
@@ -138,9 +150,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         self.activity.enter()
         try:
-            remaining = context.time_remaining()
-            ctx = RequestContext("grpc", self.activity, peer=context.peer(),
-                                 deadline=None if remaining is None else time.monotonic() + remaining)
+            ctx = RequestContext("grpc", self.activity, peer=context.peer(), deadline=deadline(context))
             loaded = service.admit(self.manager, request.model_name, _version(request.model_version), ctx)
             async with service.call(loaded, ctx) as call:
                 session = loaded.session
