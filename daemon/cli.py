@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=cmd_bench)
 
+    s = sub.add_parser("batch", help="score a file or folder offline: CSV, JSON lines, Parquet, .npy/.npz")
+    from daemon.batch import add_arguments
+
+    add_arguments(s)
+    s.set_defaults(func=cmd_batch)
+
     s = sub.add_parser("check-config", help="validate a config file without serving")
     s.add_argument("config", type=Path)
     s.set_defaults(func=cmd_check_config)
@@ -180,6 +186,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{result.throughput:,.0f} req/s; latency p50 {summary['p50_ms']} ms, p90 {summary['p90_ms']} ms, "
               f"p99 {summary['p99_ms']} ms; statuses {summary['statuses']}")
     return 0 if set(result.statuses) <= {200} and not result.errors else EXIT_ERROR
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from daemon.batch import run_command
+
+    return run_command(args)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -1,0 +1,370 @@
+"""`inferd batch`: score a file or folder offline with the artifact the daemon serves (docs/batch.md).
+
+The run is a sequence of chunks of ``--chunk-rows`` rows; each chunk's results are committed to a work folder beside
+the output (a part file, then the journal, each written atomically) before the next is read, so memory is bounded by
+one chunk and an interrupted run (Ctrl-C, SIGKILL, power cut) continues with ``--resume`` from its last committed
+chunk. The final output is assembled from the parts into a temp file and renamed: no half-written file ever carries
+the output's name. The model is decrypted in memory only, as the daemon does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from adapters.base import Session
+    from daemon.batch_io import Source
+    from daemon.batch_rows import Converted, InputPlan
+
+EXIT_OK, EXIT_ERROR, EXIT_REJECTED = 0, 1, 3
+JOURNAL = "journal.json"
+
+
+def add_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", help="a model name in the config's store (its active version) or an artifact file")
+    s.add_argument("--input", "-i", required=True, type=Path, help="a .csv, .jsonl, .parquet, .npy or .npz file, "
+                   "or a folder of such files (one format)")
+    s.add_argument("--output", "-o", required=True, type=Path, help="the results; the format follows the suffix")
+    s.add_argument("--config", "-c", type=Path, help="take keys, the store and the model's runtime options from here")
+    s.add_argument("--kek", type=Path, action="append", default=[], help="KEK file (repeatable)")
+    s.add_argument("--signer", type=Path, action="append", default=[], help="trusted public key (repeatable)")
+    s.add_argument("--map", action="append", default=[], metavar="COLUMN[,COLUMN...]=INPUT",
+                   help="feed these columns (in this order) to this model input (repeatable)")
+    s.add_argument("--chunk-rows", type=int, default=10000, help="rows per chunk: bounds memory, unit of resume")
+    s.add_argument("--id-column", default=None, help="the column whose values identify rows (default: row numbers)")
+    s.add_argument("--rejects", type=Path, default=None, help="JSON lines of rejected rows and why "
+                   "(default: OUTPUT.rejects.jsonl)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run from its last committed chunk")
+    s.add_argument("--threads", type=int, default=0, help="threads per inference (default: the config's, else the "
+                   "usable CPUs)")
+    s.add_argument("--allow-nan", action="store_true", help="score NaN and inf inputs instead of rejecting them")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.chunk_rows < 1 or args.threads < 0:
+        raise ValueError("--chunk-rows must be at least 1 and --threads at least 0")
+    from daemon import batch_io
+
+    out_format = batch_io.format_of(args.output)
+    blob, session, label = _load_model(args)
+    try:
+        return _Run(args, out_format, blob, session, label).run()
+    finally:
+        session.close()
+
+
+def _load_model(args: argparse.Namespace) -> tuple[bytes, Session, str]:
+    from adapters import SessionOptions, get_runtime
+    from adapters.cpus import usable_cpus
+    from daemon import keys
+    from daemon.artifact import open_artifact
+    from daemon.config import KeySource, load_config
+    from daemon.store import Store
+
+    config = load_config(args.config) if args.config else None
+    keks: dict[str, Any] = {}
+    signers: dict[str, Any] = {}
+    if config and not (args.kek or args.signer):
+        keks.update(keys.load_keks(list(config.keys.kek)))
+        signers.update(keys.load_signers(list(config.keys.signers)))
+    keks.update(keys.load_keks([KeySource(path=p) for p in args.kek]))
+    signers.update(keys.load_signers([KeySource(path=p) for p in args.signer]))
+    if not keks:
+        raise ValueError("no KEK given: use --config or --kek")
+    configured = {m.name: m for m in config.models} if config else {}
+    path = Path(args.model)
+    if path.is_file():
+        blob = path.read_bytes()
+    elif config is None:
+        raise ValueError(f"{args.model!r} is not an artifact file; to score a model of the store, give --config")
+    else:
+        cfg = configured.get(args.model)
+        version = (cfg.version if cfg else None) or Store(config.state_dir).state(args.model).active
+        if version is None:
+            raise ValueError(f"model {args.model!r} has no active version in {config.state_dir}")
+        blob = Store(config.state_dir).read_artifact(args.model, version)
+    opened = open_artifact(blob, keks, signers, require_signature=config.keys.require_signature if config else True)
+    h = opened.header
+    cfg = configured.get(h.name)
+    if cfg is not None and cfg.runtime != h.runtime:
+        cfg = None
+    threads = args.threads or (cfg.threads if cfg and cfg.threads else usable_cpus())
+    options = cfg.session_options(threads) if cfg else SessionOptions(threads=threads)
+    session = get_runtime(h.runtime).load(opened.model_files(), options)
+    return blob, session, f"{h.name}:{h.version}"
+
+
+class _Run:
+    def __init__(self, args: argparse.Namespace, out_format: str, blob: bytes, session: Session, label: str) -> None:
+        from daemon import batch_io, batch_rows
+
+        self.args, self.out_format, self.session, self.label = args, out_format, session, label
+        self.output: Path = args.output
+        self.rejects: Path = args.rejects or self.output.with_name(self.output.name + ".rejects.jsonl")
+        self.work = self.output.with_name(self.output.name + ".inferd-batch")
+        self.source: Source = batch_io.Source(args.input, args.chunk_rows)
+        self.plans: list[InputPlan] = batch_rows.plan_inputs(
+            session.inputs, self.source.columns, self.source.numeric, batch_rows.parse_maps(args.map), args.id_column)
+        if args.id_column is not None and args.id_column not in self.source.columns:
+            names = ", ".join(self.source.columns)
+            raise ValueError(f"--id-column {args.id_column!r} is not a column of the input ({names})")
+        self.id_name: str = args.id_column or "row"
+        self.one_row = any(s.shape[:1] != (-1,) for s in session.inputs)
+        if any(s.shape[:1] not in ((-1,), (1,)) for s in session.inputs):
+            raise ValueError("the model's inputs have a fixed batch size other than 1; batch needs a dynamic first "
+                             "dimension (or 1)")
+        self.identity = {
+            "model_sha256": hashlib.sha256(blob).hexdigest(), "chunk_rows": args.chunk_rows, "map": args.map,
+            "id_column": args.id_column, "allow_nan": args.allow_nan, "output_format": out_format,
+            "input": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in self.source.files],
+        }
+
+    # -- the journal ------------------------------------------------------------------------------------------
+
+    def _start(self) -> dict[str, Any]:
+        journal_path = self.work / JOURNAL
+        if self.work.exists() and not self.args.resume:
+            raise ValueError(f"{self.work} holds an interrupted run: continue it with --resume, or delete the folder "
+                             "to start over")
+        if self.args.resume and journal_path.exists():
+            journal = json.loads(journal_path.read_text(encoding="utf-8"))
+            changed = [k for k, v in self.identity.items() if journal["identity"].get(k) != v]
+            if changed:
+                raise ValueError(f"--resume: the run in {self.work} was started with another {', '.join(changed)}; "
+                                 "rerun with the same model, input and options, or delete the folder")
+            for leftover in self.work.glob("*-*.*"):  # written after the last commit: redone now
+                if int(leftover.name.split("-")[1].split(".")[0]) >= journal["chunks"]:
+                    leftover.unlink()
+            return dict(journal)
+        self.work.mkdir(parents=True, exist_ok=True)
+        return {"format": 1, "identity": self.identity, "chunks": 0, "scored": 0, "rejected": 0}
+
+    def _commit(self, journal: dict[str, Any]) -> None:
+        from daemon.fsutil import atomic_write
+
+        atomic_write(self.work / JOURNAL, json.dumps(journal, indent=1).encode() + b"\n")
+
+    # -- the run ----------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.work.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(self.output.with_name(f".{self.output.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(f"another inferd batch is writing {self.output}") from None
+            return self._run()
+        finally:
+            os.close(lock_fd)
+
+    def _run(self) -> int:
+        journal = self._start()
+        progress = _Progress(self.source, journal["chunks"] * self.args.chunk_rows)
+        for chunk in self._chunks(journal["chunks"] * self.args.chunk_rows):
+            scored, rejected = self._commit_chunk(journal["chunks"], chunk)
+            journal.update(chunks=journal["chunks"] + 1, scored=journal["scored"] + scored,
+                           rejected=journal["rejected"] + rejected)
+            self._commit(journal)
+            progress.add(len(chunk))
+        progress.close()
+        self._finish(journal)
+        shutil.rmtree(self.work)
+        self.output.with_name(f".{self.output.name}.lock").unlink(missing_ok=True)
+        note = f", {journal['rejected']:,} rejected (see {self.rejects})" if journal["rejected"] else ""
+        print(f"{self.label}: scored {journal['scored']:,} rows{note} in {progress.elapsed():.2f}s "
+              f"({progress.rate():,.0f} rows/s) into {self.output}")
+        return EXIT_REJECTED if journal["rejected"] else EXIT_OK
+
+    def _chunks(self, skip: int) -> Iterator[Converted]:
+        from daemon.batch_rows import Converted, convert
+
+        wanted = list(dict.fromkeys([c for p in self.plans for c in p.columns]
+                                    + ([self.args.id_column] if self.args.id_column else [])))
+        row, pending, have, size = 0, [], 0, self.args.chunk_rows
+        for piece in self.source.pieces(wanted):
+            if row + piece.n <= skip:
+                row += piece.n
+                continue
+            if row < skip:
+                piece, row = piece.tail(skip - row), skip
+            inputs, reasons = convert(piece.columns, piece.n, self.plans, self.args.allow_nan, piece.bad)
+            ids = _ids(piece.columns[self.args.id_column]) if self.args.id_column else _row_numbers(row, piece.n)
+            row += piece.n
+            pending.append(Converted(ids, inputs, reasons))
+            have += piece.n
+            while have >= size:
+                head, tail = Converted.concat(pending).split(size)
+                yield head
+                pending, have = ([tail] if len(tail) else []), len(tail)
+        if have:
+            yield Converted.concat(pending)
+
+    def _score(self, chunk: Converted) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The rows scored and their outputs; rows the runtime refuses are found one by one and rejected."""
+        from adapters import InputRejected
+        from adapters.base import runtime_message
+
+        good = np.array([i for i in range(len(chunk)) if i not in chunk.reasons], dtype=np.int64)
+        if not len(good):
+            return good, {}
+        if not self.one_row:
+            try:
+                return good, self.session.run({n: a[good] for n, a in chunk.inputs.items()})
+            except InputRejected:
+                pass
+        kept, outs = [], []
+        for i in good:
+            try:
+                outs.append(self.session.run({n: a[i:i + 1] for n, a in chunk.inputs.items()}))
+                kept.append(i)
+            except InputRejected as exc:
+                chunk.reasons[int(i)] = f"the model refused the row: {runtime_message(str(exc))}"
+        if not kept:
+            return np.array(kept, dtype=np.int64), {}
+        return np.array(kept, dtype=np.int64), {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def _commit_chunk(self, k: int, chunk: Converted) -> tuple[int, int]:
+        import orjson
+        import pyarrow as pa
+
+        from daemon.batch_io import atomic_output
+
+        good, outputs = self._score(chunk)
+        if len(good):
+            for name, arr in outputs.items():
+                if arr.shape[:1] != (len(good),):
+                    raise ValueError(f"output {name!r} has shape {list(arr.shape)} for {len(good)} rows: batch "
+                                     "needs one output row per input row")
+            batch = _record_batch(self.id_name, chunk.ids.take(pa.array(good)), outputs)
+            with atomic_output(self.work / f"part-{k:08d}.arrow") as f, pa.ipc.new_file(f, batch.schema) as w:
+                w.write_batch(batch)
+        if chunk.reasons:
+            ids = chunk.ids.to_pylist()
+            with atomic_output(self.work / f"rejects-{k:08d}.jsonl") as f:
+                for i in sorted(chunk.reasons):
+                    f.write(orjson.dumps({self.id_name: ids[i], "reason": chunk.reasons[i]},
+                                         option=orjson.OPT_APPEND_NEWLINE))
+        return len(good), len(chunk.reasons)
+
+    def _finish(self, journal: dict[str, Any]) -> None:
+        import pyarrow as pa
+
+        from daemon.batch_io import atomic_output, write_output
+
+        parts = sorted(self.work.glob("part-*.arrow"))
+        if parts:
+            with pa.memory_map(str(parts[0])) as m:
+                schema = pa.ipc.open_file(m).schema
+        else:
+            schema = _empty_schema(self.id_name, self.session)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for p in parts:
+                with pa.memory_map(str(p)) as m:
+                    reader = pa.ipc.open_file(m)
+                    for i in range(reader.num_record_batches):
+                        yield reader.get_batch(i)
+
+        write_output(self.output, self.out_format, batches, schema, journal["scored"])
+        rejects = sorted(self.work.glob("rejects-*.jsonl"))
+        if rejects:
+            with atomic_output(self.rejects) as f:
+                for p in rejects:
+                    f.write(p.read_bytes())
+        else:
+            self.rejects.unlink(missing_ok=True)  # a stale one from an earlier run would be misread as this run's
+
+
+def _ids(col: Any) -> pa.Array:
+    import pyarrow as pa
+
+    if isinstance(col, pa.Array):
+        return col
+    try:
+        return pa.array(col)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+        return pa.array([None if v is None else str(v) for v in col], type=pa.string())
+
+
+def _row_numbers(start: int, n: int) -> pa.Array:
+    import pyarrow as pa
+
+    return pa.array(np.arange(start, start + n, dtype=np.int64))
+
+
+def _record_batch(id_name: str, ids: pa.Array, outputs: dict[str, np.ndarray]) -> pa.RecordBatch:
+    """Ids then each output; an output with a shape per row is a fixed-size list, its shape in the metadata."""
+    import pyarrow as pa
+
+    arrays, meta = [ids], {id_name: "[]"}
+    for name, arr in outputs.items():
+        shape = arr.shape[1:]
+        meta[name] = json.dumps(list(shape))
+        flat = pa.array(np.ascontiguousarray(arr).reshape(-1))
+        arrays.append(flat if not shape else pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape))))
+    names = [id_name, *outputs]
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(
+        [pa.field(n, a.type) for n, a in zip(names, arrays)], metadata=meta))
+
+
+def _empty_schema(id_name: str, session: Session) -> pa.Schema:
+    import pyarrow as pa
+
+    fields, meta = [pa.field(id_name, pa.int64())], {id_name: "[]"}
+    for spec in session.outputs:
+        shape = [d if d >= 0 else 1 for d in spec.shape[1:]]
+        value = pa.from_numpy_dtype(spec.dtype)
+        fields.append(pa.field(spec.name, pa.list_(value, int(np.prod(shape))) if shape else value))
+        meta[spec.name] = json.dumps(shape)
+    return pa.schema(fields, metadata=meta)
+
+
+class _Progress:
+    """A bar with rows/s and ETA on a terminal (stderr); nothing otherwise (the summary line follows the run)."""
+
+    def __init__(self, source: Source, already: int) -> None:
+        self.source, self.done, self.start = source, 0, time.monotonic()
+        self.base, self.shown = already, 0.0
+        self.tty = sys.stderr.isatty()
+
+    def elapsed(self) -> float:
+        return max(time.monotonic() - self.start, 1e-9)
+
+    def rate(self) -> float:
+        return self.done / self.elapsed()
+
+    def add(self, rows: int) -> None:
+        self.done += rows
+        now = time.monotonic()
+        if not self.tty or now - self.shown < 0.2:
+            return
+        self.shown = now
+        total = self.source.total_rows
+        frac = (self.base + self.done) / total if total else self.source.fraction()
+        bar = eta = ""
+        if frac is not None and frac > 0:
+            filled = int(30 * min(frac, 1.0))
+            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {100 * frac:5.1f}% "
+            left = self.elapsed() * (1 - frac) / max(frac - self.base / (total or 1e18), 1e-9)
+            eta = f", ETA {int(left // 60)}:{int(left % 60):02d}"
+        sys.stderr.write(f"\r{bar}{self.base + self.done:,} rows, {self.rate():,.0f} rows/s{eta} ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty and self.shown:
+            sys.stderr.write("\n")

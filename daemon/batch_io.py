@@ -1,0 +1,314 @@
+"""Streaming readers and writers for `inferd batch`: CSV, JSON lines, Parquet, .npy/.npz, a file or a folder of them.
+
+Memory is bounded by the pieces read, never by the file: CSV through pyarrow's streaming reader, Parquet by record
+batches, .npy memory-mapped; JSON lines are parsed line by line with orjson so a malformed line is one rejected row
+rather than a failed run. The final output is streamed to a temp file beside its name, fsynced and renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from daemon.fsutil import fsync_dir
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".npy": "npy", ".npz": "npz"}
+
+
+def format_of(path: Path) -> str:
+    try:
+        return FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise ValueError(f"{path}: unknown format {path.suffix!r}; use one of {', '.join(FORMATS)}") from None
+
+
+@dataclass
+class Piece:
+    """Rows read in one go: columns by name and rows already known bad (a malformed JSON line)."""
+
+    columns: dict[str, Any]
+    n: int
+    bad: dict[int, str] = field(default_factory=dict)
+
+    def tail(self, start: int) -> Piece:
+        return Piece({k: v[start:] for k, v in self.columns.items()}, self.n - start,
+                     {i - start: r for i, r in self.bad.items() if i >= start})
+
+
+def input_files(path: Path) -> list[Path]:
+    """A file, or a folder's files of one format in name order (hidden and ``_`` files skipped, as Spark writes)."""
+    if not path.is_dir():
+        if not path.exists():
+            raise ValueError(f"input {path} does not exist")
+        format_of(path)
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_"))
+                   and p.suffix.lower() in FORMATS)
+    if not files:
+        raise ValueError(f"folder {path} holds no input file ({', '.join(FORMATS)})")
+    kinds = {format_of(p) for p in files}
+    if len(kinds) > 1:
+        raise ValueError(f"folder {path} mixes formats ({', '.join(sorted(kinds))}); give one format per folder")
+    return files
+
+
+class Source:
+    """The input: its column names (file order), the numeric ones, its row count where known, and its pieces."""
+
+    def __init__(self, path: Path, piece_rows: int) -> None:
+        self.files = input_files(path)
+        self.format = format_of(self.files[0])
+        self.piece_rows = piece_rows
+        self.bytes_total = sum(p.stat().st_size for p in self.files)
+        self.bytes_done = 0
+        self.columns, self.numeric = self._schema(self.files[0])
+        self.total_rows = self._count()
+
+    def _schema(self, path: Path) -> tuple[list[str], list[str]]:
+        if self.format == "csv":
+            # CSV has no types: every column counts as numeric, since a column whose first block held a bad value
+            # would otherwise drop out of the features silently (its bad values are rejected row by row instead)
+            names = pacsv.open_csv(path).schema.names  # reads the first block only
+            return names, names
+        if self.format == "parquet":
+            schema = pq.ParquetFile(path).schema_arrow
+            return schema.names, [f.name for f in schema if _numeric(f.type)]
+        if self.format == "jsonl":
+            with path.open("rb") as f:
+                first = next((line for line in f if line.strip()), b"{}")
+            try:
+                row = orjson.loads(first)
+            except orjson.JSONDecodeError:
+                raise ValueError(f"{path}: the first line is not JSON") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: each line must be a JSON object")
+            return list(row), [k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        arrays = self._arrays(path)
+        return list(arrays), [k for k, a in arrays.items() if a.ndim == 1 and a.dtype.kind in "iuf"]
+
+    def _arrays(self, path: Path) -> dict[str, np.ndarray]:
+        if self.format == "npy":
+            return {path.stem: np.load(path, mmap_mode="r", allow_pickle=False)}
+        npz = np.load(path, allow_pickle=False)
+        arrays = {k: npz[k] for k in npz.files}  # zip members cannot be memory-mapped: read one by one, whole
+        lengths = {len(a) if a.ndim else 0 for a in arrays.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"{path}: the arrays have different numbers of rows")
+        return arrays
+
+    def _count(self) -> int | None:
+        if self.format == "parquet":
+            return sum(pq.ParquetFile(p).metadata.num_rows for p in self.files)
+        if self.format == "npy":
+            return sum(len(np.load(p, mmap_mode="r", allow_pickle=False)) for p in self.files)
+        return None
+
+    def fraction(self) -> float | None:
+        return min(1.0, self.bytes_done / self.bytes_total) if self.bytes_total else None
+
+    def pieces(self, wanted: Sequence[str]) -> Iterator[Piece]:
+        done = 0
+        for path in self.files:
+            columns, _ = self._schema(path) if path != self.files[0] else (self.columns, None)
+            missing = [c for c in wanted if c not in columns]
+            if missing:
+                raise ValueError(f"{path} has no column {', '.join(map(repr, missing))}")
+            yield from getattr(self, f"_read_{self.format}")(path, list(wanted))
+            done += path.stat().st_size
+            self.bytes_done = done
+
+    def _read_csv(self, path: Path, wanted: list[str]) -> Iterator[Piece]:
+        # every column as text: a bad value later in the file costs its row, not the run (inferred types would fail)
+        convert = pacsv.ConvertOptions(column_types=dict.fromkeys(self.columns, pa.string()),
+                                       include_columns=wanted, strings_can_be_null=False)
+        with path.open("rb") as raw:
+            counted = _Counting(raw, lambda n: setattr(self, "bytes_done", self.bytes_done + n))
+            reader = pacsv.open_csv(counted, convert_options=convert)
+            for batch in reader:
+                for start in range(0, batch.num_rows, self.piece_rows):
+                    part = batch.slice(start, self.piece_rows)
+                    yield Piece({c: part.column(c) for c in wanted}, part.num_rows)
+
+    def _read_parquet(self, path: Path, wanted: list[str]) -> Iterator[Piece]:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=self.piece_rows, columns=wanted):
+            yield Piece({c: batch.column(c) for c in wanted}, batch.num_rows)
+
+    def _read_jsonl(self, path: Path, wanted: list[str]) -> Iterator[Piece]:
+        with path.open("rb") as f:
+            while True:
+                cols: dict[str, list[Any]] = {c: [] for c in wanted}
+                bad: dict[int, str] = {}
+                n = 0
+                for line in f:
+                    self.bytes_done += len(line)
+                    if not line.strip():
+                        continue
+                    try:
+                        row = orjson.loads(line)
+                        if not isinstance(row, dict):
+                            raise ValueError("not a JSON object")
+                    except ValueError as exc:
+                        bad[n] = f"malformed JSON line: {str(exc).splitlines()[0][:80]}"
+                        row = {}
+                    for c in wanted:
+                        cols[c].append(row.get(c))
+                    n += 1
+                    if n == self.piece_rows:
+                        break
+                if n == 0:
+                    return
+                yield Piece(cols, n, bad)
+
+    def _read_npy(self, path: Path, wanted: list[str]) -> Iterator[Piece]:
+        arrays = self._arrays(path)
+        total = len(next(iter(arrays.values())))
+        for start in range(0, total, self.piece_rows):
+            yield Piece({c: np.asarray(arrays[c][start:start + self.piece_rows]) for c in wanted},
+                        min(self.piece_rows, total - start))
+
+    _read_npz = _read_npy
+
+
+def _numeric(t: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(t) or pa.types.is_floating(t))
+
+
+class _Counting:
+    """A file object that reports the bytes pyarrow reads from it (for the progress bar's ETA)."""
+
+    def __init__(self, raw: IO[bytes], add: Callable[[int], None]) -> None:
+        self.raw, self.add, self.closed = raw, add, False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.add(len(data))
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[IO[bytes]]:
+    """A temp file beside ``path`` that becomes ``path`` (fsynced, renamed, folder fsynced) only when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def row_shapes(schema: pa.Schema) -> dict[str, tuple[int, ...]]:
+    """Each output's shape per row, kept in the part files' schema metadata (lists there are flattened)."""
+    meta = schema.metadata or {}
+    return {f.name: tuple(orjson.loads(meta.get(f.name.encode(), b"[]"))) for f in schema}
+
+
+def write_output(path: Path, fmt: str, batches: Callable[[], Iterator[pa.RecordBatch]], schema: pa.Schema,
+                 rows: int) -> None:
+    """Write the scored rows (an id column then each output; ``batches`` may be iterated more than once)."""
+    shapes = row_shapes(schema)
+    with atomic_output(path) as f:
+        if fmt == "parquet":
+            with pq.ParquetWriter(f, schema.remove_metadata()) as w:
+                for b in batches():
+                    w.write_batch(b)
+        elif fmt == "csv":
+            writer: pacsv.CSVWriter | None = None
+            for b in batches():
+                flat = _flatten(b, shapes)
+                writer = writer or pacsv.CSVWriter(f, flat.schema)
+                writer.write_batch(flat)
+            if writer is None:
+                writer = pacsv.CSVWriter(f, _flatten(pa.RecordBatch.from_pylist([], schema=schema), shapes).schema)
+            writer.close()
+        elif fmt == "jsonl":
+            for b in batches():
+                cols = [(name, _numpy(b.column(name), shapes[name])) for name in b.schema.names]
+                f.write(b"".join(orjson.dumps({k: v[i] for k, v in cols}, option=orjson.OPT_SERIALIZE_NUMPY
+                                              | orjson.OPT_APPEND_NEWLINE) for i in range(b.num_rows)))
+        else:
+            names = schema.names[1:] if fmt == "npy" else schema.names
+            if fmt == "npy" and len(names) != 1:
+                raise ValueError(f"a .npy output holds one array but the model has {len(names)} outputs: use .npz")
+            if fmt == "npy":
+                _stream_npy(f, names[0], batches, shapes, rows)
+            else:
+                with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+                    for name in names:
+                        with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                            _stream_npy(member, name, batches, shapes, rows)
+
+
+def _numpy(col: pa.Array, shape: tuple[int, ...]) -> Any:
+    if pa.types.is_fixed_size_list(col.type):
+        return col.flatten().to_numpy(zero_copy_only=False).reshape((len(col), *shape))
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return col.to_pylist()
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _flatten(b: pa.RecordBatch, shapes: dict[str, tuple[int, ...]]) -> pa.RecordBatch:
+    """CSV has no lists: an output of shape [K] per row becomes columns name_0 .. name_{K-1} (name_i_j for more)."""
+    arrays, names = [], []
+    for name in b.schema.names:
+        col, shape = b.column(name), shapes[name]
+        if not pa.types.is_fixed_size_list(col.type):
+            arrays.append(col)
+            names.append(name)
+            continue
+        values = col.flatten()
+        width = int(np.prod(shape))
+        for k, index in enumerate(np.ndindex(*shape)):
+            arrays.append(_every(values, k, width))
+            names.append("_".join([name, *map(str, index)]))
+    return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def _every(values: pa.Array, start: int, step: int) -> pa.Array:
+    return pa.array(values.to_numpy(zero_copy_only=False)[start::step])
+
+
+def _stream_npy(f: IO[bytes], name: str, batches: Callable[[], Iterator[pa.RecordBatch]],
+                shapes: dict[str, tuple[int, ...]], rows: int) -> None:
+    """One array written without holding it: the header (its shape is known from the journal), then each batch."""
+    first = next((b for b in batches() if b.num_rows), None)
+    sample = _numpy(first.column(name), shapes[name]) if first is not None else np.zeros((0, *shapes[name]), "f4")
+    if isinstance(sample, list):  # string ids: fixed-width unicode of the longest
+        width = max((len(str(s)) for b in batches() for s in b.column(name).to_pylist()), default=1)
+        dtype = np.dtype(f"<U{width}")
+    else:
+        dtype = sample.dtype
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, *shapes[name])}
+    np.lib.format.write_array_header_2_0(f, header)
+    for b in batches():
+        f.write(np.ascontiguousarray(np.asarray(_numpy(b.column(name), shapes[name]), dtype=dtype)).tobytes())

@@ -1,0 +1,237 @@
+"""`inferd batch`: every format scores equal to in-process ONNX Runtime, mappings, ids, rejects and exit statuses.
+
+The command runs in process through ``daemon.cli.main`` (the same argv a shell gives); test_batch_resume.py runs it
+as a subprocess and kills it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import orjson
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from conftest import KeySet, Site, SklearnModel, pack_model
+
+from daemon import cli
+
+
+def _artifact(tmp_path: Path, keyset: KeySet, model: bytes, name: str = "mlp") -> Path:
+    path = tmp_path / f"{name}.inferd"
+    path.write_bytes(pack_model(keyset, model, name=name))
+    return path
+
+
+def _batch(artifact: Path, keyset: KeySet, *args: str) -> int:
+    return cli.main(["batch", str(artifact), "--kek", str(keyset.kek_path), "--signer", str(keyset.public_path),
+                     *args])
+
+
+def _ort(model: bytes, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inputs)))
+
+
+def _features(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
+
+
+def _write_input(path: Path, x: np.ndarray, names: list[str]) -> None:
+    """``x`` [n, F] as the file ``path``'s suffix says: columns ``names`` (npy: one array; npz: one per name)."""
+    suffix = path.suffix
+    if suffix == ".csv":
+        lines = [",".join(names)] + [",".join(repr(float(v)) for v in row) for row in x]
+        path.write_text("\n".join(lines) + "\n")
+    elif suffix == ".jsonl":
+        path.write_bytes(b"".join(orjson.dumps(dict(zip(names, map(float, row)))) + b"\n" for row in x))
+    elif suffix == ".parquet":
+        pq.write_table(pa.table({n: x[:, i] for i, n in enumerate(names)}), path, row_group_size=37)
+    elif suffix == ".npy":
+        np.save(path, x)
+    else:
+        np.savez(path, **{n: x[:, i] for i, n in enumerate(names)})
+
+
+def _read_output(path: Path) -> dict[str, np.ndarray]:
+    """Columns of an output file as arrays; CSV's flattened name_i columns stay flat."""
+    suffix = path.suffix
+    if suffix == ".csv":
+        table = pacsv.read_csv(path)
+        return {n: table.column(n).to_numpy() for n in table.column_names}
+    if suffix == ".parquet":
+        table = pq.read_table(path)
+        return {n: np.array(table.column(n).to_pylist()) for n in table.column_names}
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return {k: np.array([r[k] for r in rows]) for k in rows[0]} if rows else {}
+    if suffix == ".npy":
+        return {"output": np.load(path)}
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _output_matrix(cols: dict[str, np.ndarray], name: str, width: int) -> np.ndarray:
+    if name in cols:
+        return cols[name].astype(np.float32)
+    return np.stack([cols[f"{name}_{k}"] for k in range(width)], axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", [".csv", ".jsonl", ".parquet", ".npy", ".npz"])
+def test_every_format_scores_equal_to_onnx_runtime(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes,
+                                                   fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    x = _features(250)
+    src = tmp_path / f"rows{fmt}"
+    _write_input(src, x, ["a", "b", "c", "d"])
+    out = tmp_path / "out" / f"scores{fmt}"
+    art = _artifact(tmp_path, keyset, mlp_onnx)
+    assert _batch(art, keyset, "--input", str(src), "--output", str(out), "--chunk-rows", "64") == 0
+    assert "scored 250 rows" in capsys.readouterr().out
+    want = _ort(mlp_onnx, input=x)["output"]
+    cols = _read_output(out)
+    np.testing.assert_array_equal(_output_matrix(cols, "output", 3), want)
+    if fmt != ".npy":  # the .npy output is one array; the others carry the row numbers
+        np.testing.assert_array_equal(cols["row"], np.arange(250))
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name], "no work folder, rejects or temp file left"
+
+
+@pytest.mark.parametrize("fmt", [".csv", ".parquet"])
+def test_a_folder_of_files_is_read_in_name_order_with_rows_numbered_across_files(
+        tmp_path: Path, keyset: KeySet, mlp_onnx: bytes, fmt: str) -> None:
+    x = _features(90)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k, part in enumerate((x[:40], x[40:41], x[41:])):
+        _write_input(folder / f"part-{k}{fmt}", part, ["a", "b", "c", "d"])
+    (folder / "_SUCCESS").write_text("")
+    out = tmp_path / "scores.jsonl"
+    assert _batch(_artifact(tmp_path, keyset, mlp_onnx), keyset, "--input", str(folder), "--output", str(out),
+                  "--chunk-rows", "25") == 0
+    cols = _read_output(out)
+    np.testing.assert_array_equal(cols["row"], np.arange(90))
+    np.testing.assert_array_equal(cols["output"].astype(np.float32), _ort(mlp_onnx, input=x)["output"])
+
+
+def test_a_real_classifier_with_a_column_mapping_and_ids_kept(tmp_path: Path, keyset: KeySet,
+                                                               sklearn_model: SklearnModel) -> None:
+    """Breast-cancer features with an id and the label beside them: the label is numeric too, so the default rule
+    (every numeric column but the id) finds 31 columns for 30 features and says to use --map."""
+    x = sklearn_model.x_test
+    ids = [f"inv-{i:04d}" for i in range(len(x))]
+    names = [f"f{i}" for i in range(30)]
+    table = pa.table({"invoice": ids, **{n: x[:, i] for i, n in enumerate(names)}, "y": sklearn_model.y_test})
+    src = tmp_path / "cancer.parquet"
+    pq.write_table(table, src)
+    art = _artifact(tmp_path, keyset, sklearn_model.onnx, name="cancer")
+    out = tmp_path / "scored.parquet"
+    common = ["--input", str(src), "--output", str(out), "--id-column", "invoice", "--chunk-rows", "50"]
+    assert _batch(art, keyset, *common) == 1
+    assert not out.exists()
+    assert _batch(art, keyset, *common, "--map", ",".join(names) + "=X") == 0
+    got = pq.read_table(out)
+    assert got.column_names == ["invoice", "label", "probabilities"]
+    assert got.column("invoice").to_pylist() == ids
+    want = _ort(sklearn_model.onnx, X=x)
+    np.testing.assert_array_equal(got.column("label").to_numpy(), want["label"])
+    np.testing.assert_array_equal(np.array(got.column("probabilities").to_pylist(), np.float32), want["probabilities"])
+    np.testing.assert_array_equal(got.column("label").to_numpy(), sklearn_model.sklearn_pred)
+
+
+def test_a_column_named_as_the_input_holds_whole_rows(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    """JSON lines whose "input" is a list of 4 numbers, beside a text column the rule ignores."""
+    x = _features(30)
+    src = tmp_path / "rows.jsonl"
+    src.write_bytes(b"".join(orjson.dumps({"id": i * 7, "note": "x", "input": [float(v) for v in row]}) + b"\n"
+                             for i, row in enumerate(x)))
+    out = tmp_path / "scores.csv"
+    assert _batch(_artifact(tmp_path, keyset, mlp_onnx), keyset, "--input", str(src), "--output", str(out),
+                  "--id-column", "id") == 0
+    cols = _read_output(out)
+    assert list(cols) == ["id", "output_0", "output_1", "output_2"]
+    np.testing.assert_array_equal(cols["id"], np.arange(30) * 7)
+    np.testing.assert_array_equal(_output_matrix(cols, "output", 3), _ort(mlp_onnx, input=x)["output"])
+
+
+def test_bad_rows_go_to_the_rejects_file_with_their_reason_and_exit_status_3(
+        tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    x = _features(12)
+    lines = ["key,a,b,c,d"] + [f"k{i}," + ",".join(repr(float(v)) for v in row) for i, row in enumerate(x)]
+    lines[3] = "k2,abc,1,2,3"
+    lines[5] = "k4,1,,2,3"
+    lines[8] = "k7,1,2,nan,3"
+    src = tmp_path / "rows.csv"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "scores.jsonl"
+    rejects = tmp_path / "bad.jsonl"
+    art = _artifact(tmp_path, keyset, mlp_onnx)
+    assert _batch(art, keyset, "--input", str(src), "--output", str(out), "--id-column", "key", "--rejects",
+                  str(rejects), "--chunk-rows", "5") == 3
+    bad = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [b["key"] for b in bad] == ["k2", "k4", "k7"]
+    assert "'abc' is not a number" in bad[0]["reason"] and "'a'" in bad[0]["reason"]
+    assert "missing value" in bad[1]["reason"] and "'b'" in bad[1]["reason"]
+    assert "nan is not allowed" in bad[2]["reason"]
+    cols = _read_output(out)
+    keep = [i for i in range(12) if i not in (2, 4, 7)]
+    assert list(cols["key"]) == [f"k{i}" for i in keep]
+    np.testing.assert_array_equal(cols["output"].astype(np.float32), _ort(mlp_onnx, input=x[keep])["output"])
+    # --allow-nan scores the NaN row; a clean rerun removes the stale rejects file
+    assert _batch(art, keyset, "--input", str(src), "--output", str(out), "--id-column", "key", "--rejects",
+                  str(rejects), "--allow-nan") == 3
+    assert [json.loads(line)["key"] for line in rejects.read_text().splitlines()] == ["k2", "k4"]
+    good = tmp_path / "good.csv"
+    good.write_text("\n".join(lines[:3]) + "\n")
+    assert _batch(art, keyset, "--input", str(good), "--output", str(out), "--rejects", str(rejects),
+                  "--id-column", "key") == 0
+    assert not rejects.exists()
+
+
+def test_malformed_json_lines_and_wrong_types_are_rejected(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    src = tmp_path / "rows.jsonl"
+    src.write_text('{"input": [1, 2, 3, 4]}\n{"input": [1, 2\n{"input": [1, 2, 3]}\n{"input": true}\n'
+                   '{"input": [1, 2, 3, "x"]}\n\n{"input": [4, 3, 2, 1]}\n')
+    out = tmp_path / "scores.npz"
+    assert _batch(_artifact(tmp_path, keyset, mlp_onnx), keyset, "--input", str(src), "--output", str(out)) == 3
+    bad = [json.loads(line) for line in (tmp_path / "scores.npz.rejects.jsonl").read_text().splitlines()]
+    assert [b["row"] for b in bad] == [1, 2, 3, 4]
+    assert bad[0]["reason"].startswith("malformed JSON line")
+    assert "shape [3]" in bad[1]["reason"]
+    assert "boolean" in bad[2]["reason"]
+    assert "'input'" in bad[3]["reason"]
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z["row"], [0, 5])
+        x = np.array([[1, 2, 3, 4], [4, 3, 2, 1]], np.float32)
+        np.testing.assert_array_equal(z["output"], _ort(mlp_onnx, input=x)["output"])
+
+
+def test_a_model_of_the_store_by_name_with_the_config_keys(tmp_path: Path, site: Site, mlp_onnx: bytes) -> None:
+    site.install(pack_model(site.keyset, mlp_onnx, version="3"))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    config = site.write_config()
+    x = _features(20)
+    src = tmp_path / "x.npy"
+    np.save(src, x)
+    out = tmp_path / "y.npy"
+    assert cli.main(["batch", "mlp", "--config", str(config), "--input", str(src), "--output", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), _ort(mlp_onnx, input=x)["output"])
+
+
+def test_errors_exit_1_with_a_precise_message(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    art = _artifact(tmp_path, keyset, mlp_onnx)
+    src = tmp_path / "rows.csv"
+    src.write_text("a,b,c\n1,2,3\n")
+    out = tmp_path / "o.csv"
+    assert _batch(art, keyset, "--input", str(src), "--output", str(out)) == 1
+    assert "takes 4 value(s) per row but 3 column(s)" in capsys.readouterr().err
+    assert _batch(art, keyset, "--input", str(src), "--output", str(tmp_path / "o.xlsx")) == 1
+    assert "unknown format '.xlsx'" in capsys.readouterr().err
+    assert _batch(art, keyset, "--input", str(src), "--output", str(out), "--map", "a,b,c,zz=input") == 1
+    assert "no column 'zz'" in capsys.readouterr().err
+    assert cli.main(["batch", "mlp", "--kek", str(keyset.kek_path), "--input", str(src), "--output", str(out)]) == 1
+    assert "give --config" in capsys.readouterr().err
+    assert not out.exists()
