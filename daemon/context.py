@@ -21,31 +21,36 @@ class Activity:
     message arrival (a burst's later messages count before their tasks start), HTTP when the handler starts.
     """
 
-    __slots__ = ("in_progress", "_idle")
+    __slots__ = ("in_progress", "_waiters")
 
     def __init__(self) -> None:
         self.in_progress = 0
-        self._idle: asyncio.Event | None = None
+        self._waiters: list[asyncio.Future[None]] = []
 
     def enter(self) -> None:
         self.in_progress += 1
 
     def leave(self) -> None:
         self.in_progress -= 1
-        if self.in_progress == 0 and self._idle is not None:
-            self._idle.set()
+        if self.in_progress == 0 and self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def wait_idle(self, timeout: float) -> bool:
-        """True when nothing is in progress within ``timeout`` seconds."""
+        """True when nothing is in progress within ``timeout`` seconds (any number of waiters)."""
         if self.in_progress == 0:
             return True
-        self._idle = asyncio.Event()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
             return False
         finally:
-            self._idle = None
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
         return True
 
 

@@ -199,11 +199,10 @@ def _name_version(params: list[str]) -> tuple[str, str | None]:
 async def model_metadata(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
     name, version = _name_version(params)
     loaded = api.manager.lookup(name, version)
-    entry = api.manager.entry(name)
     return json_response(
         {
             "name": name,
-            "versions": list(entry.versions),
+            "versions": api.manager.serving(name),
             "platform": loaded.platform,
             "inputs": protocol.tensor_metadata(loaded.session.inputs),
             "outputs": protocol.tensor_metadata(loaded.session.outputs),
@@ -250,6 +249,8 @@ async def infer(api: HttpApi, request: web.BaseRequest, params: list[str]) -> we
     loaded = service.admit(api.manager, name, version, ctx)
     header_length = _header_length(request)
     body = await request.read()
+    if loaded.state != "ready":  # a swap retired the version while the body arrived: its successor answers
+        loaded = service.admit(api.manager, name, version, ctx)
     async with service.call(loaded, ctx) as call:
         decoded = protocol.decode_body(body, header_length, loaded.session.inputs, loaded.session.outputs, api.limits)
         results = await call.run(decoded)

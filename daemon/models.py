@@ -1,8 +1,10 @@
 """Loaded model versions: load beside the active one, switch atomically, retire gracefully, route requests.
 
 A model points at its active version; other versions may be loaded beside it (staged: addressable explicitly, not
-routed by default). Each :class:`LoadedVersion` has its own scheduler and state (``ready``, later ``probation``,
-``draining``, ``retired``). Switching is one assignment on the event loop: a request holds the version it was routed
+routed by default). Each :class:`LoadedVersion` has its own scheduler and state: ``ready`` (routable), later
+``probation``, ``draining`` (being retired: routing skips it, its accepted work finishes, its counters are still
+exported), ``retired``. A version that fails to load never becomes a LoadedVersion: its error is kept in the
+entry's ``failures``. Switching is one assignment on the event loop: a request holds the version it was routed
 to, so in-flight work finishes where it started. Retiring drains the version's scheduler (what was accepted finishes,
 what is new is refused) and then closes its session. Decryption, runtime loading and warm-up are blocking, so they
 run in an executor. Every failure is a typed error (:mod:`daemon.errors`) an updater can act on.
@@ -100,6 +102,7 @@ class ModelManager:
         #: called on the event loop with each model event (activated, load_failed, retired); MQTT publishes them
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._auto_threads = max(1, self._cpus // max(1, sum(m.workers for m in config.models)))
+        self._loading: dict[tuple[str, str], asyncio.Future[LoadedVersion]] = {}
 
     # -- the version lifecycle --------------------------------------------------------------------------------
 
@@ -134,8 +137,26 @@ class ModelManager:
         InferdError (SmokeTestFailed, ArtifactMismatch, IntegrityError, KeyProblem, LoadFailed...), after recording it
         in the entry's ``failures``; the model's active version is untouched either way."""
         entry = self.entry(name)
-        if version in entry.versions:
+        if version in entry.versions and entry.versions[version].state == "ready":
             return entry.versions[version]
+        pending = self._loading.get((name, version))
+        if pending is not None:  # a second caller for the same version waits for the first load, never builds twice
+            return await asyncio.shield(pending)
+        future: asyncio.Future[LoadedVersion] = asyncio.get_running_loop().create_future()
+        self._loading[(name, version)] = future
+        try:
+            loaded = await self._load(entry, name, version)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: a load nobody else waited for must not warn at garbage collection
+            raise
+        else:
+            future.set_result(loaded)
+            return loaded
+        finally:
+            del self._loading[(name, version)]
+
+    async def _load(self, entry: ModelEntry, name: str, version: str) -> LoadedVersion:
         try:
             loaded = await asyncio.get_running_loop().run_in_executor(None, self._build, entry.config, version)
         except Exception as exc:
@@ -161,7 +182,7 @@ class ModelManager:
         without a version. Returns the version it replaced (still loaded: retire it when it should go)."""
         entry = self.entry(name)
         loaded = entry.versions.get(version)
-        if loaded is None:
+        if loaded is None or loaded.state != "ready":
             raise VersionNotFound(f"version {version!r} of model {name!r} is not loaded")
         previous, entry.active = entry.active, loaded
         entry.status, entry.reason = "ready", None
@@ -179,11 +200,13 @@ class ModelManager:
             raise VersionNotFound(f"version {version!r} of model {name!r} is not loaded")
         if loaded is entry.active:
             raise InferdError(f"version {version} of model {name!r} is active: activate another before retiring it")
-        del entry.versions[version]
-        loaded.state = "draining"
+        if loaded.state != "ready":
+            raise VersionNotFound(f"version {version!r} of model {name!r} is already being retired")
+        loaded.state = "draining"  # routing skips it from now on; its stats stay exported until it is gone
         await loaded.scheduler.drain(timeout)
         await asyncio.get_running_loop().run_in_executor(None, loaded.session.close)
         loaded.state = "retired"
+        del entry.versions[version]
         self._emit("retired", name, version, None)
         log.info("model %s version %s retired", name, version,
                  extra={"event_kind": "retired", "model": name, "version": version})
@@ -283,11 +306,15 @@ class ModelManager:
         if version is None:
             return entry.active
         loaded = entry.versions.get(version)
-        if loaded is None:
+        if loaded is None or loaded.state != "ready":  # a version being retired takes no new requests
             raise VersionNotFound(
-                f"version {version!r} of model {name!r} is not loaded (loaded: {', '.join(entry.versions)})"
+                f"version {version!r} of model {name!r} is not loaded (loaded: {', '.join(self.serving(name))})"
             )
         return loaded
+
+    def serving(self, name: str) -> list[str]:
+        """The versions a request may name: loaded and not being retired."""
+        return [v for v, loaded in self.entry(name).versions.items() if loaded.state == "ready"]
 
     @property
     def ready(self) -> bool:

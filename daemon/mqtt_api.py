@@ -185,8 +185,11 @@ class MqttFrontend:
         task.add_done_callback(functools.partial(self._task_done, req))
 
     def _task_done(self, req: Incoming, task: asyncio.Future[None]) -> None:
+        """Every accepted message ends here, even a task cancelled before its first step (stop(0) after a crash)."""
         self._tasks.discard(task)
         self._answered(req)
+        if req.qos == 0:
+            self._qos0 -= 1
 
     def _answered(self, req: Incoming) -> None:
         """No longer in progress: once its answer is computed (a sequential requester may send the next before the
@@ -203,8 +206,6 @@ class MqttFrontend:
             log.exception("mqtt request on %s failed", req.topic)
         finally:
             self.state.in_progress -= 1
-            if req.qos == 0:
-                self._qos0 -= 1
 
     async def _answer(self, req: Incoming) -> None:
         # Where the answer goes is settled first: a request nobody can be answered on never reaches a model (it would

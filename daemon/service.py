@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from daemon.context import RequestContext
-from daemon.errors import Busy, InferdError, InvalidInput
+from daemon.errors import Busy, InferdError, InvalidInput, NotReady
 from daemon.models import LoadedVersion, ModelManager
 from daemon.protocol import InferRequest
 
@@ -40,9 +40,16 @@ def admit(manager: ModelManager, model: str, version: str | None, ctx: RequestCo
 async def admit_waiting(manager: ModelManager, model: str, version: str | None, ctx: RequestContext) -> LoadedVersion:
     """Like :func:`admit`, but wait for queue room instead of refusing: for transports that can hold the sender
     back (MQTT, whose unacknowledged messages stop the broker at Receive Maximum)."""
-    loaded = manager.pick(model, version, ctx)
-    await loaded.scheduler.wait_for_room()
-    return loaded
+    while True:
+        loaded = manager.pick(model, version, ctx)
+        try:
+            await loaded.scheduler.wait_for_room()
+        except NotReady:
+            if loaded.state == "ready":
+                raise
+            continue  # a swap retired it while we waited: wait on the version that serves now
+        if loaded.state == "ready":
+            return loaded
 
 
 class Call:

@@ -56,6 +56,8 @@ class Supervisor:
                     await frontend.stop(0.0)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not cryptography
                 delay = min(delay * 2, RESTART_MAX_S)
+                if self._closing:  # shutdown began while we waited: a frontend being stopped is never restarted
+                    return
                 try:
                     await frontend.start()
                 except Exception:

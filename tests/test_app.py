@@ -86,7 +86,7 @@ def test_the_daemon_in_process_serves_reports_readiness_and_drains(site: Site, m
     site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}, {"name": "absent", "runtime": "onnxruntime"}]
     daemon = Daemon(load_config(site.write_config()))
 
-    async def scenario() -> tuple[Any, Any, Any]:
+    async def scenario() -> tuple[Any, Any, Any, Any]:
         task = asyncio.create_task(daemon.run())
         while not daemon.frontends or daemon.manager is None or daemon.manager.entries["mlp"].status != "ready":
             if task.done():
@@ -115,3 +115,45 @@ def test_the_daemon_in_process_serves_reports_readiness_and_drains(site: Site, m
                                mlp_reference(np.ones((2, 4), np.float32)), rtol=1e-5, atol=1e-6)
     assert ready.status == 503 and "absent: failed" in ready.json()["error"]
     assert status == "unloaded"  # shut down: models released
+
+
+def test_a_swap_while_a_request_body_arrives_loses_nothing(site: Site, mlp_onnx: bytes) -> None:
+    """HTTP routes a request before it reads the body: a version retired meanwhile hands it to its successor."""
+    import json
+
+    site.install(pack_model(site.keyset, mlp_onnx, name="mlp", version="1"))
+    site.install(pack_model(site.keyset, mlp_onnx, name="mlp", version="2"), activate=False)
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    daemon = Daemon(load_config(site.write_config()))
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+                                   "data": [1.0, 2.0, 3.0, 4.0]}]}).encode()
+
+    async def scenario() -> tuple[bytes, str]:
+        task = asyncio.create_task(daemon.run())
+        while daemon.manager is None or daemon.manager.entries["mlp"].status != "ready":
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        port = daemon.frontends[0].port  # type: ignore[attr-defined]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        await writer.drain()
+        while daemon.activity.in_progress == 0:  # routed to version 1, now waiting for the rest of its body
+            await asyncio.sleep(0.001)
+        await daemon.manager.swap("mlp", "2")
+        writer.write(body[10:])
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        answer = await reader.readexactly(length)
+        writer.close()
+        await writer.wait_closed()
+        version = json.loads(answer).get("model_version", "")
+        daemon.request_stop("test")
+        await asyncio.wait_for(task, 30)
+        return head, version
+
+    head, version = asyncio.run(scenario())
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert version == "2"

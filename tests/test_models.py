@@ -198,3 +198,37 @@ def test_service_counts_one_outcome_per_request(site: Site) -> None:
 async def _cancelled_call(loaded: Any, ctx: RequestContext) -> None:
     async with service.call(loaded, ctx):
         await asyncio.get_running_loop().create_future()  # never resolves
+
+
+def test_two_loads_of_one_version_build_it_once(site: Site) -> None:
+    install_versions(site, "1", "2")
+    manager = manager_for(site)
+
+    async def scenario(manager: ModelManager) -> None:
+        a, b = await asyncio.gather(manager.load_version("mlp", "2"), manager.load_version("mlp", "2"))
+        assert a is b and manager.entry("mlp").versions["2"] is a
+
+    run(scenario, manager)
+
+
+def test_a_version_being_retired_is_not_routed_but_still_counted(site: Site) -> None:
+    install_versions(site, "1", "2")
+    manager = manager_for(site)
+
+    async def scenario(manager: ModelManager) -> None:
+        await manager.load_version("mlp", "2")
+        old = manager.activate("mlp", "2")
+        assert old is not None
+        ctx = RequestContext("test", Activity())
+        retiring = asyncio.ensure_future(manager.retire("mlp", "1"))
+        await asyncio.sleep(0)  # retire has begun: the version drains
+        assert old.state in ("draining", "retired")
+        with pytest.raises(VersionNotFound):
+            manager.pick("mlp", "1", ctx)
+        assert manager.serving("mlp") == ["2"]
+        if old.state == "draining":  # its counters stay exported until it is gone
+            assert old.stats in manager.all_stats()
+        await retiring
+        assert old.state == "retired" and old.stats not in manager.all_stats()
+
+    run(scenario, manager)

@@ -329,3 +329,23 @@ def test_a_long_sequence_is_not_judged_by_short_ones() -> None:
     assert np.array_equal(y, np.zeros((1, 4096), np.float32))
     # short ones: measured on a worker, then on the loop; the first long one is a new class, measured on a worker
     assert where == ["worker", "loop", "loop", "loop", "worker"]
+
+
+def test_the_lone_client_rule_reads_the_daemon_wide_activity(mlp_onnx: bytes) -> None:
+    """Same peer twice in a row, but another request in progress somewhere in the daemon: not a lone client."""
+    from daemon.context import Activity, RequestContext
+
+    async def scenario(sched: Scheduler) -> None:
+        activity = Activity()
+        ctx = RequestContext("test", activity, peer="client-a")
+        activity.enter()
+        for _ in range(3):  # alone: measured on a worker, then inline
+            await sched.submit({"input": np.zeros((1, 4), np.float32)}, ctx=ctx)
+        activity.enter()  # another frontend's request is in progress now
+        for _ in range(3):
+            await sched.submit({"input": np.zeros((1, 4), np.float32)}, ctx=ctx)
+
+    _, stats, where = asyncio.run(
+        _run_recorded(mlp_onnx, BatchPolicy(max_batch_size=8, inline_max_s=0.05), 1, scenario))
+    assert where == ["worker", "loop", "loop", "worker", "worker", "worker"]
+    assert stats.inline_runs == 2
