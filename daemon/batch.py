@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_ERROR, EXIT_REJECTED = 0, 1, 3
 JOURNAL = "journal.json"
+_CHUNK_FILE = re.compile(r"^\.?(?:part|rejects)-(\d{8})\.")
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
@@ -146,9 +148,13 @@ class _Run:
             if changed:
                 raise ValueError(f"--resume: the run in {self.work} was started with another {', '.join(changed)}; "
                                  "rerun with the same model, input and options, or delete the folder")
-            for leftover in self.work.glob("*-*.*"):  # written after the last commit: redone now
-                if int(leftover.name.split("-")[1].split(".")[0]) >= journal["chunks"]:
+            for leftover in self.work.iterdir():  # written after the last commit: redone now
+                chunk = _CHUNK_FILE.match(leftover.name)
+                stale = chunk is None or int(chunk[1]) >= journal["chunks"] or leftover.name.endswith(".tmp")
+                if stale and leftover.name != JOURNAL:
                     leftover.unlink()
+            for temp in self.output.parent.glob(f".{self.output.name}.*.tmp"):  # a final write cut short
+                temp.unlink()
             return dict(journal)
         self.work.mkdir(parents=True, exist_ok=True)
         return {"format": 1, "identity": self.identity, "chunks": 0, "scored": 0, "rejected": 0}
@@ -174,6 +180,7 @@ class _Run:
 
     def _run(self) -> int:
         journal = self._start()
+        resumed_at = journal["chunks"]
         progress = _Progress(self.source, journal["chunks"] * self.args.chunk_rows)
         for chunk in self._chunks(journal["chunks"] * self.args.chunk_rows):
             scored, rejected = self._commit_chunk(journal["chunks"], chunk)
@@ -186,6 +193,7 @@ class _Run:
         shutil.rmtree(self.work)
         self.output.with_name(f".{self.output.name}.lock").unlink(missing_ok=True)
         note = f", {journal['rejected']:,} rejected (see {self.rejects})" if journal["rejected"] else ""
+        note += f", resumed after chunk {resumed_at}" if resumed_at else ""
         print(f"{self.label}: scored {journal['scored']:,} rows{note} in {progress.elapsed():.2f}s "
               f"({progress.rate():,.0f} rows/s) into {self.output}")
         return EXIT_REJECTED if journal["rejected"] else EXIT_OK

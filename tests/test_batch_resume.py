@@ -1,0 +1,104 @@
+"""`inferd batch` as a real subprocess, killed mid-run (SIGKILL, then Ctrl-C) and resumed: the output is exactly an
+uninterrupted run's, no row missing or twice, no half-written output, and no plaintext model on disk anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+from conftest import REPO, KeySet, pack_model
+
+ROWS, CHUNK = 400_000, 500
+
+
+def _command(art: Path, keyset: KeySet, src: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "daemon", "batch", str(art), "--kek", str(keyset.kek_path), "--signer",
+            str(keyset.public_path), "--input", str(src), "--output", str(out), "--chunk-rows", str(CHUNK),
+            "--threads", "1", *extra]
+
+
+def _committed(journal: Path) -> int:
+    try:
+        return int(json.loads(journal.read_text())["chunks"])
+    except (OSError, ValueError, KeyError):  # not written yet
+        return 0
+
+
+def _interrupt_after(cmd: list[str], env: dict[str, str], journal: Path, beyond: int, sig: int) -> int:
+    """Start the run, send ``sig`` once its journal shows more than ``beyond`` committed chunks; its exit status."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while _committed(journal) <= beyond:
+            assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.stderr.read()!r}"
+            assert time.monotonic() < deadline, "no chunk committed within 120 s"
+            time.sleep(0.002)  # polling the journal: the condition itself is what we wait for
+        proc.send_signal(sig)
+        return proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def _scan_for(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_sigkill_then_ctrl_c_then_resume_gives_exactly_the_uninterrupted_output(
+        tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    x = np.random.default_rng(7).normal(size=(ROWS, 4)).astype(np.float32)
+    src = tmp_path / "in" / "rows.csv"
+    src.parent.mkdir()
+    pacsv.write_csv(pa.table({"id": [f"r{i}" for i in range(ROWS)], **{c: x[:, k] for k, c in enumerate("abcd")}}),
+                    src)
+    art = tmp_path / "mlp.inferd"
+    art.write_bytes(pack_model(keyset, mlp_onnx))
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+
+    whole = tmp_path / "whole" / "scores.csv"
+    done = subprocess.run(_command(art, keyset, src, whole, "--id-column", "id"), cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+    out = tmp_path / "resumed" / "scores.csv"
+    journal = out.with_name(out.name + ".inferd-batch") / "journal.json"
+    cmd = _command(art, keyset, src, out, "--id-column", "id")
+    assert _interrupt_after(cmd, env, journal, 0, signal.SIGKILL) == -signal.SIGKILL
+    first = _committed(journal)
+    assert 0 < first < ROWS // CHUNK
+    assert not out.exists(), "a killed run leaves no output under the output's name"
+    needle = mlp_onnx[len(mlp_onnx) // 2: len(mlp_onnx) // 2 + 64]
+    for root in (temp, out.parent, src.parent):
+        assert _scan_for(root, needle) == [], f"plaintext model bytes under {root}"
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and "--resume" in again.stderr, "a leftover work folder is never overwritten"
+
+    assert _interrupt_after([*cmd, "--resume"], env, journal, first, signal.SIGINT) == 130
+    second = _committed(journal)
+    assert second > first and not out.exists()
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed after chunk {second}" in resumed.stdout, "it went on from the journal, not from 0"
+    assert out.read_bytes() == whole.read_bytes()
+    ids = pacsv.read_csv(out, convert_options=pacsv.ConvertOptions(include_columns=["id"])).column("id")
+    assert ids.to_pylist() == [f"r{i}" for i in range(ROWS)], "no row missing or twice"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["scores.csv"], "work folder, lock and temps removed"
+    for root in (temp, out.parent, whole.parent):
+        assert _scan_for(root, needle) == []
