@@ -15,6 +15,7 @@ from adapters.cpus import usable_cpus
 from daemon import http_api, keys, metrics, protocol, sdnotify
 from daemon.config import Config
 from daemon.context import Activity
+from daemon.errors import ConfigError
 from daemon.frontend import Frontend, Readiness
 from daemon.http_server import HttpFrontend
 from daemon.models import ModelManager
@@ -66,7 +67,10 @@ class Daemon:
         http = HttpFrontend(api, server.host, server.port, self.activity)
         grpc_frontend: Frontend | None = None
         if self.config.grpc.enabled:
-            from daemon import grpc_api  # grpcio and protobuf only when asked for
+            try:
+                from daemon import grpc_api  # grpcio and protobuf only when asked for
+            except ImportError as exc:
+                raise ConfigError(f"grpc.enabled needs the 'grpc' extra (pip install 'inferd[grpc]'): {exc}") from None
 
             grpc_frontend = grpc_api.from_config(self.config.grpc, manager, limits, readiness, self.activity)
         self.frontends = [http] + [f for f in (grpc_frontend, self.mqtt) if f is not None]

@@ -211,7 +211,10 @@ class GrpcFrontend:
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
         host = self.cfg.host
         address = f"[{host}]:{self.cfg.port}" if ":" in host else f"{host}:{self.cfg.port}"
-        self.port = server.add_insecure_port(address)
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio's only word for it; its log line above says why (address in use, ...)
+            raise OSError(f"grpc: cannot listen on {address} (address in use or not available)") from None
         await server.start()
         self._server = server
         log.info("gRPC listening on %s:%d", host, self.port, extra={"event_kind": "grpc_listening", "port": self.port})
