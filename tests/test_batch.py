@@ -235,3 +235,62 @@ def test_errors_exit_1_with_a_precise_message(tmp_path: Path, keyset: KeySet, ml
     assert cli.main(["batch", "mlp", "--kek", str(keyset.kek_path), "--input", str(src), "--output", str(out)]) == 1
     assert "give --config" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_rows_the_runtime_refuses_are_found_one_by_one_and_rejected(tmp_path: Path, keyset: KeySet) -> None:
+    """A Gather whose indices are the rows: 7 is out of the table's range, so ORT refuses the chunk; the rows are then
+    run alone and only the refused one is rejected, with the runtime's message (and 1.5 is no INT64)."""
+    from refusing_models import TABLE, gather_onnx
+
+    src = tmp_path / "idx.csv"
+    src.write_text("idx\n0\n3\n7\n1.5\n4\n")
+    out = tmp_path / "rows.parquet"
+    art = _artifact(tmp_path, keyset, gather_onnx(), name="gather")
+    assert _batch(art, keyset, "--input", str(src), "--output", str(out)) == 3
+    bad = [json.loads(line) for line in (tmp_path / "rows.parquet.rejects.jsonl").read_text().splitlines()]
+    assert [b["row"] for b in bad] == [2, 3]
+    assert bad[0]["reason"].startswith("the model refused the row: ") and "indices" in bad[0]["reason"]
+    assert "1.5 is not an integer" in bad[1]["reason"]
+    got = pq.read_table(out)
+    assert got.column("row").to_pylist() == [0, 1, 4]
+    np.testing.assert_array_equal(np.array(got.column("rows").to_pylist(), np.float32), TABLE[[0, 3, 4]])
+
+
+def test_a_terminal_gets_a_progress_bar_with_rows_per_second_and_eta(tmp_path: Path, keyset: KeySet,
+                                                                     mlp_onnx: bytes) -> None:
+    """stderr on a pseudo-terminal: the bar is drawn (a pipe gets only the summary line, as the other tests see)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    x = _features(60_000)
+    src = tmp_path / "x.parquet"
+    _write_input(src, x, ["a", "b", "c", "d"])
+    art = _artifact(tmp_path, keyset, mlp_onnx)
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "daemon", "batch", str(art), "--kek", str(keyset.kek_path), "--signer",
+             str(keyset.public_path), "--input", str(src), "--output", str(tmp_path / "y.parquet"), "--chunk-rows",
+             "100"], cwd=REPO, stderr=follower, stdout=subprocess.PIPE, text=True, timeout=120)
+        os.close(follower)
+        follower = -1
+        drawn = b""
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not data:
+                break
+            drawn += data
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0
+    assert b"rows/s" in drawn and b"ETA" in drawn and b"%" in drawn, drawn[-300:]
+    assert "scored 60,000 rows" in proc.stdout
