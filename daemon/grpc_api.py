@@ -110,12 +110,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         try:
             loaded = self.manager.lookup(request.name, _version(request.version))
-            entry = self.manager.entry(request.name)
+            versions = self.manager.serving(request.name)
         except InferdError as exc:
             await _fail(context, exc)
         tensor = service_pb2.ModelMetadataResponse.TensorMetadata
         return service_pb2.ModelMetadataResponse(
-            name=request.name, versions=list(entry.versions), platform=loaded.platform,
+            name=request.name, versions=versions, platform=loaded.platform,
             inputs=[tensor(**t) for t in tensor_metadata(loaded.session.inputs)],
             outputs=[tensor(**t) for t in tensor_metadata(loaded.session.outputs)],
         )
