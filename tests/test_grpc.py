@@ -23,6 +23,7 @@ from adapters import SessionOptions, get_runtime
 from daemon.grpc_codec import CONTENTS_FIELD
 
 MAX_MESSAGE = 1 << 20
+MAX_ELEMENTS = 1_000_000  # server.max_tensor_elements, above what MAX_MESSAGE lets through
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet, mlp_onnx: b
         {"name": "types", "runtime": "onnxruntime", "threads": 1, "max_batch_size": 0},
         {"name": "typed", "runtime": "onnxruntime", "threads": 1, "max_batch_size": 0},
     ]
-    site.extra = {"grpc": {"enabled": True, "port": 0, "max_message_bytes": MAX_MESSAGE}}
+    site.extra = {"grpc": {"enabled": True, "port": 0, "max_message_bytes": MAX_MESSAGE},
+                  "server": {"max_tensor_elements": MAX_ELEMENTS}}
     with served_daemon(site.write_config()) as daemon:
         yield daemon
 
@@ -269,7 +271,9 @@ BAD_INPUTS = [
      "input 'input': FP32 values go in contents.fp32_contents, not contents.int_contents"),
     (bad(outputs=["nope"]), grpc.StatusCode.INVALID_ARGUMENT, "unknown output 'nope'; the model's outputs are: output"),
     (bad(outputs=["output", "output"]), grpc.StatusCode.INVALID_ARGUMENT, "output 'output' is requested twice"),
-    (bad(shape=[300_000, 4], raw=b""), grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents holds 0 bytes"),
+    (bad(shape=[3, 4], raw=b""), grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents holds 0 bytes"),
+    (bad(shape=[MAX_ELEMENTS // 4 + 1, 4], raw=b""), grpc.StatusCode.RESOURCE_EXHAUSTED,
+     f"input 'input': {MAX_ELEMENTS + 4} elements exceed the limit of {MAX_ELEMENTS}"),
 ]
 
 

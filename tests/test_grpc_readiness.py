@@ -1,0 +1,62 @@
+"""Readiness over gRPC is the daemon's one decision (daemon.frontend.Readiness): a configured model that cannot serve
+makes ServerReady false and its ModelReady false, its inference UNAVAILABLE with the reason, while the other models
+serve; HTTP's readiness names the gRPC frontend. And with gRPC off, the daemon never imports grpcio."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tgrpc
+from conftest import REPO, KeySet, Site, pack_model
+from httpclient import request
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+
+def test_an_unready_model_over_grpc(site: Site, keyset: KeySet, mlp_onnx: bytes, start_daemon) -> None:
+    site.install(pack_model(keyset, mlp_onnx, name="mlp"))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1},
+                   {"name": "broken", "runtime": "onnxruntime"}]  # configured, nothing installed
+    site.extra = {"grpc": {"enabled": True, "port": 0}}
+    daemon = start_daemon(site.write_config())
+    address = f"127.0.0.1:{daemon.wait_for('grpc_listening')['port']}"
+    client = tgrpc.InferenceServerClient(address)
+    channel = grpc.insecure_channel(address)
+    try:
+        assert client.is_server_live() and not client.is_server_ready()
+        assert client.is_model_ready("mlp") and not client.is_model_ready("broken")
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        req = service_pb2.ModelInferRequest(model_name="broken")
+        req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+        req.raw_input_contents.append(np.zeros((1, 4), np.float32).tobytes())
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(req)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.value.details().startswith("model 'broken' is not ready")
+        req.model_name = "mlp"
+        assert len(stub.ModelInfer(req).raw_output_contents[0]) == 12
+    finally:
+        channel.close()
+        client.close()
+    ready = request(daemon.url + "/v2/health/ready", check=False)
+    assert ready.status == 503 and "broken" in ready.json()["error"]
+
+
+def test_the_http_readiness_body_names_the_grpc_frontend(site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                                         start_daemon) -> None:
+    site.install(pack_model(keyset, mlp_onnx, name="mlp"))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    site.extra = {"grpc": {"enabled": True, "port": 0}}
+    daemon = start_daemon(site.write_config())
+    assert request(daemon.url + "/v2/health/ready").json() == {"ready": True, "grpc": "listening"}
+
+
+def test_with_grpc_off_grpcio_is_never_imported() -> None:
+    code = ("import sys, daemon.app, daemon.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'tritonclient', 'google')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
