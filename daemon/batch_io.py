@@ -142,7 +142,8 @@ class Source:
                     yield Piece({c: part.column(c) for c in wanted}, part.num_rows)
 
     def _read_parquet(self, path: Path, wanted: list[str]) -> Iterator[Piece]:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=self.piece_rows, columns=wanted):
+        # pre_buffer (pyarrow's default) reads ahead many row groups at once: memory would follow the file's size
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=self.piece_rows, columns=wanted):
             yield Piece({c: batch.column(c) for c in wanted}, batch.num_rows)
 
     def _read_jsonl(self, path: Path, wanted: list[str]) -> Iterator[Piece]:

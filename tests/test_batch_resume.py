@@ -102,3 +102,39 @@ def test_sigkill_then_ctrl_c_then_resume_gives_exactly_the_uninterrupted_output(
     assert sorted(p.name for p in out.parent.iterdir()) == ["scores.csv"], "work folder, lock and temps removed"
     for root in (temp, out.parent, whole.parent):
         assert _scan_for(root, needle) == []
+
+
+_MEASURE = """
+import json, sys, tracemalloc
+import onnxruntime, pyarrow as pa, pyarrow.csv, pyarrow.parquet
+from daemon import batch, batch_io, batch_rows, cli
+from daemon import artifact, config, keys, store
+tracemalloc.start()  # after the imports: their code objects are no data
+rc = cli.main(sys.argv[1:])
+print(json.dumps({"rc": rc, "arrow_peak": pa.default_memory_pool().max_memory(),
+                  "python_peak": tracemalloc.get_traced_memory()[1]}))
+"""
+
+
+@pytest.mark.slow
+def test_memory_is_bounded_by_the_chunk_not_by_the_input(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    """A Parquet input of 51 MB of features scored in chunks of 20,000 rows: the Arrow pool's peak and the Python
+    heap's (numpy's arrays included) stay far below the input, as they would not if the file were read whole."""
+    import pyarrow.parquet as pq
+
+    rows = 1_600_000
+    x = np.random.default_rng(3).normal(size=(rows, 4)).astype(np.float64)
+    src = tmp_path / "big.parquet"
+    pq.write_table(pa.table({c: x[:, k] for k, c in enumerate("abcd")}), src, row_group_size=20_000)
+    art = tmp_path / "mlp.inferd"
+    art.write_bytes(pack_model(keyset, mlp_onnx))
+    out = tmp_path / "scores.npy"
+    done = subprocess.run([sys.executable, "-c", _MEASURE, *_command(art, keyset, src, out)[3:-4],
+                           "--chunk-rows", "20000", "--threads", "1"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["rc"] == 0
+    assert x.nbytes == 51_200_000
+    assert got["arrow_peak"] < 8_000_000, got
+    assert got["python_peak"] < 8_000_000, got
+    assert np.load(out, mmap_mode="r").shape == (rows, 3)
