@@ -155,6 +155,12 @@ def test_sigterm_during_a_burst_answers_every_accepted_call(site: Site, keyset: 
         burst = [stub.ModelInfer.future(slow_request(rows)) for _ in range(n)]
         wait_until(lambda: accepted(daemon) == n, 60, f"{n} calls accepted")
         daemon.proc.send_signal(signal.SIGTERM)
+        daemon.wait_for_event("draining ")
+        last_done = burst[-1].done()  # the drain has begun with work left; a new call is refused at once
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(slow_request(1), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not last_done and not burst[-1].done()  # ... while the accepted calls still run
         daemon.wait_for("stopped")  # not before every accepted call was answered
         outputs = [f.result(timeout=120) for f in burst]
         assert all(len(o.raw_output_contents[0]) == rows * N * 4 for o in outputs)

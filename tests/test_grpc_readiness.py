@@ -1,6 +1,7 @@
 """Readiness over gRPC is the daemon's one decision (daemon.frontend.Readiness): a configured model that cannot serve
 makes ServerReady false and its ModelReady false, its inference UNAVAILABLE with the reason, while the other models
-serve; HTTP's readiness names the gRPC frontend. And with gRPC off, the daemon never imports grpcio."""
+serve; HTTP's readiness names the gRPC frontend. With gRPC off, the daemon never imports grpcio; the grpc config
+section becomes grpcio's channel arguments."""
 
 from __future__ import annotations
 
@@ -60,3 +61,20 @@ def test_with_grpc_off_grpcio_is_never_imported() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_the_grpc_section_becomes_grpcio_channel_arguments() -> None:
+    from daemon.config import GrpcConfig
+    from daemon.grpc_api import server_options
+
+    options = dict(server_options(GrpcConfig(max_message_bytes=4096, keepalive_time_s=60, keepalive_timeout_s=5,
+                                             keepalive_permit_without_calls=True, min_ping_interval_s=10,
+                                             max_ping_strikes=0)))
+    assert options == {
+        "grpc.max_receive_message_length": 4096, "grpc.max_send_message_length": -1,
+        "grpc.keepalive_time_ms": 60_000, "grpc.keepalive_timeout_ms": 5000, "grpc.keepalive_permit_without_calls": 1,
+        "grpc.http2.min_ping_interval_without_data_ms": 10_000, "grpc.http2.max_ping_strikes": 0,
+        "grpc.so_reuseport": 0,
+    }
+    with pytest.raises(ValueError, match="less than or equal to 2147483647"):
+        GrpcConfig(max_message_bytes=2**31)
