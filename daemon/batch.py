@@ -12,10 +12,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
-import json
 import os
-import re
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -32,8 +29,6 @@ if TYPE_CHECKING:
     from daemon.batch_rows import Converted, InputPlan
 
 EXIT_OK, EXIT_ERROR, EXIT_REJECTED = 0, 1, 3
-JOURNAL = "journal.json"
-_CHUNK_FILE = re.compile(r"^\.?(?:part|rejects)-(\d{8})\.")
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
@@ -112,12 +107,11 @@ def _load_model(args: argparse.Namespace) -> tuple[bytes, Session, str]:
 
 class _Run:
     def __init__(self, args: argparse.Namespace, out_format: str, blob: bytes, session: Session, label: str) -> None:
-        from daemon import batch_io, batch_rows
+        from daemon import batch_io, batch_rows, batch_work
 
         self.args, self.out_format, self.session, self.label = args, out_format, session, label
         self.output: Path = args.output
         self.rejects: Path = args.rejects or self.output.with_name(self.output.name + ".rejects.jsonl")
-        self.work = self.output.with_name(self.output.name + ".inferd-batch")
         self.source: Source = batch_io.Source(args.input, args.chunk_rows)
         self.plans: list[InputPlan] = batch_rows.plan_inputs(
             session.inputs, self.source.columns, self.source.numeric, batch_rows.parse_maps(args.map), args.id_column)
@@ -129,45 +123,16 @@ class _Run:
         if any(s.shape[:1] not in ((-1,), (1,)) for s in session.inputs):
             raise ValueError("the model's inputs have a fixed batch size other than 1; batch needs a dynamic first "
                              "dimension (or 1)")
-        self.identity = {
+        self.work = batch_work.WorkFolder(self.output, {
             "model_sha256": hashlib.sha256(blob).hexdigest(), "chunk_rows": args.chunk_rows, "map": args.map,
             "id_column": args.id_column, "allow_nan": args.allow_nan, "output_format": out_format,
             "input": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in self.source.files],
-        }
-
-    # -- the journal ------------------------------------------------------------------------------------------
-
-    def _start(self) -> dict[str, Any]:
-        journal_path = self.work / JOURNAL
-        if self.work.exists() and not self.args.resume:
-            raise ValueError(f"{self.work} holds an interrupted run: continue it with --resume, or delete the folder "
-                             "to start over")
-        if self.args.resume and journal_path.exists():
-            journal = json.loads(journal_path.read_text(encoding="utf-8"))
-            changed = [k for k, v in self.identity.items() if journal["identity"].get(k) != v]
-            if changed:
-                raise ValueError(f"--resume: the run in {self.work} was started with another {', '.join(changed)}; "
-                                 "rerun with the same model, input and options, or delete the folder")
-            for leftover in self.work.iterdir():  # written after the last commit: redone now
-                chunk = _CHUNK_FILE.match(leftover.name)
-                stale = chunk is None or int(chunk[1]) >= journal["chunks"] or leftover.name.endswith(".tmp")
-                if stale and leftover.name != JOURNAL:
-                    leftover.unlink()
-            for temp in self.output.parent.glob(f".{self.output.name}.*.tmp"):  # a final write cut short
-                temp.unlink()
-            return dict(journal)
-        self.work.mkdir(parents=True, exist_ok=True)
-        return {"format": 1, "identity": self.identity, "chunks": 0, "scored": 0, "rejected": 0}
-
-    def _commit(self, journal: dict[str, Any]) -> None:
-        from daemon.fsutil import atomic_write
-
-        atomic_write(self.work / JOURNAL, json.dumps(journal, indent=1).encode() + b"\n")
+        })
 
     # -- the run ----------------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.work.parent.mkdir(parents=True, exist_ok=True)
+        self.output.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(self.output.with_name(f".{self.output.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
@@ -179,18 +144,18 @@ class _Run:
             os.close(lock_fd)
 
     def _run(self) -> int:
-        journal = self._start()
+        journal = self.work.start(self.args.resume)
         resumed_at = journal["chunks"]
         progress = _Progress(self.source, journal["chunks"] * self.args.chunk_rows)
         for chunk in self._chunks(journal["chunks"] * self.args.chunk_rows):
-            scored, rejected = self._commit_chunk(journal["chunks"], chunk)
-            journal.update(chunks=journal["chunks"] + 1, scored=journal["scored"] + scored,
-                           rejected=journal["rejected"] + rejected)
-            self._commit(journal)
+            good, outputs = self._score(chunk)
+            self.work.write_chunk(journal["chunks"], self.id_name, chunk.ids, good, outputs, chunk.reasons)
+            journal.update(chunks=journal["chunks"] + 1, scored=journal["scored"] + len(good),
+                           rejected=journal["rejected"] + len(chunk.reasons))
+            self.work.commit(journal)
             progress.add(len(chunk))
         progress.close()
-        self._finish(journal)
-        shutil.rmtree(self.work)
+        self.work.finish(self.out_format, self.rejects, journal["scored"], self.id_name, self.session.outputs)
         self.output.with_name(f".{self.output.name}.lock").unlink(missing_ok=True)
         note = f", {journal['rejected']:,} rejected (see {self.rejects})" if journal["rejected"] else ""
         note += f", resumed after chunk {resumed_at}" if resumed_at else ""
@@ -246,58 +211,6 @@ class _Run:
             return np.array(kept, dtype=np.int64), {}
         return np.array(kept, dtype=np.int64), {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
-    def _commit_chunk(self, k: int, chunk: Converted) -> tuple[int, int]:
-        import orjson
-        import pyarrow as pa
-
-        from daemon.batch_io import atomic_output
-
-        good, outputs = self._score(chunk)
-        if len(good):
-            for name, arr in outputs.items():
-                if arr.shape[:1] != (len(good),):
-                    raise ValueError(f"output {name!r} has shape {list(arr.shape)} for {len(good)} rows: batch "
-                                     "needs one output row per input row")
-            batch = _record_batch(self.id_name, chunk.ids.take(pa.array(good)), outputs)
-            with atomic_output(self.work / f"part-{k:08d}.arrow") as f, pa.ipc.new_file(f, batch.schema) as w:
-                w.write_batch(batch)
-        if chunk.reasons:
-            ids = chunk.ids.to_pylist()
-            with atomic_output(self.work / f"rejects-{k:08d}.jsonl") as f:
-                for i in sorted(chunk.reasons):
-                    f.write(orjson.dumps({self.id_name: ids[i], "reason": chunk.reasons[i]},
-                                         option=orjson.OPT_APPEND_NEWLINE))
-        return len(good), len(chunk.reasons)
-
-    def _finish(self, journal: dict[str, Any]) -> None:
-        import pyarrow as pa
-
-        from daemon.batch_io import atomic_output, write_output
-
-        parts = sorted(self.work.glob("part-*.arrow"))
-        if parts:
-            with pa.memory_map(str(parts[0])) as m:
-                schema = pa.ipc.open_file(m).schema
-        else:
-            schema = _empty_schema(self.id_name, self.session)
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            for p in parts:
-                with pa.memory_map(str(p)) as m:
-                    reader = pa.ipc.open_file(m)
-                    for i in range(reader.num_record_batches):
-                        yield reader.get_batch(i)
-
-        write_output(self.output, self.out_format, batches, schema, journal["scored"])
-        rejects = sorted(self.work.glob("rejects-*.jsonl"))
-        if rejects:
-            with atomic_output(self.rejects) as f:
-                for p in rejects:
-                    f.write(p.read_bytes())
-        else:
-            self.rejects.unlink(missing_ok=True)  # a stale one from an earlier run would be misread as this run's
-
-
 def _ids(col: Any) -> pa.Array:
     import pyarrow as pa
 
@@ -313,33 +226,6 @@ def _row_numbers(start: int, n: int) -> pa.Array:
     import pyarrow as pa
 
     return pa.array(np.arange(start, start + n, dtype=np.int64))
-
-
-def _record_batch(id_name: str, ids: pa.Array, outputs: dict[str, np.ndarray]) -> pa.RecordBatch:
-    """Ids then each output; an output with a shape per row is a fixed-size list, its shape in the metadata."""
-    import pyarrow as pa
-
-    arrays, meta = [ids], {id_name: "[]"}
-    for name, arr in outputs.items():
-        shape = arr.shape[1:]
-        meta[name] = json.dumps(list(shape))
-        flat = pa.array(np.ascontiguousarray(arr).reshape(-1))
-        arrays.append(flat if not shape else pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape))))
-    names = [id_name, *outputs]
-    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(
-        [pa.field(n, a.type) for n, a in zip(names, arrays)], metadata=meta))
-
-
-def _empty_schema(id_name: str, session: Session) -> pa.Schema:
-    import pyarrow as pa
-
-    fields, meta = [pa.field(id_name, pa.int64())], {id_name: "[]"}
-    for spec in session.outputs:
-        shape = [d if d >= 0 else 1 for d in spec.shape[1:]]
-        value = pa.from_numpy_dtype(spec.dtype)
-        fields.append(pa.field(spec.name, pa.list_(value, int(np.prod(shape))) if shape else value))
-        meta[spec.name] = json.dumps(shape)
-    return pa.schema(fields, metadata=meta)
 
 
 class _Progress:
