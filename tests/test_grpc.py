@@ -20,7 +20,9 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from adapters import SessionOptions, get_runtime
-from daemon.grpc_codec import CONTENTS_FIELD
+from adapters.base import TensorSpec
+from daemon.grpc_codec import CONTENTS_FIELD, decode_infer
+from daemon.protocol import Limits
 
 MAX_MESSAGE = 1 << 20
 MAX_ELEMENTS = 1_000_000  # server.max_tensor_elements, above what MAX_MESSAGE lets through
@@ -254,6 +256,8 @@ def bad(**change: Any) -> service_pb2.ModelInferRequest:
 
 BAD_INPUTS = [
     (bad(model="nope"), grpc.StatusCode.NOT_FOUND, "unknown model 'nope'"),
+    (service_pb2.ModelInferRequest(model_name="mlp"), grpc.StatusCode.INVALID_ARGUMENT,
+     "'inputs' must name at least one tensor"),
     (bad(version="7"), grpc.StatusCode.NOT_FOUND, "'7'"),
     (bad(name="x"), grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'x'; the model's inputs are: input"),
     (bad(datatype="FP64"), grpc.StatusCode.INVALID_ARGUMENT,
@@ -284,6 +288,30 @@ def test_bad_input_table(stub: Any, req: Any, code: grpc.StatusCode, message: st
     assert err.value.code() == code
     assert message in err.value.details()
     assert stub.ModelInfer(bad()).raw_output_contents  # still serving
+
+
+def test_a_missing_input(stub: Any) -> None:
+    req = service_pb2.ModelInferRequest(model_name="types")
+    for t in TYPES[1:]:
+        req.inputs.add(name=f"in_{t}", datatype=t, shape=[5])
+        req.raw_input_contents.append(values(t).tobytes())
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(req)
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "missing input(s): in_BOOL")
+
+
+def test_raw_contents_decode_as_views_over_the_message() -> None:
+    """In process: each raw input is a numpy view over the bytes protobuf gives (no copy of ours), typed ones are
+    arrays of the model's dtype."""
+    spec = [TensorSpec("input", "FP32", (-1, 4))]
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    req = service_pb2.ModelInferRequest(model_name="mlp")
+    req.inputs.add(name="input", datatype="FP32", shape=[2, 4])
+    req.raw_input_contents.append(x.tobytes())
+    decoded = decode_infer(req, spec, [TensorSpec("output", "FP32", (-1, 3))], Limits(1000))
+    arr = decoded.inputs["input"]
+    assert not arr.flags.owndata and isinstance(arr.base.base, bytes)  # reshape's view of frombuffer's view
+    assert arr.dtype == np.float32 and np.array_equal(arr, x) and decoded.outputs is None
 
 
 def test_typed_int_values_outside_the_type(stub: Any) -> None:
