@@ -294,3 +294,32 @@ def test_a_terminal_gets_a_progress_bar_with_rows_per_second_and_eta(tmp_path: P
     assert proc.returncode == 0
     assert b"rows/s" in drawn and b"ETA" in drawn and b"%" in drawn, drawn[-300:]
     assert "scored 60,000 rows" in proc.stdout
+
+
+@pytest.mark.parametrize(("runtime", "filename"), [("openvino", "model.onnx"), ("litert", "model.tflite")])
+def test_openvino_and_litert_score_equal_to_their_runtime_in_process(tmp_path: Path, keyset: KeySet, runtime: str,
+                                                                     filename: str) -> None:
+    """The same MLP on the other two adapters: the batch output equals the adapter's own run of the whole input."""
+    from conftest import build_mlp, mlp_reference, mlp_weights
+    from tflite_builder import build_mlp_tflite
+
+    from adapters import SessionOptions, get_runtime
+
+    model = build_mlp() if runtime == "openvino" else build_mlp_tflite(*mlp_weights())
+    art = tmp_path / "m.inferd"
+    art.write_bytes(pack_model(keyset, model, runtime=runtime, filename=filename))
+    x = _features(150)
+    src = tmp_path / "x.parquet"
+    _write_input(src, x, ["a", "b", "c", "d"])
+    out = tmp_path / "y.npz"
+    assert _batch(art, keyset, "--input", str(src), "--output", str(out), "--chunk-rows", "64") == 0
+    session = get_runtime(runtime).load({filename: model}, SessionOptions(threads=1))
+    try:
+        (name,) = [s.name for s in session.outputs]
+        want = session.run({session.inputs[0].name: x})[name]
+    finally:
+        session.close()
+    with np.load(out) as z:
+        np.testing.assert_array_equal(z[name], want)
+        np.testing.assert_array_equal(z["row"], np.arange(150))
+    np.testing.assert_allclose(want, mlp_reference(x), rtol=1e-5, atol=1e-5)
