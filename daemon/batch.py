@@ -119,6 +119,9 @@ class _Run:
             names = ", ".join(self.source.columns)
             raise ValueError(f"--id-column {args.id_column!r} is not a column of the input ({names})")
         self.id_name: str = args.id_column or "row"
+        if out_format == "npy" and len(session.outputs) != 1:
+            raise ValueError(f"a .npy output holds one array but the model has {len(session.outputs)} outputs: "
+                             "use .npz")
         self.one_row = any(s.shape[:1] != (-1,) for s in session.inputs)
         if any(s.shape[:1] not in ((-1,), (1,)) for s in session.inputs):
             raise ValueError("the model's inputs have a fixed batch size other than 1; batch needs a dynamic first "

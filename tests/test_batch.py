@@ -323,3 +323,25 @@ def test_openvino_and_litert_score_equal_to_their_runtime_in_process(tmp_path: P
         np.testing.assert_array_equal(z[name], want)
         np.testing.assert_array_equal(z["row"], np.arange(150))
     np.testing.assert_allclose(want, mlp_reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_input_without_rows_gives_an_output_without_rows(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    src = tmp_path / "empty.csv"
+    src.write_text("a,b,c,d\n")
+    art = _artifact(tmp_path, keyset, mlp_onnx)
+    for suffix in (".csv", ".parquet", ".jsonl", ".npz"):
+        out = tmp_path / f"out{suffix}"
+        assert _batch(art, keyset, "--input", str(src), "--output", str(out)) == 0
+        assert _read_output(out).get("row", np.zeros(0)).shape == (0,)
+    assert pq.read_table(tmp_path / "out.parquet").column_names == ["row", "output"]
+
+
+def test_a_npy_output_of_a_model_with_two_outputs_is_refused_before_any_work(
+        tmp_path: Path, keyset: KeySet, sklearn_model: SklearnModel, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "x.npy"
+    np.save(src, sklearn_model.x_test)
+    out = tmp_path / "y.npy"
+    assert _batch(_artifact(tmp_path, keyset, sklearn_model.onnx), keyset, "--input", str(src), "--output",
+                  str(out)) == 1
+    assert "has 2 outputs: use .npz" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.inferd", "x.npy"]

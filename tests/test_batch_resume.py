@@ -88,6 +88,9 @@ def test_sigkill_then_ctrl_c_then_resume_gives_exactly_the_uninterrupted_output(
 
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert again.returncode == 1 and "--resume" in again.stderr, "a leftover work folder is never overwritten"
+    other = subprocess.run([*cmd, "--resume", "--chunk-rows", "499"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert other.returncode == 1 and "started with another chunk_rows" in other.stderr
+    assert _committed(journal) == first
 
     assert _interrupt_after([*cmd, "--resume"], env, journal, first, signal.SIGINT) == 130
     second = _committed(journal)
