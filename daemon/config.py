@@ -196,6 +196,22 @@ class MqttConfig(_Model):
         return self
 
 
+class GrpcTlsConfig(_Model):
+    enabled: bool = Field(False, description="Serve gRPC over TLS only (no plaintext listener).")
+    cert_file: ConfigPath | None = Field(None, description="Server certificate chain (PEM).")
+    key_file: ConfigPath | None = Field(None, description="Server private key (PEM); readable by the daemon only.")
+    client_ca_file: ConfigPath | None = Field(
+        None, description="Mutual TLS: clients must present a certificate signed by this CA (PEM); null: no client "
+        "certificate asked for.",
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> GrpcTlsConfig:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("TLS needs both 'cert_file' and 'key_file'")
+        return self
+
+
 class GrpcConfig(_Model):
     enabled: bool = Field(False, description="Serve the KServe V2 gRPC API as well as HTTP (see docs/grpc.md).")
     host: str = Field("127.0.0.1", description="Address the gRPC API listens on; loopback unless you mean it.")
@@ -217,6 +233,7 @@ class GrpcConfig(_Model):
     max_ping_strikes: int = Field(
         2, ge=0, description="Too-frequent client pings tolerated before the connection is closed (0: any number)."
     )
+    tls: GrpcTlsConfig = Field(default_factory=GrpcTlsConfig)
 
 
 class _ModelBase(_Model):

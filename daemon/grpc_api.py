@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
@@ -20,7 +21,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 import daemon
 from daemon import grpc_codec, responses, service
-from daemon.config import GrpcConfig
+from daemon.config import GrpcConfig, GrpcTlsConfig
 from daemon.context import Activity, RequestContext
 from daemon.errors import InferdError, NotReady
 from daemon.frontend import Health, Readiness
@@ -195,6 +196,23 @@ def server_options(cfg: GrpcConfig) -> list[tuple[str, int]]:
     ]
 
 
+def server_credentials(tls: GrpcTlsConfig) -> grpc.ServerCredentials:
+    """The listener's TLS credentials from the PEM files (read here, at start, never at import or config time); with
+    ``client_ca_file`` a client must present a certificate that CA signed (mutual TLS)."""
+    if tls.cert_file is None or tls.key_file is None:  # the config's validator refuses this already
+        raise OSError("grpc.tls needs both cert_file and key_file")
+
+    def read(path: Path, what: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise OSError(f"grpc.tls.{what}: cannot read {path}: {exc.strerror or exc}") from None
+
+    ca = read(tls.client_ca_file, "client_ca_file") if tls.client_ca_file is not None else None
+    return grpc.ssl_server_credentials([(read(tls.key_file, "key_file"), read(tls.cert_file, "cert_file"))],
+                                       root_certificates=ca, require_client_auth=ca is not None)
+
+
 class GrpcFrontend:
     name = "grpc"
 
@@ -211,13 +229,20 @@ class GrpcFrontend:
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
         host = self.cfg.host
         address = f"[{host}]:{self.cfg.port}" if ":" in host else f"{host}:{self.cfg.port}"
+        tls = self.cfg.tls
         try:
-            self.port = server.add_insecure_port(address)
+            if tls.enabled:
+                creds = await asyncio.get_running_loop().run_in_executor(None, server_credentials, tls)
+                self.port = server.add_secure_port(address, creds)
+            else:
+                self.port = server.add_insecure_port(address)
         except RuntimeError:  # grpcio's only word for it; its log line above says why (address in use, ...)
             raise OSError(f"grpc: cannot listen on {address} (address in use or not available)") from None
         await server.start()
         self._server = server
-        log.info("gRPC listening on %s:%d", host, self.port, extra={"event_kind": "grpc_listening", "port": self.port})
+        scheme = ("mutual TLS" if tls.client_ca_file else "TLS") if tls.enabled else "plaintext"
+        log.info("gRPC listening on %s:%d (%s)", host, self.port, scheme,
+                 extra={"event_kind": "grpc_listening", "port": self.port})
 
     async def run(self) -> None:
         """grpcio serves from its own tasks; this only marks the frontend's lifetime for the supervisor."""

@@ -64,7 +64,7 @@ def test_with_grpc_off_grpcio_is_never_imported() -> None:
 
 
 def test_the_grpc_section_becomes_grpcio_channel_arguments() -> None:
-    from daemon.config import GrpcConfig
+    from daemon.config import GrpcConfig, GrpcTlsConfig
     from daemon.grpc_api import server_options
 
     options = dict(server_options(GrpcConfig(max_message_bytes=4096, keepalive_time_s=60, keepalive_timeout_s=5,
@@ -78,3 +78,5 @@ def test_the_grpc_section_becomes_grpcio_channel_arguments() -> None:
     }
     with pytest.raises(ValueError, match="less than or equal to 2147483647"):
         GrpcConfig(max_message_bytes=2**31)
+    with pytest.raises(ValueError, match="TLS needs both 'cert_file' and 'key_file'"):
+        GrpcTlsConfig(enabled=True, cert_file="server.pem")
