@@ -113,6 +113,8 @@ class _Run:
         self.output: Path = args.output
         self.rejects: Path = args.rejects or self.output.with_name(self.output.name + ".rejects.jsonl")
         self.source: Source = batch_io.Source(args.input, args.chunk_rows)
+        if self.output.resolve() in {p.resolve() for p in self.source.files}:
+            raise ValueError(f"--output {self.output} is an input file: write the results elsewhere")
         self.plans: list[InputPlan] = batch_rows.plan_inputs(
             session.inputs, self.source.columns, self.source.numeric, batch_rows.parse_maps(args.map), args.id_column)
         if args.id_column is not None and args.id_column not in self.source.columns:

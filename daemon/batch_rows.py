@@ -239,6 +239,10 @@ def _whole_column(col: Column, n: int, plan: InputPlan, dtype: np.dtype[Any],
         flat = col.reshape(len(col), -1).astype(np.float64) if col.size else col.astype(np.float64)
         checked, found = _finish_rows(flat, dtype, allow_nan, name)
         return checked.reshape(col.shape).astype(dtype), found
+    # a list column of numbers, all of one length: one copy, no per-row Python
+    dense = _dense_lists(col, n) if len(row) == 1 else None
+    if dense is not None and _fits(dense.shape[1:], row):
+        return _whole_column(dense, n, plan, dtype, allow_nan)
     items = col.to_pylist() if isinstance(col, pa.Array) else list(col)
     shape = next((np.shape(v) for v in items if v is not None and not isinstance(v, str)), None)
     if shape is None or not _fits(shape, row):
@@ -260,6 +264,24 @@ def _whole_column(col: Column, n: int, plan: InputPlan, dtype: np.dtype[Any],
     for i, r in more.items():
         why.setdefault(i, r)
     return values.reshape((n, *shape)).astype(dtype), why
+
+
+def _dense_lists(col: Column, n: int) -> np.ndarray | None:
+    """A Parquet list column without nulls whose lists share one length, as an ``[n, width]`` array; else None."""
+    if not isinstance(col, pa.Array) or col.null_count or not (
+            pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)):
+        return None
+    values = col.flatten()
+    if values.null_count or not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+        return None
+    if not n or len(values) % n:
+        return None
+    width = len(values) // n
+    if not pa.types.is_fixed_size_list(col.type):
+        offsets = col.offsets.to_numpy(zero_copy_only=False)
+        if not (np.diff(offsets) == width).all():
+            return None
+    return values.to_numpy(zero_copy_only=False).reshape(n, width)
 
 
 def _finish_rows(flat: np.ndarray, dtype: np.dtype[Any], allow_nan: bool,

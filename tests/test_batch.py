@@ -232,6 +232,8 @@ def test_errors_exit_1_with_a_precise_message(tmp_path: Path, keyset: KeySet, ml
     assert "unknown format '.xlsx'" in capsys.readouterr().err
     assert _batch(art, keyset, "--input", str(src), "--output", str(out), "--map", "a,b,c,zz=input") == 1
     assert "no column 'zz'" in capsys.readouterr().err
+    assert _batch(art, keyset, "--input", str(src), "--output", str(src)) == 1
+    assert "is an input file" in capsys.readouterr().err
     assert cli.main(["batch", "mlp", "--kek", str(keyset.kek_path), "--input", str(src), "--output", str(out)]) == 1
     assert "give --config" in capsys.readouterr().err
     assert not out.exists()
@@ -345,3 +347,38 @@ def test_a_npy_output_of_a_model_with_two_outputs_is_refused_before_any_work(
                   str(out)) == 1
     assert "has 2 outputs: use .npz" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.inferd", "x.npy"]
+
+
+def test_a_parquet_list_column_feeds_whole_rows_and_a_wrong_length_is_rejected(
+        tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    x = _features(40)
+    lists = [list(map(float, row)) for row in x]
+    lists[7] = lists[7][:3]
+    src = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"input": lists}), src)
+    out = tmp_path / "y.parquet"
+    art = _artifact(tmp_path, keyset, mlp_onnx)
+    assert _batch(art, keyset, "--input", str(src), "--output", str(out), "--chunk-rows", "8") == 3
+    bad = [json.loads(line) for line in (tmp_path / "y.parquet.rejects.jsonl").read_text().splitlines()]
+    assert bad == [{"row": 7, "reason": "column 'input': a row of shape [3], the input takes [4]"}]
+    keep = [i for i in range(40) if i != 7]
+    got = pq.read_table(out)
+    assert got.column("row").to_pylist() == keep
+    np.testing.assert_array_equal(np.array(got.column("output").to_pylist(), np.float32),
+                                  _ort(mlp_onnx, input=x[keep])["output"])
+
+
+def test_a_model_with_a_batch_of_one_runs_row_by_row(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    import onnx
+
+    model = onnx.load_from_string(mlp_onnx)
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    fixed = model.SerializeToString()
+    x = _features(9)
+    src = tmp_path / "x.npy"
+    np.save(src, x)
+    out = tmp_path / "y.npy"
+    assert _batch(_artifact(tmp_path, keyset, fixed), keyset, "--input", str(src), "--output", str(out)) == 0
+    want = np.concatenate([_ort(fixed, input=x[i:i + 1])["output"] for i in range(9)])
+    np.testing.assert_array_equal(np.load(out), want)
