@@ -197,7 +197,9 @@ class _Run:
         from adapters import InputRejected
         from adapters.base import runtime_message
 
-        good = np.array([i for i in range(len(chunk)) if i not in chunk.reasons], dtype=np.int64)
+        keep = np.ones(len(chunk), dtype=bool)
+        keep[list(chunk.reasons)] = False
+        good = np.flatnonzero(keep).astype(np.int64)
         if not len(good):
             return good, {}
         if not self.one_row:
@@ -215,6 +217,7 @@ class _Run:
         if not kept:
             return np.array(kept, dtype=np.int64), {}
         return np.array(kept, dtype=np.int64), {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
 
 def _ids(col: Any) -> pa.Array:
     import pyarrow as pa
