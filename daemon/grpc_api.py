@@ -47,6 +47,8 @@ GRPC_STATUS: dict[str, grpc.StatusCode] = {
 EXTENSIONS: list[str] = ["statistics", "model_configuration"]
 #: trailing metadata a shed client gets: gRPC's server pushback (gRFC A6), honoured by clients with a retry policy
 RETRY_PUSHBACK = (("grpc-retry-pushback-ms", "1000"),)
+#: what calls still running when the drain budget is spent get before grpcio cancels them
+STOP_GRACE_S = 0.5
 #: at most this much of a caller's deadline is kept back to answer in (see :func:`deadline`)
 DEADLINE_MARGIN_S = 0.05
 #: RPCs of Triton's service inferd does not serve (yet): each answers UNIMPLEMENTED naming itself
@@ -151,6 +153,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         self.activity.enter()
         try:
+            if self.readiness.draining:  # a retryable refusal while accepted calls finish (see GrpcFrontend.stop)
+                raise NotReady("server is shutting down")
             ctx = RequestContext("grpc", self.activity, peer=context.peer(), deadline=deadline(context))
             loaded = service.admit(self.manager, request.model_name, _version(request.model_version), ctx)
             async with service.call(loaded, ctx) as call:
@@ -249,10 +253,18 @@ class GrpcFrontend:
         await self._stopped.wait()
 
     async def stop(self, budget: float) -> None:
-        """New RPCs are refused at once (UNAVAILABLE); accepted ones finish within ``budget``, then are cancelled."""
+        """Stop taking work at once, let accepted calls finish within ``budget``, then close the listener.
+
+        While the daemon drains, the servicer answers new calls UNAVAILABLE ("server is shutting down"), which
+        clients may retry elsewhere. grpcio's own stop comes last, once the accepted calls are done or the budget is
+        spent: from the moment it runs, calls arriving on open connections are cancelled (CANCELLED, which clients do
+        not retry), and calls still running get STOP_GRACE_S before they are."""
         server, self._server = self._server, None
         if server is not None:
-            await server.stop(budget)
+            activity = self.servicer.activity
+            if activity.in_progress:
+                await activity.wait_idle(budget)  # HTTP's stop logs the drain and its time-out for every frontend
+            await server.stop(STOP_GRACE_S)
         self._stopped.set()
 
     def health(self) -> Health:

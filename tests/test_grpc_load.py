@@ -159,7 +159,7 @@ def test_sigterm_during_a_burst_answers_every_accepted_call(site: Site, keyset: 
         last_done = burst[-1].done()  # the drain has begun with work left; a new call is refused at once
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(slow_request(1), timeout=30)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (err.value.code(), err.value.details()) == (grpc.StatusCode.UNAVAILABLE, "server is shutting down")
         assert not last_done and not burst[-1].done()  # ... while the accepted calls still run
         daemon.wait_for("stopped")  # not before every accepted call was answered
         outputs = [f.result(timeout=120) for f in burst]
