@@ -64,10 +64,13 @@ bench: $(STAMP_DEV) deps-system
 	$(PY) bench/run.py
 	$(PY) bench/mqtt_bench.py
 
-# Re-pin after a dependency change: the dev venv's exact versions become the constraints every install uses.
-constraints: $(STAMP_DEV)
+# Re-pin after a dependency change: resolve pyproject.toml afresh in the venv, and its exact versions become the
+# constraints every install uses.
+constraints: | $(PY)
+	$(PIP) install --quiet -e '.[dev,demo]'
 	{ head -n 2 constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^-e'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
+	touch $(STAMP_DEV) $(STAMP_RUN)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .mypy_cache .ruff_cache
