@@ -73,7 +73,7 @@ def wait_listening(port: int, timeout: float = 60.0) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def start_inferd(work: Path, name: str, models_cfg: list[dict[str, Any]]) -> Server:
+def start_inferd(work: Path, name: str, models_cfg: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Server:
     import yaml
 
     port = free_port()
@@ -83,6 +83,7 @@ def start_inferd(work: Path, name: str, models_cfg: list[dict[str, Any]]) -> Ser
         "keys": {"kek": [{"path": str(work / "bench.kek")}], "signers": [{"path": str(work / "sign.key.pub")}]},
         "logging": {"format": "json", "level": "warning"},
         "models": models_cfg,
+        **(extra or {}),
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
