@@ -14,9 +14,6 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     PlainValidator,
     ValidationError,
@@ -26,25 +23,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from adapters.base import SessionOptions
+from daemon.config_base import NAME_PATTERN, RESERVED_MODEL_NAMES, ConfigPath, KeySource, _Model, resolve_path
 from daemon.config_errors import describe
+from daemon.config_frontends import GrpcConfig, MqttConfig
 from daemon.errors import ConfigError
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-#: model names a route already takes (GET /v2/models/stats): refused wherever a model name is first given
-RESERVED_MODEL_NAMES = {"stats": "GET /v2/models/stats"}
-
-
-def _resolve_path(value: Path, info: ValidationInfo) -> Path:
-    """Relative paths are relative to the config file's folder, so a config works from any working directory."""
-    base = (info.context or {}).get("base_dir")
-    if base is not None and not value.is_absolute():
-        return (Path(base) / value).resolve()
-    return value
-
-
-ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
-
-#: input name -> shape (zero-filled at load), or the path of a .npz file of arrays keyed by input name
 WarmupInputs = Union[dict[str, tuple[int, ...]], Path]  # noqa: UP007
 
 
@@ -67,7 +50,7 @@ def _check_warmup(value: Any, info: ValidationInfo) -> WarmupInputs | None:
         path = Path(value)
         if path.suffix != ".npz":
             raise _warmup_error(f"{str(value)!r} is not a .npz file (numpy.savez writes one, arrays by input name)")
-        return _resolve_path(path, info)
+        return resolve_path(path, info)
     if isinstance(value, dict):
         if not value:
             raise _warmup_error("name at least one input and its shape")
@@ -86,10 +69,6 @@ def _check_warmup(value: Any, info: ValidationInfo) -> WarmupInputs | None:
     raise _warmup_error(f"give input shapes (e.g. {{input: [1, 16000]}}) or the path of a .npz file, not {value!r}")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class ServerConfig(_Model):
     host: str = Field("127.0.0.1", description="Address the HTTP API listens on; loopback unless you mean it.")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free port, printed at start-up).")
@@ -102,21 +81,6 @@ class ServerConfig(_Model):
     drain_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish before exit."
     )
-
-
-class KeySource(_Model):
-    """A key read from a file (mode 0600 or stricter) or from a systemd credential by name."""
-
-    path: ConfigPath | None = Field(None, description="Key file path.")
-    credential: str | None = Field(
-        None, description="Name of a systemd credential ($CREDENTIALS_DIRECTORY/<name>)."
-    )
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> KeySource:
-        if (self.path is None) == (self.credential is None):
-            raise ValueError("give exactly one of 'path' or 'credential'")
-        return self
 
 
 class KeysConfig(_Model):
@@ -137,103 +101,6 @@ class LoggingConfig(_Model):
     format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: key=value on a terminal, JSON otherwise (journald, files)."
     )
-
-
-class MqttTlsConfig(_Model):
-    enabled: bool = Field(False, description="Connect to the broker over TLS.")
-    ca_file: ConfigPath | None = Field(None, description="CA that signs the broker's certificate (default: system).")
-    cert_file: ConfigPath | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
-    key_file: ConfigPath | None = Field(None, description="Client private key (PEM) for mutual TLS.")
-    verify: bool = Field(True, description="Verify the broker's certificate and host name (only turn off to debug).")
-
-    @model_validator(mode="after")
-    def _pair(self) -> MqttTlsConfig:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("give both 'cert_file' and 'key_file', or neither")
-        return self
-
-
-class MqttConfig(_Model):
-    enabled: bool = Field(False, description="Serve inference requests over MQTT as well as HTTP.")
-    host: str = Field("127.0.0.1", description="Broker host.")
-    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is the usual TLS port).")
-    client_id: str | None = Field(
-        None, description="Fixed client id; the persistent session is tied to it (default: inferd-<node_id>)."
-    )
-    topic_prefix: str | None = Field(
-        None, description="Prefix of every topic (default: inferd/<node_id>); no wildcards."
-    )
-    username: str | None = Field(None, description="Broker user name.")
-    password: KeySource | None = Field(None, description="Broker password, from a file or a systemd credential.")
-    tls: MqttTlsConfig = Field(default_factory=MqttTlsConfig)
-    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive interval.")
-    session_expiry_s: int = Field(
-        3600, ge=0, description="How long the broker keeps this daemon's session (and its unanswered requests)."
-    )
-    receive_maximum: int = Field(
-        32, ge=1, le=65535, description="QoS 1 requests the broker may have in flight to this daemon at once."
-    )
-    shared_group: str | None = Field(
-        None, pattern=NAME_PATTERN,
-        description="Join $share/<group>/... so several daemons split one request stream.",
-    )
-    reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles (with jitter) up to max.")
-    reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect delay.")
-    required_for_ready: bool = Field(
-        False, description="Report /v2/health/ready as not ready while the broker is unreachable."
-    )
-    reply_topic_prefixes: list[str] = Field(
-        default_factory=list,
-        description="Only publish replies to topics starting with one of these (empty: any); match your broker ACL.",
-    )
-
-    @model_validator(mode="after")
-    def _topics(self) -> MqttConfig:
-        if self.topic_prefix is not None and any(c in self.topic_prefix for c in "+#\0"):
-            raise ValueError("topic_prefix must not contain MQTT wildcards")
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
-        return self
-
-
-class GrpcTlsConfig(_Model):
-    enabled: bool = Field(False, description="Serve gRPC over TLS only (no plaintext listener).")
-    cert_file: ConfigPath | None = Field(None, description="Server certificate chain (PEM).")
-    key_file: ConfigPath | None = Field(None, description="Server private key (PEM); readable by the daemon only.")
-    client_ca_file: ConfigPath | None = Field(
-        None, description="Mutual TLS: clients must present a certificate signed by this CA (PEM); null: no client "
-        "certificate asked for.",
-    )
-
-    @model_validator(mode="after")
-    def _pair(self) -> GrpcTlsConfig:
-        if self.enabled and (self.cert_file is None or self.key_file is None):
-            raise ValueError("TLS needs both 'cert_file' and 'key_file'")
-        return self
-
-
-class GrpcConfig(_Model):
-    enabled: bool = Field(False, description="Serve the KServe V2 gRPC API as well as HTTP (see docs/grpc.md).")
-    host: str = Field("127.0.0.1", description="Address the gRPC API listens on; loopback unless you mean it.")
-    port: int = Field(8001, ge=0, le=65535, description="gRPC port (0 picks a free port, logged at start-up).")
-    max_message_bytes: int = Field(
-        64 * 1024 * 1024, ge=1024, le=2**31 - 1,
-        description="Largest request message accepted; larger ones get RESOURCE_EXHAUSTED.",
-    )
-    keepalive_time_s: float = Field(
-        7200.0, gt=0, description="How often the server pings an idle connection to check the client is there."
-    )
-    keepalive_timeout_s: float = Field(20.0, gt=0, description="How long a keepalive ping may go unanswered.")
-    keepalive_permit_without_calls: bool = Field(
-        False, description="Accept client keepalive pings on connections with no call in progress."
-    )
-    min_ping_interval_s: float = Field(
-        300.0, ge=0, description="Shortest interval between client pings without data the server accepts."
-    )
-    max_ping_strikes: int = Field(
-        2, ge=0, description="Too-frequent client pings tolerated before the connection is closed (0: any number)."
-    )
-    tls: GrpcTlsConfig = Field(default_factory=GrpcTlsConfig)
 
 
 class _ModelBase(_Model):

@@ -21,7 +21,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 import daemon
 from daemon import grpc_codec, responses, service
-from daemon.config import GrpcConfig, GrpcTlsConfig
+from daemon.config_frontends import GrpcConfig, GrpcTlsConfig
 from daemon.context import Activity, RequestContext
 from daemon.errors import InferdError, NotReady
 from daemon.frontend import Health, Readiness

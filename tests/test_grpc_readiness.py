@@ -64,7 +64,7 @@ def test_with_grpc_off_grpcio_is_never_imported() -> None:
 
 
 def test_the_grpc_section_becomes_grpcio_channel_arguments() -> None:
-    from daemon.config import GrpcConfig, GrpcTlsConfig
+    from daemon.config_frontends import GrpcConfig, GrpcTlsConfig
     from daemon.grpc_api import server_options
 
     options = dict(server_options(GrpcConfig(max_message_bytes=4096, keepalive_time_s=60, keepalive_timeout_s=5,
