@@ -64,6 +64,7 @@ bench: $(STAMP_DEV) deps-system
 	$(PY) bench/run.py
 	$(PY) bench/mqtt_bench.py
 	$(PY) bench/grpc_bench.py
+	$(PY) bench/batch_bench.py
 
 # Re-pin after a dependency change: resolve pyproject.toml afresh in the venv, and its exact versions become the
 # constraints every install uses.

@@ -236,6 +236,8 @@ def _whole_column(col: Column, n: int, plan: InputPlan, dtype: np.dtype[Any],
         if not _fits(col.shape[1:], row):
             raise ValueError(f"array {name!r} has rows of shape {list(col.shape[1:])}; input {plan.spec.name!r} "
                              f"takes {list(row)}")
+        if col.dtype == dtype and col.size and (dtype.kind in "iub" or allow_nan or np.isfinite(col).all()):
+            return col, {}  # already the model's dtype and nothing to reject: no copy, one pass at most
         flat = col.reshape(len(col), -1).astype(np.float64) if col.size else col.astype(np.float64)
         checked, found = _finish_rows(flat, dtype, allow_nan, name)
         return checked.reshape(col.shape).astype(dtype), found
@@ -291,7 +293,10 @@ def _finish_rows(flat: np.ndarray, dtype: np.dtype[Any], allow_nan: bool,
     bad_value = ~np.isfinite(flat) if (integral or not allow_nan) else np.zeros(flat.shape, bool)
     if integral:
         bad_value |= np.isfinite(flat) & (flat != np.floor(flat))
-    for i in np.flatnonzero(bad_value.any(axis=1)):
+    bad_rows = np.flatnonzero(bad_value.any(axis=1))
+    if not len(bad_rows):
+        return flat, why  # nothing to blank: no copy
+    for i in bad_rows:
         j = int(np.flatnonzero(bad_value[i])[0])
         v = flat[i, j]
         why[int(i)] = (f"column {name!r}: {v} at position {j} is not an integer" if integral and math.isfinite(v)
