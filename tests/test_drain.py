@@ -10,13 +10,12 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 import pytest
 from conftest import KeySet, Site, pack_model
 from contract import contract
-from httpclient import request
+from support.accepted import accepted, wait_until
 from support.daemon import DaemonProcess
 from support.models import build_slow_model
 
@@ -54,19 +53,6 @@ def binary_body(rows: int) -> tuple[bytes, dict[str, str]]:
                          "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}).encode()
     return header + x.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
                                   "Content-Type": "application/octet-stream"}
-
-
-def accepted(daemon: DaemonProcess) -> float:
-    """Requests the daemon has taken so far: answered (inferd_requests_total) plus in flight (inferd_in_flight)."""
-    text = request(daemon.url + "/metrics").body.decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(("inferd_in_flight{", "inferd_requests_total{")))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout}s"
 
 
 def send_all(daemon: DaemonProcess, n: int, rows: int) -> tuple[list[threading.Thread], list[object]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import DaemonProcess, KeySet, Site, pack_model
 from httpclient import request
+from support.accepted import accepted, wait_until
 from support.daemon import served_daemon
 from support.models import build_slow_model
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -44,19 +45,6 @@ def rows_for(target_s: float, model: bytes) -> int:
             rows = min(4096, max(rows + 1, math.ceil(rows * target_s / cost)))
     finally:
         session.close()
-
-
-def accepted(daemon: DaemonProcess) -> float:
-    """Requests the daemon has taken so far: answered (inferd_requests_total) plus in flight (inferd_in_flight)."""
-    text = request(daemon.url + "/metrics").body.decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(("inferd_in_flight{", "inferd_requests_total{")))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {timeout}s"
 
 
 def slow_site(site: Site, keyset: KeySet, queue_size: int) -> Site:
