@@ -19,8 +19,8 @@ import orjson
 import pyarrow as pa
 
 from adapters.base import TensorSpec
-from daemon.batch_io import atomic_output, write_output
-from daemon.fsutil import atomic_write
+from daemon.batch_io import write_output
+from daemon.fsutil import atomic_output, atomic_write
 
 JOURNAL = "journal.json"
 _CHUNK_FILE = re.compile(r"^\.?(?:part|rejects)-(\d{8})\.")

@@ -17,33 +17,13 @@ from conftest import KeySet, Site, pack_model
 from contract import contract
 from support.accepted import accepted, wait_until
 from support.daemon import DaemonProcess
-from support.models import build_slow_model
+from support.models import build_slow_model, rows_for
 
-from adapters import SessionOptions, get_runtime
 from daemon.http_server import CLEANUP_GRACE_S
 
 N, DEPTH = 1024, 384
 #: what one request should cost the daemon's single worker, so that the drains below last seconds, not milliseconds
 TARGET_RUN_S = 0.4
-
-
-def rows_for(target_s: float, model: bytes) -> tuple[int, float]:
-    """Rows per request whose run costs about ``target_s`` on this machine, and that cost (measured, not assumed:
-    a fixed size is milliseconds on a fast CPU and seconds on a slow one)."""
-    session = get_runtime("onnxruntime").load({"m.onnx": model}, SessionOptions(threads=1))
-    try:
-        rows = 8
-        while True:
-            x = np.full((rows, N), 0.001, np.float32)
-            session.run({"input": x})
-            started = time.perf_counter()
-            session.run({"input": x})
-            cost = time.perf_counter() - started
-            if cost >= target_s or rows >= 4096:
-                return rows, cost
-            rows = min(4096, max(rows + 1, math.ceil(rows * target_s / cost)))
-    finally:
-        session.close()
 
 
 def binary_body(rows: int) -> tuple[bytes, dict[str, str]]:
@@ -88,7 +68,7 @@ def serve_slow(site: Site, keyset: KeySet, start_daemon, **server: object) -> Da
 
 def test_readiness_is_503_while_draining_and_requests_in_flight_finish(site: Site, keyset: KeySet,
                                                                       start_daemon) -> None:
-    rows, cost = rows_for(TARGET_RUN_S, build_slow_model(n=N, depth=DEPTH))
+    rows, cost = rows_for(TARGET_RUN_S, build_slow_model(n=N, depth=DEPTH), N)
     n = max(4, math.ceil(2.0 / cost))  # seconds of queued work: the drain outlasts the readiness probe by far
     daemon = serve_slow(site, keyset, start_daemon)
     probe = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)  # open before the listener closes
@@ -124,7 +104,7 @@ def test_readiness_is_503_while_draining_and_requests_in_flight_finish(site: Sit
 def test_a_short_drain_timeout_ends_the_process_on_time_with_status_0(site: Site, keyset: KeySet,
                                                                      start_daemon) -> None:
     drain_s = 0.5
-    rows, cost = rows_for(TARGET_RUN_S, build_slow_model(n=N, depth=DEPTH))
+    rows, cost = rows_for(TARGET_RUN_S, build_slow_model(n=N, depth=DEPTH), N)
     # the drain, then aiohttp's shutdown_timeout (CLEANUP_GRACE_S), which aiohttp spends twice: waiting for the
     # handlers, then again after its cancel, which does not reach a handler awaiting the scheduler (docs/http-api.md,
     # "Shutdown"). Then a margin.

@@ -4,7 +4,6 @@ daemon, and SIGTERM during a burst answers every accepted call before the proces
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from collections.abc import Iterator
@@ -17,34 +16,13 @@ from conftest import DaemonProcess, KeySet, Site, pack_model
 from httpclient import request
 from support.accepted import accepted, wait_until
 from support.daemon import served_daemon
-from support.models import build_slow_model
+from support.models import build_slow_model, rows_for
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from adapters import SessionOptions, get_runtime
-
-N, DEPTH = 1024, 384  # the slow model of tests/test_drain.py (test modules do not import each other)
+N, DEPTH = 1024, 384  # the slow model of tests/test_drain.py
 #: what one request should cost the single worker: long enough that the test acts while it runs
 RUN_S = 1.0
 QUEUE = 2
-
-
-def rows_for(target_s: float, model: bytes) -> int:
-    """Rows per request whose run costs about ``target_s`` on this machine (measured: a fixed size is milliseconds
-    on a fast CPU and seconds on a slow one)."""
-    session = get_runtime("onnxruntime").load({"m.onnx": model}, SessionOptions(threads=1))
-    try:
-        rows = 8
-        while True:
-            x = np.full((rows, N), 0.001, np.float32)
-            session.run({"input": x})
-            started = time.perf_counter()
-            session.run({"input": x})
-            cost = time.perf_counter() - started
-            if cost >= target_s or rows >= 4096:
-                return rows
-            rows = min(4096, max(rows + 1, math.ceil(rows * target_s / cost)))
-    finally:
-        session.close()
 
 
 def slow_site(site: Site, keyset: KeySet, queue_size: int) -> Site:
@@ -58,7 +36,7 @@ def slow_site(site: Site, keyset: KeySet, queue_size: int) -> Site:
 
 @pytest.fixture(scope="module")
 def rows() -> int:
-    return rows_for(RUN_S, build_slow_model(n=N, depth=DEPTH))
+    return rows_for(RUN_S, build_slow_model(n=N, depth=DEPTH), N)[0]
 
 
 @pytest.fixture(scope="module")

@@ -49,3 +49,27 @@ def build_slow_model(n: int = 1024, depth: int = 24) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def rows_for(target_s: float, model: bytes, width: int) -> tuple[int, float]:
+    """Rows per request (of ``width`` features) whose run of ``model`` costs about ``target_s`` on this machine, and
+    that cost: measured, not assumed (a fixed size is milliseconds on a fast CPU and seconds on a slow one)."""
+    import math
+    import time
+
+    from adapters import SessionOptions, get_runtime
+
+    session = get_runtime("onnxruntime").load({"m.onnx": model}, SessionOptions(threads=1))
+    try:
+        rows = 8
+        while True:
+            x = np.full((rows, width), 0.001, np.float32)
+            session.run({"input": x})
+            started = time.perf_counter()
+            session.run({"input": x})
+            cost = time.perf_counter() - started
+            if cost >= target_s or rows >= 4096:
+                return rows, cost
+            rows = min(4096, max(rows + 1, math.ceil(rows * target_s / cost)))
+    finally:
+        session.close()
