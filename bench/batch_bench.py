@@ -26,10 +26,9 @@ REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(HERE)]
 
 import models  # noqa: E402
-from run import SERVER_CPU, bench_args, commit, machine  # noqa: E402
+from run import SERVER_CPU, bench_args, bench_keys, commit, machine, publish  # noqa: E402
 
-from daemon import artifact, keys  # noqa: E402
-from daemon.config import KeySource  # noqa: E402
+from daemon import artifact  # noqa: E402
 
 #: (rows, chunk rows) per model: the tabular model costs ~70 ns a row, so reading and writing dominate; the CNN
 #: (1x3x96x96 a row) costs ~60 us, so the runtime does
@@ -69,10 +68,7 @@ def main() -> int:
     args = bench_args()
     os.sched_setaffinity(0, {SERVER_CPU})
     work = Path(tempfile.mkdtemp(prefix="inferd-batch-bench-"))
-    keys.generate_kek(work / "bench.kek", "bench")
-    keys.generate_signing_key(work / "sign.key")
-    kek = keys.load_kek(KeySource(path=work / "bench.kek"))
-    signer = keys.load_signing_key(work / "sign.key")
+    kek, signer = bench_keys(work)
     tab_model, tab_rows = models.tabular_classifier()
     rng = np.random.default_rng(0)
     data = {"tabular": (tab_model, tab_rows[rng.integers(0, len(tab_rows), SIZES["tabular"][0])]),
@@ -114,10 +110,7 @@ def main() -> int:
         base = statistics.median(v[0] for v in raw[(model, "in-process")])
         lines.append(f"| {model} | {label} | {own:,.0f} | {own / base:.2f}x | {wall:,.0f} |")
     report = "\n".join(lines)
-    print(report)
-    if not args.no_write:
-        with (HERE / "RESULTS.md").open("a", encoding="utf-8") as f:
-            f.write("\n" + report + "\n")
+    publish(report, args)
     return 0
 
 

@@ -30,6 +30,7 @@ import models  # noqa: E402
 from run import (  # noqa: E402
     CLIENT_CPU,
     bench_args,
+    bench_keys,
     binary_body,
     commit,
     cpu_seconds,
@@ -37,11 +38,11 @@ from run import (  # noqa: E402
     machine,
     measure,
     pinned,
+    publish,
     start_inferd,
 )
 
-from daemon import artifact, keys  # noqa: E402
-from daemon.config import KeySource  # noqa: E402
+from daemon import artifact  # noqa: E402
 from daemon.store import Store  # noqa: E402
 
 #: the transport's own limit: grpc.aio answering every ModelInfer with one fixed response of inferd's size, no model
@@ -120,10 +121,7 @@ def main() -> int:
         return 2
     os.sched_setaffinity(0, {CLIENT_CPU})
     work = Path(tempfile.mkdtemp(prefix="inferd-grpc-bench-"))
-    keys.generate_kek(work / "bench.kek", "bench")
-    keys.generate_signing_key(work / "sign.key")
-    kek = keys.load_kek(KeySource(path=work / "bench.kek"))
-    signer = keys.load_signing_key(work / "sign.key")
+    kek, signer = bench_keys(work)
     tab_model, tab_rows = models.tabular_classifier()
     store = Store(work / "state")
     for name, blob in (("tabular", tab_model), ("cnn", models.small_cnn())):
@@ -179,10 +177,7 @@ def main() -> int:
             lines.append(f"| {model} | {clients} | {proto} | {rate:,.0f} | {p50:.3f} | {p99:.3f} | {busy:.0%} | "
                          f"{ratio} |")
     report = "\n".join(lines)
-    print(report)
-    if not args.no_write:
-        with (HERE / "RESULTS.md").open("a", encoding="utf-8") as f:
-            f.write("\n" + report + "\n")
+    publish(report, args)
     return 0
 
 

@@ -33,7 +33,7 @@ sys.path[:0] = [str(REPO), str(HERE), str(REPO / "tests")]
 
 import models  # noqa: E402
 from mqttclient import Broker  # noqa: E402
-from run import bench_args, commit, machine, pinned  # noqa: E402
+from run import bench_args, commit, machine, pinned, publish  # noqa: E402
 
 from daemon import artifact, keys  # noqa: E402
 from daemon.config import KeySource  # noqa: E402
@@ -191,10 +191,7 @@ def main() -> int:
         lines.append(f"| QoS {qos}, sequential: p50 within 1.5x of the echo | {lat:.2f}x | {'yes' if lat <= 1.5 else 'no'} |")
         lines.append(f"| QoS {qos}, 64 in flight: >= 60% of the echo's throughput | {thr:.2f}x | {'yes' if thr >= 0.6 else 'no'} |")
     report = "\n".join(lines)
-    print(report)
-    if not args.no_write:
-        with (HERE / "RESULTS.md").open("a", encoding="utf-8") as f:
-            f.write("\n" + report + "\n")
+    publish(report, args)
     return 0
 
 

@@ -211,6 +211,21 @@ def bench_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def publish(report: str, args: argparse.Namespace) -> None:
+    """Print a run's table, and append it to bench/RESULTS.md unless --no-write."""
+    print(report)
+    if not args.no_write:
+        with (HERE / "RESULTS.md").open("a", encoding="utf-8") as f:
+            f.write("\n" + report + "\n")
+
+
+def bench_keys(work: Path) -> tuple[keys.Kek, Any]:
+    """A KEK and a signing key of the run's own, in ``work``: (kek, signing key)."""
+    keys.generate_kek(work / "bench.kek", "bench")
+    keys.generate_signing_key(work / "sign.key")
+    return keys.load_kek(KeySource(path=work / "bench.kek")), keys.load_signing_key(work / "sign.key")
+
+
 def main() -> int:
     args = bench_args()
     if (os.cpu_count() or 1) < 2:
@@ -219,10 +234,7 @@ def main() -> int:
     os.sched_setaffinity(0, {CLIENT_CPU})
 
     work = Path(tempfile.mkdtemp(prefix="inferd-bench-"))
-    keys.generate_kek(work / "bench.kek", "bench")
-    keys.generate_signing_key(work / "sign.key")
-    kek = keys.load_kek(KeySource(path=work / "bench.kek"))
-    signer = keys.load_signing_key(work / "sign.key")
+    kek, signer = bench_keys(work)
     tab_model, tab_rows = models.tabular_classifier()
     cnn_model = models.small_cnn()
     store = Store(work / "state")
@@ -281,10 +293,7 @@ def main() -> int:
 
     table = summarise(raw)
     report = render(table, limits, idle, args)
-    print(report)
-    if not args.no_write:
-        with (HERE / "RESULTS.md").open("a", encoding="utf-8") as f:
-            f.write("\n" + report + "\n")
+    publish(report, args)
     return 0
 
 
