@@ -22,6 +22,8 @@ class Result:
     statuses: Counter[int] = field(default_factory=Counter)
     errors: int = 0
     seconds: float = 0.0
+    #: (request index, status, body) of every ``sample_every``-th measured response, for checking answers
+    samples: list[tuple[int, int, bytes]] = field(default_factory=list)
 
     @property
     def count(self) -> int:
@@ -52,6 +54,8 @@ class _Conn(asyncio.Protocol):
         self.waiter: asyncio.Future[int] | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.keep = False  # keep the next response's body (a sample), else it is dropped unread
+        self.body = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -70,6 +74,8 @@ class _Conn(asyncio.Protocol):
         if len(self.buf) < end + 4 + length:
             return
         status = int(head[9:12])
+        if self.keep:
+            self.body = bytes(self.buf[end + 4 : end + 4 + length])
         del self.buf[: end + 4 + length]
         self.waiter.set_result(status)
 
@@ -95,8 +101,15 @@ async def run(
     max_requests: int | None = None,
     warmup_s: float = 0.5,
     progress: Callable[[int, float], None] | None = None,
+    sample_every: int = 0,
+    on_measure: Callable[[bool], None] | None = None,
 ) -> Result:
-    """Send ``requests`` round-robin from ``concurrency`` connections until ``duration_s`` or ``max_requests``."""
+    """Send ``requests`` round-robin from ``concurrency`` connections until ``duration_s`` or ``max_requests``.
+
+    ``sample_every`` keeps every n-th measured response's body in ``Result.samples`` so a benchmark can check the
+    answers it timed; ``on_measure(True)`` / ``on_measure(False)`` mark the measured window (e.g. to read the
+    server's CPU time over exactly the requests counted).
+    """
     loop = asyncio.get_running_loop()
     result = Result()
     sent = 0
@@ -114,8 +127,10 @@ async def run(
                 now = time.perf_counter()
                 if measuring and (now >= stop_at or (max_requests is not None and sent >= max_requests)):
                     return
-                payload = requests[i % len(requests)]
+                index = i % len(requests)
+                payload = requests[index]
                 i += 1
+                keep = conn.keep = bool(measuring and sample_every and sent % sample_every == 0)
                 t0 = time.perf_counter_ns()
                 try:
                     status = await conn.send(payload)
@@ -128,6 +143,8 @@ async def run(
                     result.latencies_ns.append(time.perf_counter_ns() - t0)
                     result.statuses[status] += 1
                     sent += 1
+                    if keep:
+                        result.samples.append((index, status, conn.body))
         finally:
             if conn.transport is not None:
                 conn.transport.close()
@@ -137,11 +154,15 @@ async def run(
         await asyncio.sleep(warmup_s)
         start = time.perf_counter()
         stop_at = start + duration_s
+        if on_measure is not None:
+            on_measure(True)
         measuring = True
         while time.perf_counter() < stop_at and (max_requests is None or sent < max_requests):
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(min(0.25, max(0.0, stop_at - time.perf_counter())))
             if progress is not None:
                 progress(sent, time.perf_counter() - start)
+        if on_measure is not None:
+            on_measure(False)
 
     await asyncio.gather(clock(), *(client(i) for i in range(concurrency)))
     result.seconds = max(last_done - start, 1e-9)
