@@ -149,16 +149,24 @@ class _Run:
             os.close(lock_fd)
 
     def _run(self) -> int:
+        from daemon import batch_pipeline
+
         journal = self.work.start(self.args.resume)
         resumed_at = journal["chunks"]
         progress = _Progress(self.source, journal["chunks"] * self.args.chunk_rows)
-        for chunk in self._chunks(journal["chunks"] * self.args.chunk_rows):
-            good, outputs = self._score(chunk)
-            self.work.write_chunk(journal["chunks"], self.id_name, chunk.ids, good, outputs, chunk.reasons)
+
+        def commit(ids: pa.Array, reasons: dict[int, str], good: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+            self.work.write_chunk(journal["chunks"], self.id_name, ids, good, outputs, reasons)
             journal.update(chunks=journal["chunks"] + 1, scored=journal["scored"] + len(good),
-                           rejected=journal["rejected"] + len(chunk.reasons))
+                           rejected=journal["rejected"] + len(reasons))
             self.work.commit(journal)
-            progress.add(len(chunk))
+            progress.add(len(ids))
+
+        # reading and converting, scoring, and committing overlap (numpy, pyarrow, the runtime and fsync release
+        # the GIL); the queues hold one chunk each, so memory stays a few chunks whatever the input's size
+        with batch_pipeline.Pipeline(self._chunks(journal["chunks"] * self.args.chunk_rows), commit) as pipe:
+            for chunk in pipe:  # the writer gets the ids and reasons, not the inputs: they are freed here
+                pipe.put(chunk.ids, chunk.reasons, *self._score(chunk))
         progress.close()
         self.work.finish(self.out_format, self.rejects, journal["scored"], self.id_name, self.session.outputs)
         self.output.with_name(f".{self.output.name}.lock").unlink(missing_ok=True)
@@ -203,8 +211,10 @@ class _Run:
         if not len(good):
             return good, {}
         if not self.one_row:
+            # a chunk without rejects goes to the runtime as it is (often a view of the file): no gathering copy
+            picked = chunk.inputs if not chunk.reasons else {n: a[good] for n, a in chunk.inputs.items()}
             try:
-                return good, self.session.run({n: a[good] for n, a in chunk.inputs.items()})
+                return good, self.session.run(picked)
             except InputRejected:
                 pass
         kept, outs = [], []
@@ -224,6 +234,10 @@ def _ids(col: Any) -> pa.Array:
 
     if isinstance(col, pa.Array):
         return col
+    if isinstance(col, np.ndarray) and col.ndim == 1 and col.dtype.kind in "iuf":
+        from daemon.batch_arrow import arrow_of
+
+        return arrow_of(col)
     try:
         return pa.array(col)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
@@ -231,9 +245,10 @@ def _ids(col: Any) -> pa.Array:
 
 
 def _row_numbers(start: int, n: int) -> pa.Array:
-    import pyarrow as pa
 
-    return pa.array(np.arange(start, start + n, dtype=np.int64))
+    from daemon.batch_arrow import arrow_of
+
+    return arrow_of(np.arange(start, start + n, dtype=np.int64))
 
 
 class _Progress:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from daemon.batch_arrow import arrow_of, numpy_of
 from daemon.fsutil import atomic_output
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".npy": "npy", ".npz": "npz"}
@@ -251,10 +252,10 @@ def write_output(path: Path, fmt: str, batches: Callable[[], Iterator[pa.RecordB
 
 def _numpy(col: pa.Array, shape: tuple[int, ...]) -> Any:
     if pa.types.is_fixed_size_list(col.type):
-        return col.flatten().to_numpy(zero_copy_only=False).reshape((len(col), *shape))
+        return numpy_of(col.flatten()).reshape((len(col), *shape))
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         return col.to_pylist()
-    return col.to_numpy(zero_copy_only=False)
+    return numpy_of(col)
 
 
 def _flatten(b: pa.RecordBatch, shapes: dict[str, tuple[int, ...]]) -> pa.RecordBatch:
@@ -275,7 +276,7 @@ def _flatten(b: pa.RecordBatch, shapes: dict[str, tuple[int, ...]]) -> pa.Record
 
 
 def _every(values: pa.Array, start: int, step: int) -> pa.Array:
-    return pa.array(values.to_numpy(zero_copy_only=False)[start::step])
+    return arrow_of(numpy_of(values)[start::step])
 
 
 def _stream_npy(f: IO[bytes], name: str, batches: Callable[[], Iterator[pa.RecordBatch]],
@@ -291,4 +292,5 @@ def _stream_npy(f: IO[bytes], name: str, batches: Callable[[], Iterator[pa.Recor
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, *shapes[name])}
     np.lib.format.write_array_header_2_0(f, header)
     for b in batches():
-        f.write(np.ascontiguousarray(np.asarray(_numpy(b.column(name), shapes[name]), dtype=dtype)).tobytes())
+        values = np.ascontiguousarray(np.asarray(_numpy(b.column(name), shapes[name]), dtype=dtype))
+        f.write(values.reshape(-1).view(np.uint8).data)  # the array's own bytes: no copy through tobytes()

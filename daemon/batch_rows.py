@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from adapters.base import TensorSpec
+from daemon.batch_arrow import numpy_of
 
 #: a column as a reader hands it over: an Arrow array (CSV, Parquet), a numpy array (.npy/.npz), or Python values
 #: parsed from JSON lines (whose types are the JSON ones)
@@ -164,12 +165,12 @@ def _scalars(col: Column, n: int, dtype: np.dtype[Any], allow_nan: bool,
         values = col.astype(np.float64)
     elif isinstance(col, pa.Array) and col.null_count == 0 and (
             pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
-        values = col.to_numpy(zero_copy_only=False).astype(np.float64)
+        values = numpy_of(col).astype(np.float64)
     else:
         parsed = None
         if isinstance(col, pa.Array) and pa.types.is_string(col.type) and col.null_count == 0:
             try:
-                parsed = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+                parsed = numpy_of(pc.cast(col, pa.float64()))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 parsed = None
         if parsed is None:
@@ -280,10 +281,10 @@ def _dense_lists(col: Column, n: int) -> np.ndarray | None:
         return None
     width = len(values) // n
     if not pa.types.is_fixed_size_list(col.type):
-        offsets = col.offsets.to_numpy(zero_copy_only=False)
+        offsets = numpy_of(col.offsets)
         if not (np.diff(offsets) == width).all():
             return None
-    return values.to_numpy(zero_copy_only=False).reshape(n, width)
+    return numpy_of(values).reshape(n, width)
 
 
 def _finish_rows(flat: np.ndarray, dtype: np.dtype[Any], allow_nan: bool,

@@ -19,6 +19,7 @@ import orjson
 import pyarrow as pa
 
 from adapters.base import TensorSpec
+from daemon.batch_arrow import arrow_of
 from daemon.batch_io import write_output
 from daemon.fsutil import atomic_output, atomic_write
 
@@ -65,14 +66,15 @@ class WorkFolder:
                 if arr.shape[:1] != (len(good),):
                     raise ValueError(f"output {name!r} has shape {list(arr.shape)} for {len(good)} rows: batch "
                                      "needs one output row per input row")
-            batch = record_batch(id_name, ids.take(pa.array(good)), outputs)
+            batch = record_batch(id_name, ids.take(arrow_of(good)) if reasons else ids, outputs)
             with atomic_output(self.path / f"part-{k:08d}.arrow") as f, pa.ipc.new_file(f, batch.schema) as w:
                 w.write_batch(batch)
         if reasons:
-            values = ids.to_pylist()
+            rows = sorted(reasons)
+            values = ids.take(arrow_of(np.array(rows, dtype=np.int64))).to_pylist()
             with atomic_output(self.path / f"rejects-{k:08d}.jsonl") as f:
-                for i in sorted(reasons):
-                    f.write(orjson.dumps({id_name: values[i], "reason": reasons[i]}, option=orjson.OPT_APPEND_NEWLINE))
+                f.write(b"".join(orjson.dumps({id_name: v, "reason": reasons[i]}, option=orjson.OPT_APPEND_NEWLINE)
+                                 for i, v in zip(rows, values)))
 
     def finish(self, fmt: str, rejects: Path, scored: int, id_name: str, outputs: list[TensorSpec]) -> None:
         """Assemble the output and the rejects file from the committed chunks, then remove the folder."""
@@ -107,7 +109,7 @@ def record_batch(id_name: str, ids: pa.Array, outputs: Mapping[str, np.ndarray])
     for name, arr in outputs.items():
         shape = arr.shape[1:]
         meta[name] = json.dumps(list(shape))
-        flat = pa.array(np.ascontiguousarray(arr).reshape(-1))
+        flat = arrow_of(np.ascontiguousarray(arr).reshape(-1))
         arrays.append(flat if not shape else pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape))))
     names = [id_name, *outputs]
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(
