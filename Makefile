@@ -38,7 +38,8 @@ run: $(STAMP_RUN)
 	@echo
 	$(VENV)/bin/inferd serve --config config.example.yaml
 
-# The broker the MQTT tests start, and curl for the README's example; installed from Debian's packages when missing.
+# The broker the MQTT tests start, curl for the README's example and Java for pyspark (tests/test_spark.py); installed
+# from Debian's packages when missing.
 deps-system:
 	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } && command -v mosquitto_rr >/dev/null 2>&1 || { \
 	  echo "installing mosquitto"; \
@@ -47,6 +48,9 @@ deps-system:
 	@command -v curl >/dev/null 2>&1 || { echo "installing curl (the README's example request is tested)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq curl >/dev/null; }
+	@command -v java >/dev/null 2>&1 || { echo "installing Java (pyspark's JVM, for tests/test_spark.py)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq default-jre-headless >/dev/null; }
 
 lint: $(STAMP_DEV)
 	$(VENV)/bin/ruff check daemon adapters tests $(wildcard bench)
