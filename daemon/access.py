@@ -1,0 +1,138 @@
+"""Who may call what, for every frontend: the config's auth section turned into one :class:`Guard`.
+
+Zero trust: where a caller connects from grants nothing, with one configurable exception, the liveness and readiness
+probes (``auth.open_probes``), which a supervisor or load balancer calls without credentials. Auth is on by default
+whenever a listener is not on loopback; turning it off there must be written in the config, and is logged as a
+WARNING at every start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from daemon.audit import AuditLog
+from daemon.config import Config
+from daemon.errors import ConfigError
+from daemon.keys import read_secret_file, source_path
+from daemon.security import (
+    ApiKey,
+    Authenticator,
+    Caller,
+    Forbidden,
+    Unauthenticated,
+    authorize,
+    parse_keys_file,
+    parse_record,
+)
+
+log = logging.getLogger("inferd.auth")
+
+#: the identity of a probe let in without credentials (``auth.open_probes``)
+PROBE = Caller("anonymous-probe", frozenset({"health"}), None, "open")
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a route needs: its scope, whether it is a probe ``open_probes`` may leave open, and its name for logs,
+    metrics and audit lines (a template, never the raw path)."""
+
+    scope: str
+    name: str
+    probe: bool = False
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def listeners(config: Config) -> list[tuple[str, str]]:
+    """(frontend, host) of every listener the config opens (MQTT connects out, so it has none)."""
+    found = [("http", config.server.host)]
+    if config.grpc.enabled:
+        found.append(("grpc", config.grpc.host))
+    return found
+
+
+def auth_required(config: Config) -> bool:
+    """``auth.required`` as written, else on whenever a listener is not on loopback."""
+    exposed = [f"{name} on {host}" for name, host in listeners(config) if not is_loopback(host)]
+    if config.auth.required is False:
+        if exposed:
+            log.warning("auth.required is false while %s listens beyond loopback: anyone who can reach it may call "
+                        "every route", ", ".join(exposed), extra={"event_kind": "auth_off_exposed"})
+        return False
+    return config.auth.required is True or bool(exposed)
+
+
+def load_keys(config: Config) -> list[ApiKey]:
+    """Every API-key record: the keys file (0600, or a credential) and the inline ``auth.keys``."""
+    found = [parse_record(entry, f"auth.keys[{i}]") for i, entry in enumerate(config.auth.keys)]
+    if config.auth.keys_file is not None:
+        path = source_path(config.auth.keys_file)
+        found += parse_keys_file(read_secret_file(path), str(path))
+    return found
+
+
+class Guard:
+    """Authenticates and authorizes one request; counts and audits every refusal."""
+
+    def __init__(self, authenticator: Authenticator, required: bool, open_probes: str,
+                 audit: AuditLog | None = None) -> None:
+        self.authenticator = authenticator
+        self.required = required
+        self.open_probes = open_probes
+        self.audit = audit
+        self.refusals: dict[tuple[str, str], int] = {}  # (transport, reason) -> count, for the metrics
+
+    def check(self, route: Route, model: str | None, authorization: str | None, peer: str | None,
+              transport: str, certificate_ids: Iterable[str] = ()) -> Caller | None:
+        """The caller, or None when auth is off; raises Unauthenticated / Forbidden with the reason."""
+        if not self.required:
+            return None
+        if route.probe and (self.open_probes == "any" or (self.open_probes == "loopback" and peer is not None
+                                                          and is_loopback(peer))):
+            return PROBE
+        caller: Caller | None = None
+        try:
+            caller = self.authenticator.from_certificate(certificate_ids) if certificate_ids else None
+            if caller is None:
+                caller = self.authenticator.from_header(authorization)
+            authorize(caller, route.scope, model)
+        except (Unauthenticated, Forbidden) as exc:
+            self._refused(exc, route, model, peer, transport, caller.name if caller is not None else None)
+            raise
+        return caller
+
+    def _refused(self, exc: Unauthenticated | Forbidden, route: Route, model: str | None, peer: str | None,
+                 transport: str, who: str | None) -> None:
+        key = (transport, exc.code)
+        self.refusals[key] = self.refusals.get(key, 0) + 1
+        if self.audit is not None:
+            self.audit.record("auth", exc.code, who=who, peer=peer, transport=transport, route=route.name,
+                              model=model, reason=str(exc))
+
+
+def build_guard(config: Config, audit: AuditLog | None = None) -> Guard:
+    """The guard for a config; ConfigError when auth is required but no caller could ever pass."""
+    required = auth_required(config)
+    keys = load_keys(config)
+    certificates = {c.identity: Caller(c.name, frozenset(c.scopes), frozenset(c.models) if c.models is not None
+                                       else None, "mtls") for c in config.auth.certificates}
+    if required and not keys and not certificates:
+        exposed = [f"{name} on {host}" for name, host in listeners(config) if not is_loopback(host)]
+        where = f" ({', '.join(exposed)} is not loopback)" if exposed else ""
+        raise ConfigError(f"auth is required{where} but no API key or certificate caller is configured: add one "
+                          "with 'inferd auth add-key' and set auth.keys_file, or set auth.required: false to serve "
+                          "without authentication")
+    return Guard(Authenticator(keys, certificates), required, config.auth.open_probes, audit)
+
+
+__all__ = ["PROBE", "Guard", "Route", "auth_required", "build_guard", "is_loopback", "listeners", "load_keys"]

@@ -1,0 +1,78 @@
+"""The security sections of the config: ``auth`` (API keys, client certificates, open probes), ``audit``, the HTTP
+listener's TLS (``server.tls``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from daemon.config_base import ConfigPath, KeySource, _Model
+from daemon.security import SCOPES
+
+
+class CertificateCaller(_Model):
+    """A caller known by its client certificate (mutual TLS): the certificate's subject CN or one of its SANs."""
+
+    identity: str = Field(min_length=1, description="Subject CN, DNS SAN, URI SAN or e-mail SAN to match exactly.")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$", description="Caller name in logs and audit.")
+    scopes: list[str] = Field(description="Scopes granted: health, read, infer, admin, metrics.")
+    models: list[str] | None = Field(None, description="Only these models (null: every model).")
+
+    @field_validator("scopes")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(SCOPES))
+        if unknown:
+            raise ValueError(f"unknown scope(s) {', '.join(unknown)} (known: {', '.join(SCOPES)})")
+        if not value:
+            raise ValueError(f"give at least one scope ({', '.join(SCOPES)})")
+        return value
+
+
+class AuthConfig(_Model):
+    required: bool | None = Field(
+        None, description="Require credentials on every route but the open probes. null (the default): required "
+        "whenever a listener is not on loopback; start-up refuses a non-loopback listener with false unless "
+        "written explicitly (then with a WARNING).",
+    )
+    keys_file: KeySource | None = Field(
+        None, description="The API-key hash file `inferd auth add-key` writes (mode 0600), or a credential.",
+    )
+    keys: list[dict[str, Any]] = Field(
+        default_factory=list, description="API-key records inline (name, id, hash, scopes, models): hashes only.",
+    )
+    certificates: list[CertificateCaller] = Field(
+        default_factory=list, description="Callers named by their verified client certificate (server.tls.client_ca).",
+    )
+    open_probes: Literal["none", "loopback", "any"] = Field(
+        "loopback", description="Who may call /v2/health/live and /v2/health/ready without credentials.",
+    )
+
+
+class AuditConfig(_Model):
+    enabled: bool = Field(True, description="Write the audit log (admin actions, auth failures, activations).")
+    path: ConfigPath | None = Field(
+        None, description="Audit log file (default: <state_dir>/audit/audit.log, or $LOGS_DIRECTORY/audit.log).",
+    )
+    max_bytes: int = Field(10 * 1024 * 1024, ge=4096, description="Rotate the audit log past this size.")
+    keep: int = Field(5, ge=1, le=1000, description="Rotated audit files kept besides the current one.")
+
+
+class HttpTlsConfig(_Model):
+    enabled: bool = Field(False, description="Serve HTTPS only on server.port (no plaintext listener).")
+    cert_file: ConfigPath | None = Field(None, description="Server certificate chain (PEM).")
+    key: KeySource | None = Field(None, description="Server private key (PEM, mode 0600), from a file or credential.")
+    client_ca_file: ConfigPath | None = Field(
+        None, description="Mutual TLS: clients must present a certificate signed by this CA (PEM).",
+    )
+    min_version: Literal["1.2", "1.3"] = Field("1.2", description="Oldest TLS version accepted.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> HttpTlsConfig:
+        if self.enabled and (self.cert_file is None or self.key is None):
+            raise ValueError("TLS needs both 'cert_file' and 'key'")
+        return self
+
+
+__all__ = ["AuditConfig", "AuthConfig", "CertificateCaller", "HttpTlsConfig"]
