@@ -2,6 +2,7 @@
 
 Layout (see docs/store.md)::
 
+    <state_dir>/format                                    the store's format number (daemon/store_format.py)
     <state_dir>/models/<name>/<version>/artifact.inferd   encrypted artifact, as installed (never plaintext)
     <state_dir>/models/<name>/state.json                  active version, previous, quarantined, history
     <state_dir>/tmp/                                      staging; renamed into place only when complete
@@ -25,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from daemon import store_format
 from daemon.artifact import check_name, read_header
 from daemon.errors import ModelNotFound, StoreError, VersionNotFound
 from daemon.fsutil import atomic_write, fsync_dir
@@ -64,13 +66,28 @@ class Store:
         self.root = state_dir
         self.models_dir = state_dir / "models"
         self.tmp_dir = state_dir / "tmp"
+        self._readable = False  # the format was checked once by a reader
 
     def ensure(self) -> None:
-        """Create the folders and drop staging left by a crash (garbage by construction: nothing points at it)."""
-        for d in (self.root, self.models_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+        """Bring the store to this inferd's format (or refuse a newer one), create the folders and drop staging
+        left by a crash (garbage by construction: nothing points at it)."""
         with self.locked():
+            self._upgrade_format()
+            for d in (self.models_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True, mode=0o750)
             self._clean_tmp()
+
+    def _upgrade_format(self) -> None:
+        """Under the lock, before any other write: nothing is written into a store of a format this inferd does
+        not know."""
+        if store_format.upgrade(self.root):
+            self._own(self.root / store_format.FORMAT_NAME)
+        self._readable = True
+
+    def _check_readable(self) -> None:
+        if not self._readable:
+            store_format.check(self.root)
+            self._readable = True
 
     def _clean_tmp(self) -> None:
         for leftover in self.tmp_dir.iterdir():
@@ -92,11 +109,13 @@ class Store:
     # -- reading ----------------------------------------------------------------------------------------------
 
     def model_names(self) -> list[str]:
+        self._check_readable()
         if not self.models_dir.is_dir():
             return []
         return sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def versions(self, name: str) -> list[str]:
+        self._check_readable()
         d = self.models_dir / name
         if not d.is_dir():
             return []
@@ -108,6 +127,7 @@ class Store:
         return self.models_dir / name / version / ARTIFACT_NAME
 
     def read_artifact(self, name: str, version: str) -> bytes:
+        self._check_readable()
         path = self.artifact_path(name, version)
         try:
             return path.read_bytes()
@@ -119,6 +139,7 @@ class Store:
             raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from None
 
     def state(self, name: str) -> ModelState:
+        self._check_readable()
         path = self.models_dir / name / STATE_NAME
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -169,10 +190,11 @@ class Store:
                 check_name(label, value)
             except ValueError as exc:
                 raise StoreError(f"artifact {name!r}:{version!r} has an {exc}") from None
-        for d in (self.root, self.models_dir, self.tmp_dir):
-            d.mkdir(parents=True, exist_ok=True, mode=0o750)
         digest = hashlib.sha256(blob).hexdigest()
         with self.locked():
+            self._upgrade_format()
+            for d in (self.models_dir, self.tmp_dir):
+                d.mkdir(parents=True, exist_ok=True, mode=0o750)
             state = self.state(name)
             if version in state.quarantined:
                 raise StoreError(f"{name}:{version} is quarantined: it failed its checks before and is not installed")
