@@ -48,6 +48,9 @@ deps-system:
 	@command -v curl >/dev/null 2>&1 || { echo "installing curl (the README's example request is tested)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq curl >/dev/null; }
+	@command -v systemd-analyze >/dev/null 2>&1 || { echo "installing systemd (systemd-analyze and -sysusers test the unit)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
 	@command -v java >/dev/null 2>&1 || { echo "installing Java (pyspark's JVM, for tests/test_spark.py)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq default-jre-headless >/dev/null; }

@@ -9,10 +9,11 @@ import asyncio
 import logging
 import signal
 import socket
+from pathlib import Path
 from typing import Any
 
 from adapters.cpus import usable_cpus
-from daemon import http_api, keys, metrics, protocol, sdnotify
+from daemon import announce, http_api, keys, metrics, protocol, sdnotify
 from daemon.config import Config
 from daemon.context import Activity
 from daemon.errors import ConfigError
@@ -26,8 +27,9 @@ log = logging.getLogger("inferd.app")
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # named in the start-up line; None when built in code
         self.store = Store(config.state_dir)
         self.node_id = config.node_id or socket.gethostname()
         self._stop = asyncio.Event()
@@ -35,6 +37,7 @@ class Daemon:
         self.activity = Activity()
         self.frontends: list[Frontend] = []
         self.mqtt: Any = None  # daemon.mqtt_api.MqttFrontend when MQTT is on (imported only then: paho is not free)
+        self.announcer: announce.Announcer | None = None  # STATUS=/READY=1, and Announcer.reload() for SIGHUP
 
     def request_stop(self, signame: str) -> None:
         if not self._stop.is_set():
@@ -45,6 +48,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
+        announce.starting(len(self.config.models))
         # key files, the state folders and the cgroup CPU quota are file system work: off the loop, as everything is
         keks = await loop.run_in_executor(None, keys.load_keks, list(self.config.keys.kek))
         signers = await loop.run_in_executor(None, keys.load_signers, list(self.config.keys.signers))
@@ -54,16 +58,17 @@ class Daemon:
         self.manager = manager
         server = self.config.server
         limits = protocol.Limits(server.max_tensor_elements)
-        readiness = Readiness(manager.not_ready_reasons)
+        readiness = Readiness(lambda: announce.model_reasons(manager))  # "no models configured" is not ready
         if self.config.mqtt.enabled:
             from daemon.mqtt_api import MqttFrontend
 
             self.mqtt = MqttFrontend.from_config(self.config, self.node_id, manager, limits, self.activity)
         registry = metrics.make_registry(
             metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness, self._mqtt_metrics,
-                                    queues=manager.queue_depths)
+                                    queues=manager.queue_depths, http_refusals=lambda: api.observer.refusals())
         )
-        api = http_api.HttpApi(manager, limits, server.max_body_bytes, registry, readiness, self.activity)
+        api = http_api.HttpApi(manager, limits, server.max_body_bytes, registry, readiness, self.activity,
+                               access_log=server.access_log)
         http = HttpFrontend(api, server.host, server.port, self.activity)
         grpc_frontend: Frontend | None = None
         if self.config.grpc.enabled:
@@ -77,24 +82,28 @@ class Daemon:
         for frontend in self.frontends:
             readiness.add(frontend)
         supervisor = Supervisor(readiness)
+        supervisor.loop("watchdog", self._watchdog)  # pinged while the models load too: loading is off the loop
+        self.announcer = announcer = announce.Announcer(manager, readiness, lambda: self.frontends,
+                                                        self.config_path)
         await http.start()  # the port opens before the models load: readiness says "loading" meanwhile
         supervisor.frontend(http)
         if grpc_frontend is not None:
             await grpc_frontend.start()  # like HTTP, before the models load: inference is UNAVAILABLE meanwhile
             supervisor.frontend(grpc_frontend)
         manager.warn_if_oversubscribed()
-        sdnotify.notify(f"STATUS=loading {len(manager.entries)} model(s)")
         await manager.load_all()
         if self.mqtt is not None:
             await self.mqtt.start()  # after loading, so queued QoS 1 requests meet ready models
             supervisor.frontend(self.mqtt)
-        supervisor.loop("watchdog", self._watchdog)
-        if manager.ready:
+        announcer.listening()
+        if not manager.entries:
+            log.warning("no models configured: readiness answers 503 until one is", extra={"event_kind": "ready"})
+        elif manager.ready:
             log.info("ready: %d model(s) serving", len(manager.entries), extra={"event_kind": "ready"})
         else:
             log.warning("serving with failures: %s", "; ".join(manager.not_ready_reasons()),
                         extra={"event_kind": "ready"})
-        sdnotify.notify("READY=1\nSTATUS=serving")
+        supervisor.loop("notify-ready", announcer.until_ready)  # READY=1 once readiness holds
         try:
             await self._stop.wait()
         finally:
@@ -118,7 +127,7 @@ class Daemon:
     async def _shutdown(self, readiness: Readiness, supervisor: Supervisor) -> None:
         """Stop taking work on every frontend at once, let accepted work finish against one deadline
         (server.drain_timeout_s), then release everything. Fits systemd's TimeoutStopSec (45 s) with the default."""
-        sdnotify.notify("STOPPING=1")
+        sdnotify.stopping("draining: finishing accepted requests, then stopping")
         supervisor.closing()
         readiness.draining = True  # readiness turns 503 at once
         budget = self.config.server.drain_timeout_s

@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     logs.configure(config.logging.level, config.logging.format)
-    asyncio.run(Daemon(config).run())
+    asyncio.run(Daemon(config, args.config).run())
     return 0
 
 

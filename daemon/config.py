@@ -81,6 +81,10 @@ class ServerConfig(_Model):
     drain_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long in-flight requests may take to finish before exit."
     )
+    access_log: bool = Field(
+        False, description="Log one JSON line per HTTP request (method, path, status, duration, sizes, peer; never "
+        "a body or a header) to the daemon's log."
+    )
 
 
 class KeysConfig(_Model):

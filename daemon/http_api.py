@@ -10,6 +10,7 @@ import asyncio
 import functools
 import importlib.resources
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
@@ -24,6 +25,7 @@ from daemon import protocol, responses, service
 from daemon.context import Activity, RequestContext
 from daemon.errors import InferdError, NotReady
 from daemon.frontend import Readiness
+from daemon.http_observe import HttpObserver
 from daemon.metrics import Registries
 from daemon.model_config import triton_model_config
 from daemon.models import ModelManager
@@ -81,6 +83,7 @@ class HttpApi:
         registry: Registries,
         readiness: Readiness,
         activity: Activity,
+        access_log: bool = False,
     ) -> None:
         self.manager = manager
         self.limits = limits
@@ -88,6 +91,8 @@ class HttpApi:
         self.registry = registry
         self.readiness = readiness
         self.activity = activity
+        # error answers counted by route, and the access log when server.access_log is on (daemon/http_observe.py)
+        self.observer = HttpObserver(access_log, FIXED, MODEL_ROUTES)
 
     def server(self) -> web_server.Server:
         """The aiohttp protocol factory; create it on the running loop."""
@@ -101,6 +106,12 @@ class HttpApi:
         return web_server.Server(self.handle, request_factory=make_request, access_log=None)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        response = await self._answer(request)
+        self.observer.done(request, response, started)
+        return response
+
+    async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
         """Route, run, and turn every failure into V2's ``{"error": ...}``; in progress (for the drain and the
         lone-client rule) from here until the answer is built."""
         self.activity.enter()

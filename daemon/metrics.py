@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
+import daemon
+
 #: request outcomes, as counted in inferd_requests_total{outcome=...}
 OUTCOMES = ("success", "invalid", "shed", "timeout", "failed")
 
@@ -44,7 +46,12 @@ METRICS: dict[str, tuple[str, str]] = {
     "inferd_mqtt_unanswerable_total": (
         "counter", "MQTT requests refused unread because they name no usable reply topic."),
     "inferd_mqtt_refused_replies_total": ("counter", "MQTT replies the broker refused (ACL, quota)."),
+    "inferd_build_info": ("gauge", "1, labelled with the running inferd's version."),
+    "inferd_http_refusals_total": (
+        "counter", "HTTP answers with an error status (4xx, 5xx), by route template and status."),
 }
+#: one HTTP error answer count: (route template, status, answers)
+RouteRefusals = tuple[str, int, int]
 
 
 class Histogram:
@@ -183,7 +190,9 @@ class InferdCollector:
         readiness: Callable[[], Iterable[tuple[str, bool]]],
         mqtt: Callable[[], dict[str, Any] | None] = lambda: None,
         queues: Callable[[], Iterable[QueueDepth]] = lambda: (),
+        http_refusals: Callable[[], Iterable[RouteRefusals]] = lambda: (),
     ) -> None:
+        self._http_refusals = http_refusals
         self._stats = stats
         self._loaded = loaded
         self._readiness = readiness
@@ -260,6 +269,14 @@ class InferdCollector:
                                       value=mqtt["unanswerable"])
             yield CounterMetricFamily("inferd_mqtt_refused_replies", help_["inferd_mqtt_refused_replies_total"],
                                       value=mqtt["refused_replies"])
+        build = GaugeMetricFamily("inferd_build_info", help_["inferd_build_info"], labels=["version"])
+        build.add_metric([daemon.__version__], 1)
+        yield build
+        http_refusals = CounterMetricFamily("inferd_http_refusals", help_["inferd_http_refusals_total"],
+                                            labels=["route", "status"])
+        for route, status, count in self._http_refusals():
+            http_refusals.add_metric([route, str(status)], count)
+        yield http_refusals
 
 
 @dataclass(frozen=True)
