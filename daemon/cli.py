@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(s)
     s.set_defaults(func=cmd_batch)
 
-    s = sub.add_parser("check-config", help="validate a config file without serving")
+    s = sub.add_parser("check-config", help="check a config and what serve would refuse (keys, model versions, TLS)")
     s.add_argument("config", type=Path)
     s.set_defaults(func=cmd_check_config)
 
@@ -195,10 +195,22 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Syntax, then every check serve would fail on (daemon/checks.py): one line per check on stdout, and the
+    failures in one ``inferd: error:`` line; checks that need the service's credentials are listed as skipped."""
+    from daemon.checks import run_checks
     from daemon.config import load_config
 
     config = load_config(args.config)
-    print(f"{args.config}: OK ({len(config.models)} model(s))")
+    report = run_checks(config)
+    for finding in report.findings:
+        print(finding.line())
+    if not report.ok:
+        failed = report.of("failed")
+        print(f"inferd: error: {args.config}: {len(failed)} check(s) failed: {report.reasons()}", file=sys.stderr)
+        return EXIT_ERROR
+    skipped = len(report.of("skipped"))
+    note = f"; {skipped} check(s) skipped, see above" if skipped else ""
+    print(f"{args.config}: OK ({len(config.models)} model(s){note})")
     return 0
 
 

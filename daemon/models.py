@@ -27,10 +27,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from adapters import AdapterError, Session, get_runtime
 from adapters.cpus import usable_cpus
-from daemon.artifact import Header, open_artifact
+from daemon.artifact import Header
+from daemon.checks import open_version
 from daemon.config import Config, ModelConfig
 from daemon.context import RequestContext
-from daemon.errors import ArtifactMismatch, InferdError, LoadFailed, ModelNotFound, NotReady, VersionNotFound
+from daemon.errors import InferdError, LoadFailed, ModelNotFound, NotReady, VersionNotFound
 from daemon.keys import Kek
 from daemon.metrics import LoadedInfo, VersionStats
 from daemon.scheduler import BatchPolicy, Scheduler
@@ -101,7 +102,7 @@ class ModelManager:
         self.entries: dict[str, ModelEntry] = {m.name: ModelEntry(m) for m in config.models}
         #: called on the event loop with each model event (activated, load_failed, retired); MQTT publishes them
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        self._auto_threads = max(1, self._cpus // max(1, sum(m.workers for m in config.models)))
+        self._auto_threads = auto_threads(config, self._cpus)
         self._loading: dict[tuple[str, str], asyncio.Future[LoadedVersion]] = {}
 
     # -- the version lifecycle --------------------------------------------------------------------------------
@@ -203,13 +204,70 @@ class ModelManager:
         if loaded.state != "ready":
             raise VersionNotFound(f"version {version!r} of model {name!r} is already being retired")
         loaded.state = "draining"  # routing skips it from now on; its stats stay exported until it is gone
+        await self.discard(loaded, timeout)
+
+    async def discard(self, loaded: LoadedVersion, timeout: float = RETIRE_TIMEOUT_S) -> None:
+        """Drain a version nothing routes to any more (what it accepted finishes, up to ``timeout``), close its
+        session and forget it."""
+        loaded.state = "draining"
         await loaded.scheduler.drain(timeout)
         await asyncio.get_running_loop().run_in_executor(None, loaded.session.close)
         loaded.state = "retired"
-        del entry.versions[version]
-        self._emit("retired", name, version, None)
-        log.info("model %s version %s retired", name, version,
-                 extra={"event_kind": "retired", "model": name, "version": version})
+        entry = self.entries.get(loaded.name)
+        if entry is not None and entry.versions.get(loaded.version) is loaded:
+            del entry.versions[loaded.version]
+        self._emit("retired", loaded.name, loaded.version, None)
+        log.info("model %s version %s retired", loaded.name, loaded.version,
+                 extra={"event_kind": "retired", "model": loaded.name, "version": loaded.version})
+
+    # -- reconfiguration: what a SIGHUP reload (daemon/reload.py) does through the lifecycle above -------------
+
+    def use(self, config: Config, keks: Mapping[str, Kek], signers: Mapping[str, Ed25519PublicKey]) -> None:
+        """Load with this config's keys and thread share from now on (a reload calls it before preparing the new
+        config's versions, and again with the old ones when it gives up)."""
+        self._config, self._keks, self._signers = config, keks, signers
+        self._auto_threads = auto_threads(config, self._cpus)
+
+    @property
+    def cpus(self) -> int:
+        return self._cpus
+
+    async def prepare(self, cfg: ModelConfig, version: str, stats: VersionStats | None = None) -> LoadedVersion:
+        """Load ``version`` with ``cfg``'s settings apart from every entry (nothing routes to it yet): decrypted,
+        warmed up, smoke-tested, its scheduler started. ``stats``: the counters of the version it will replace, so
+        a same-version reload keeps its series continuous. Raises what :meth:`load_version` raises."""
+        loaded = await asyncio.get_running_loop().run_in_executor(None, self._build, cfg, version, stats)
+        loaded.scheduler.start()
+        log.info("model %s version %s loaded beside the one serving on %s (%s, %d threads, %.2fs)", cfg.name, version,
+                 loaded.session.device, loaded.runtime, loaded.threads, loaded.load_seconds,
+                 extra={"event_kind": "version_prepared", "model": cfg.name, "version": version})
+        return loaded
+
+    def put(self, cfg: ModelConfig, loaded: LoadedVersion) -> list[LoadedVersion]:
+        """Make a prepared version its model's active one, under ``cfg`` (a new model when the name is unknown):
+        one step on the loop. Returns the versions it displaced, routed to no more: :meth:`discard` them."""
+        entry = self.entries.get(cfg.name)
+        if entry is None:
+            entry = self.entries[cfg.name] = ModelEntry(cfg)
+        entry.config = cfg
+        displaced = [v for v in (entry.versions.get(loaded.version), entry.active) if v is not None]
+        entry.versions[loaded.version] = loaded
+        entry.active, entry.status, entry.reason = loaded, "ready", None
+        entry.failures.pop(loaded.version, None)
+        for old in displaced:
+            old.state = "draining"
+        self._emit("activated", cfg.name, loaded.version, None)
+        log.info("model %s version %s active", cfg.name, loaded.version,
+                 extra={"event_kind": "activated", "model": cfg.name, "version": loaded.version})
+        return list({id(v): v for v in displaced}.values())
+
+    def remove(self, name: str) -> list[LoadedVersion]:
+        """Take a model out of the daemon: from now on requests for it are answered "unknown model" (404); its
+        loaded versions are returned to :meth:`discard` (their accepted work still finishes)."""
+        entry = self.entries.pop(name)
+        for loaded in entry.versions.values():
+            loaded.state = "draining"
+        return list(entry.versions.values())
 
     async def swap(self, name: str, version: str, timeout: float = RETIRE_TIMEOUT_S) -> None:
         """Load ``version`` beside the active one, switch to it, and retire the one it replaced: the hot swap."""
@@ -232,24 +290,12 @@ class ModelManager:
     def _threads(self, cfg: ModelConfig) -> int:
         return cfg.threads or self._auto_threads
 
-    def _build(self, cfg: ModelConfig, version: str) -> LoadedVersion:
+    def _build(self, cfg: ModelConfig, version: str, stats: VersionStats | None = None) -> LoadedVersion:
         """Runs in an executor: read, verify and decrypt in memory, load in the runtime, warm up."""
         started = time.monotonic()
-        blob = self._store.read_artifact(cfg.name, version)
-        opened = open_artifact(
-            blob, self._keks, self._signers, require_signature=self._config.keys.require_signature
-        )
-        del blob
+        opened = open_version(self._store, cfg, version, self._keks, self._signers,
+                              self._config.keys.require_signature)  # the very checks check-config runs
         header = opened.header
-        if header.name != cfg.name or header.version != version:
-            raise ArtifactMismatch(
-                f"store entry {cfg.name}:{version} holds an artifact for {header.name}:{header.version}"
-            )
-        if header.runtime != cfg.runtime:
-            raise ArtifactMismatch(
-                f"model {cfg.name} is configured for runtime {cfg.runtime} but its artifact was packed for "
-                f"{header.runtime}"
-            )
         threads = self._threads(cfg)
         session = get_runtime(cfg.runtime).load(opened.model_files(), cfg.session_options(threads))
         try:
@@ -257,7 +303,7 @@ class ModelManager:
         except Exception:
             session.close()
             raise
-        stats = VersionStats(cfg.name, version)
+        stats = VersionStats(cfg.name, version) if stats is None else stats
         scheduler = Scheduler(session, cfg.workers, batch_policy(cfg), stats, cfg.name)
         return LoadedVersion(
             cfg.name, version, cfg.runtime, session, scheduler, stats, header, threads, time.monotonic() - started
@@ -355,6 +401,11 @@ class ModelManager:
             entry.versions.clear()
             entry.active = None
             entry.status = "unloaded"
+
+
+def auto_threads(config: Config, cpus: int) -> int:
+    """Threads per inference for a model configured with ``threads: 0``: the usable CPUs shared among the workers."""
+    return max(1, cpus // max(1, sum(m.workers for m in config.models)))
 
 
 def batch_policy(cfg: ModelConfig) -> BatchPolicy:
