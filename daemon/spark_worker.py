@@ -203,7 +203,8 @@ class Scorer:
         arrays = [batch.column(k) for k in self.keep]
         for spec in self.outputs:
             arrays.append(_output_column(spec, results.get(spec.name), good, scored))
-        arrays.append(pa.array([reasons.get(i) for i in range(n)], type=pa.string()))
+        arrays.append(pa.array([reasons.get(i) for i in range(n)], type=pa.string()) if reasons
+                      else pa.nulls(n, pa.string()))
         return pa.RecordBatch.from_arrays(arrays, names=[*self.keep, *(s.name for s in self.outputs), REJECT_COLUMN])
 
     def _run(self, session: Session, inputs: dict[str, np.ndarray], n: int,
@@ -255,8 +256,10 @@ def _output_column(spec: TensorSpec, values: np.ndarray | None, good: np.ndarray
     full = np.zeros((n, width) if per_row else n, dtype=dtype)
     if values is not None:
         full[good] = values.reshape(len(good), -1) if per_row else values
+    nulls = None if scored.all() else ~scored
     if not per_row:
-        return pa.array(full, mask=~scored)
+        return pa.array(full, mask=nulls)
     offsets = pa.array(np.arange(0, n * width + 1, width, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(full.reshape(-1)), mask=pa.array(~scored))
+    mask = None if nulls is None else pa.array(nulls)
+    return pa.ListArray.from_arrays(offsets, pa.array(full.reshape(-1)), mask=mask)
 
