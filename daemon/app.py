@@ -10,7 +10,7 @@ import logging
 import signal
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from adapters.cpus import usable_cpus
 from daemon import announce, http_api, keys, metrics, protocol, sdnotify
@@ -20,6 +20,7 @@ from daemon.errors import ConfigError
 from daemon.frontend import Frontend, Readiness
 from daemon.http_server import HttpFrontend
 from daemon.models import ModelManager
+from daemon.reload import Reloader, TlsReloadable
 from daemon.store import Store
 from daemon.supervise import Supervisor
 
@@ -37,6 +38,8 @@ class Daemon:
         self.activity = Activity()
         self.frontends: list[Frontend] = []
         self.mqtt: Any = None  # daemon.mqtt_api.MqttFrontend when MQTT is on (imported only then: paho is not free)
+        self.reloader: Reloader | None = None  # SIGHUP (daemon/reload.py); None without a config file to re-read
+        self._reload_wanted = asyncio.Event()
         self.announcer: announce.Announcer | None = None  # STATUS=/READY=1, and Announcer.reload() for SIGHUP
 
     def request_stop(self, signame: str) -> None:
@@ -48,6 +51,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)  # early: a SIGHUP while starting must not kill
         announce.starting(len(self.config.models))
         # key files, the state folders and the cgroup CPU quota are file system work: off the loop, as everything is
         keks = await loop.run_in_executor(None, keys.load_keks, list(self.config.keys.kek))
@@ -82,6 +86,9 @@ class Daemon:
         for frontend in self.frontends:
             readiness.add(frontend)
         supervisor = Supervisor(readiness)
+        if self.config_path is not None:
+            tls = [cast(TlsReloadable, f) for f in self.frontends if hasattr(f, "load_tls")]  # certificates re-read
+            self.reloader = Reloader(self.config_path, self.config, manager, keks, signers, tls)
         supervisor.loop("watchdog", self._watchdog)  # pinged while the models load too: loading is off the loop
         self.announcer = announcer = announce.Announcer(manager, readiness, lambda: self.frontends,
                                                         self.config_path)
@@ -104,10 +111,25 @@ class Daemon:
             log.warning("serving with failures: %s", "; ".join(manager.not_ready_reasons()),
                         extra={"event_kind": "ready"})
         supervisor.loop("notify-ready", announcer.until_ready)  # READY=1 once readiness holds
+        supervisor.loop("reload", self._reloads)  # after loading: a SIGHUP that came meanwhile is applied now
         try:
             await self._stop.wait()
         finally:
             await self._shutdown(readiness, supervisor)
+
+    def request_reload(self) -> None:
+        log.info("received SIGHUP: reloading %s", self.config_path or "nothing (no config file)",
+                 extra={"event_kind": "reload_requested"})
+        self._reload_wanted.set()
+
+    async def _reloads(self) -> None:
+        """One reload at a time; SIGHUPs that arrive during one make exactly one more run after it."""
+        while True:
+            await self._reload_wanted.wait()
+            self._reload_wanted.clear()
+            if self.reloader is not None and self.announcer is not None:
+                await self.announcer.reload(self.reloader.reload)
+                self.config = self.reloader.config
 
     def _mqtt_metrics(self) -> dict[str, Any] | None:
         if self.mqtt is None:
@@ -129,6 +151,8 @@ class Daemon:
         (server.drain_timeout_s), then release everything. Fits systemd's TimeoutStopSec (45 s) with the default."""
         sdnotify.stopping("draining: finishing accepted requests, then stopping")
         supervisor.closing()
+        if self.reloader is not None:
+            await self.reloader.close()  # a reload half done closes what it prepared; nothing more is applied
         readiness.draining = True  # readiness turns 503 at once
         budget = self.config.server.drain_timeout_s
         await asyncio.gather(*(f.stop(budget) for f in self.frontends))
