@@ -100,6 +100,12 @@ class Guard:
         if route.probe and (self.open_probes == "any" or (self.open_probes == "loopback" and peer is not None
                                                           and is_loopback(peer))):
             return PROBE
+        return self.verify(route, model, authorization, peer, transport, certificate_ids)
+
+    def verify(self, route: Route, model: str | None, authorization: str | None, peer: str | None,
+               transport: str, certificate_ids: Iterable[str] = ()) -> Caller:
+        """Authenticate and authorize whatever ``required`` says (MQTT's ``mqtt.auth_required`` asks for it on
+        its own, since the broker authenticates devices already)."""
         caller: Caller | None = None
         try:
             caller = self.authenticator.from_certificate(certificate_ids) if certificate_ids else None
@@ -126,9 +132,10 @@ def build_guard(config: Config, audit: AuditLog | None = None) -> Guard:
     keys = load_keys(config)
     certificates = {c.identity: Caller(c.name, frozenset(c.scopes), frozenset(c.models) if c.models is not None
                                        else None, "mtls") for c in config.auth.certificates}
-    if required and not keys and not certificates:
+    if (required or config.mqtt.auth_required) and not keys and not certificates:
         exposed = [f"{name} on {host}" for name, host in listeners(config) if not is_loopback(host)]
-        where = f" ({', '.join(exposed)} is not loopback)" if exposed else ""
+        where = f" ({', '.join(exposed)} is not loopback)" if exposed and required else \
+            " (mqtt.auth_required)" if not required else ""
         raise ConfigError(f"auth is required{where} but no API key or certificate caller is configured: add one "
                           "with 'inferd auth add-key' and set auth.keys_file, or set auth.required: false to serve "
                           "without authentication")

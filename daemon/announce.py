@@ -58,7 +58,9 @@ def listener_of(frontend: Frontend) -> Listener:
         return Listener("grpc", f.cfg.host, f.port, security)
     if frontend.name == "mqtt":
         return Listener("mqtt", f.config.host, f.config.port, "TLS" if f.config.tls.enabled else "plaintext")
-    return Listener(frontend.name, f.host, f.port, "plaintext")
+    tls = getattr(f, "tls", None)  # the HTTP listener's ServerTls (daemon/tls_server.py), None for plaintext
+    security = "plaintext" if tls is None else "mutual TLS" if tls.config.client_ca_file else "TLS"
+    return Listener(frontend.name, f.host, f.port, security)
 
 
 def model_reasons(manager: ModelManager) -> list[str]:

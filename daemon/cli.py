@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters import AdapterError
+from daemon import __version__, cli_auth
 from daemon.errors import InferdError
 
 EXIT_ERROR = 1
@@ -41,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inferd", description="A model-serving daemon for edge and small servers.")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"inferd {__version__}")
     sub = p.add_subparsers(metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the daemon")
@@ -68,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check-config", help="check a config and what serve would refuse (keys, model versions, TLS)")
     s.add_argument("config", type=Path)
     s.set_defaults(func=cmd_check_config)
+
+    cli_auth.register(sub)
 
     s = sub.add_parser("keygen", help="create a key-encryption key, or with --signing an Ed25519 key pair")
     s.add_argument("--out", "-o", required=True, type=Path, help="key file to create (never overwritten)")

@@ -50,6 +50,10 @@ class MqttConfig(_Model):
     required_for_ready: bool = Field(
         False, description="Report /v2/health/ready as not ready while the broker is unreachable."
     )
+    auth_required: bool = Field(
+        False, description="Also check an API key in each request's 'authorization' user property (401/403 error "
+        "replies, as over HTTP); the broker authenticates devices either way (docs/mqtt.md#access-control).",
+    )
     reply_topic_prefixes: list[str] = Field(
         default_factory=list,
         description="Only publish replies to topics starting with one of these (empty: any); match your broker ACL.",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 
 from daemon.context import Activity
 from daemon.frontend import Health
 from daemon.http_api import HttpApi
+from daemon.tls_server import ServerTls
 
 log = logging.getLogger("inferd.http")
 
@@ -22,8 +24,9 @@ CLEANUP_GRACE_S = 0.5
 class HttpFrontend:
     name = "http"
 
-    def __init__(self, api: HttpApi, host: str, port: int, activity: Activity) -> None:
+    def __init__(self, api: HttpApi, host: str, port: int, activity: Activity, tls: ServerTls | None = None) -> None:
         self.api = api
+        self.tls = tls
         self.host = host
         self.port = port  # the configured one until start(), then the bound one (port 0 picks a free port)
         self._activity = activity
@@ -35,11 +38,22 @@ class HttpFrontend:
         self._stopped.clear()
         self._runner = web.ServerRunner(self.api.server(), handle_signals=False, shutdown_timeout=CLEANUP_GRACE_S)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True,
+                                 ssl_context=self.tls.context if self.tls is not None else None)
         await self._site.start()
         self.port = bound_port(self._runner)
-        log.info("listening on http://%s:%d", self.host, self.port,
+        log.info("listening on %s://%s:%d", self.scheme, self.host, self.port,
                  extra={"event_kind": "listening", "port": self.port})
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    def load_tls(self) -> Callable[[], str] | None:
+        """SIGHUP: the certificate files again (daemon/reload.py); new handshakes use them, connections stay."""
+        if self.tls is None or not self.tls.reload():
+            return None
+        return self.tls.apply
 
     async def run(self) -> None:
         """aiohttp serves from its own tasks; this only marks the frontend's lifetime for the supervisor."""

@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from daemon import keys, protocol, responses, service
+from daemon.access import Guard, Route
 from daemon.config import Config, MqttConfig
 from daemon.context import Activity, RequestContext
 from daemon.errors import InferdError, InvalidInput, KeyProblem, PayloadTooLarge
@@ -43,6 +44,8 @@ MQTT_STATUS: dict[str, str] = {
     "too_large": "413",
     "model_not_found": "404",
     "version_not_found": "404",
+    "unauthenticated": "401",
+    "forbidden": "403",
     "not_ready": "503",
     "busy": "503",
     "timeout": "504",
@@ -51,6 +54,8 @@ MQTT_STATUS: dict[str, str] = {
     "internal": "500",
 }
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: what an MQTT request needs when mqtt.auth_required (the route name in audit lines)
+MQTT_INFER = Route("infer", "mqtt_infer")
 #: model events kept while no bridge is up (before the first start, during a restart)
 EARLY_EVENTS_MAX = 100
 
@@ -79,8 +84,10 @@ class MqttFrontend:
         activity: Activity,
         password: str | None = None,
         max_payload: int = 64 << 20,
+        guard: Guard | None = None,
     ) -> None:
         self.config = config
+        self.guard = guard  # consulted when config.auth_required
         self.prefix = config.topic_prefix or f"inferd/{node_id}"
         self.client_id = config.client_id or f"inferd-{node_id}"
         self.manager = manager
@@ -98,7 +105,8 @@ class MqttFrontend:
 
     @classmethod
     def from_config(
-        cls, config: Config, node_id: str, manager: ModelManager, limits: protocol.Limits, activity: Activity
+        cls, config: Config, node_id: str, manager: ModelManager, limits: protocol.Limits, activity: Activity,
+        guard: Guard | None = None,
     ) -> MqttFrontend:
         """Build the frontend, reading the broker password (a secret file or systemd credential) now, at start-up."""
         password = None
@@ -108,7 +116,8 @@ class MqttFrontend:
                 password = raw.decode("utf-8").strip()
             except UnicodeDecodeError:
                 raise KeyProblem("the MQTT password file is not UTF-8 text") from None
-        return cls(config.mqtt, node_id, manager, limits, activity, password, max_payload=config.server.max_body_bytes)
+        return cls(config.mqtt, node_id, manager, limits, activity, password, max_payload=config.server.max_body_bytes,
+                   guard=guard)
 
     @property
     def status_topic(self) -> str:
@@ -229,7 +238,12 @@ class MqttFrontend:
                 raise PayloadTooLarge(f"request of {len(req.payload)} bytes exceeds the limit of {self.max_payload}")
             header_length = _header_length(req.user)
             model, version = parse_topic(self.prefix, req.topic)
-            ctx = RequestContext("mqtt", self.activity, peer=destination)
+            caller = None
+            if self.guard is not None and self.config.auth_required:
+                caller = self.guard.verify(MQTT_INFER, model, _user_value(req.user, "authorization"), destination,
+                                           "mqtt")
+            ctx = RequestContext("mqtt", self.activity, peer=destination,
+                                 identity=caller.name if caller is not None else None)
             loaded = await service.admit_waiting(self.manager, model, version, ctx)
             try:
                 async with service.call(loaded, ctx) as call:
@@ -275,6 +289,14 @@ class MqttFrontend:
 
 #: characters a reply topic must not hold: C0/C1 controls (NUL included) and lone surrogates
 _BAD_TOPIC_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff+#]")
+
+
+def _user_value(user: list[tuple[str, str]] | None, name: str) -> str | None:
+    """A user property's value (the first of that name, case-insensitively), or None."""
+    for key, value in user or ():
+        if key.lower() == name:
+            return value
+    return None
 
 
 def _header_length(user: list[tuple[str, str]] | None) -> int | None:

@@ -163,6 +163,18 @@ def add_key_to_file(path: Path, name: str, scopes: Iterable[str], models: Iterab
     return token
 
 
+def remove_key_from_file(path: Path, name: str) -> None:
+    """Revoke a key: its record leaves the file (atomically); ConfigError when no key has that name."""
+    from daemon.fsutil import atomic_write
+    from daemon.keys import read_secret_file
+
+    existing = parse_keys_file(read_secret_file(path), str(path))
+    kept = [k for k in existing if k.name != name]
+    if len(kept) == len(existing):
+        raise ConfigError(f"{path}: no key named {name!r} (inferd auth list-keys shows them)")
+    atomic_write(path, render_keys_file(kept), mode=0o600)
+
+
 class Authenticator:
     """Verifies bearer keys and client-certificate identities; one per configuration."""
 
@@ -217,4 +229,4 @@ def authorize(caller: Caller, scope: str, model: str | None) -> None:
 
 
 __all__ = ["SCOPES", "ApiKey", "Authenticator", "Caller", "Forbidden", "Unauthenticated", "add_key_to_file",
-           "authorize", "new_key", "parse_keys_file", "parse_record"]
+           "authorize", "new_key", "parse_keys_file", "parse_record", "remove_key_from_file"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,10 +28,13 @@ class Reply:
 def request(
     url: str, method: str = "GET", body: bytes | str | dict[str, Any] | None = None,
     headers: dict[str, str] | None = None, timeout: float = 30.0, check: bool = True,
+    context: ssl.SSLContext | None = None,
 ) -> Reply:
-    """``check=False`` only for responses outside the API (a test of the HTTP layer's own edge cases)."""
+    """``check=False`` only for responses outside the API (a test of the HTTP layer's own edge cases); ``context``
+    for an https URL."""
     parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    conn = (http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
+            if parts.scheme == "https" else http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout))
     try:
         if isinstance(body, dict):
             body = json.dumps(body)

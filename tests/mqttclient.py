@@ -152,8 +152,9 @@ class Requester:
     """An MQTT 5 (or 3.1.1) client that publishes requests and collects replies from its own reply topic."""
 
     def __init__(self, port: int, version: int = paho.MQTTv5, persistent: bool = False, name: str | None = None,
-                 reply_topic: str | None = None):
+                 reply_topic: str | None = None, username: str | None = None, password: str | None = None):
         self.reply_topic = reply_topic or f"test/replies/{uuid.uuid4().hex}"
+        self.granted: list[int] = []  # the SUBACK reason code of the reply subscription (MQTT 5: >= 128 refused)
         self.replies: queue.Queue[Reply] = queue.Queue()
         self.connected = threading.Event()
         self.disconnected = threading.Event()  # set at each loss of the connection
@@ -167,6 +168,8 @@ class Requester:
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(1, 1)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         props = None
         kwargs: dict[str, Any] = {}
         if version == paho.MQTTv5:
@@ -180,7 +183,8 @@ class Requester:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         client.subscribe(self.reply_topic, qos=1)
 
-    def _on_subscribe(self, *args: Any) -> None:
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        self.granted = [int(getattr(r, "value", r)) for r in reasons]
         self.connected.set()  # only now: a reply published before the broker has the subscription would be lost
 
     def _on_disconnect(self, *args: Any) -> None:

@@ -1,4 +1,5 @@
-"""A throw-away PKI for the TLS tests (MQTT and gRPC): a CA, a server certificate for 127.0.0.1, a client one."""
+"""A throw-away PKI for the TLS tests (MQTT, gRPC and HTTPS): a CA, a server certificate for 127.0.0.1, a client
+one, and :func:`issue` for more (expired, self-signed, from another CA)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def make_pki(d: Path, cn: str = "test-ca") -> dict[str, Path]:
           .not_valid_after(now + datetime.timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .sign(ca_key, hashes.SHA256()))
-    paths = {"ca": d / "ca.pem"}
+    paths = {"ca": d / "ca.pem", "ca_key": d / "ca.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    _write_key(ca_key, paths["ca_key"])
     for who, san in (("server", x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])),
                      ("client", None)):
         key = ec.generate_private_key(ec.SECP256R1())
@@ -48,4 +50,27 @@ def make_pki(d: Path, cn: str = "test-ca") -> dict[str, Path]:
         paths[who].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         paths[f"{who}_key"] = d / f"{who}.key"
         _write_key(key, paths[f"{who}_key"])
+    return paths
+
+
+def issue(pki: dict[str, Path], d: Path, cn: str, expired: bool = False, self_signed: bool = False) -> dict[str, Path]:
+    """A client certificate named ``cn`` (its CN, and a DNS SAN of the same name) signed by ``pki``'s CA, or by
+    itself; ``expired``: valid until an hour ago. Returns {"cert", "key"}."""
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    if self_signed:
+        signer, issuer = key, _name(cn)
+    else:
+        signer = serialization.load_pem_private_key(pki["ca_key"].read_bytes(), None)
+        issuer = x509.load_pem_x509_certificate(pki["ca"].read_bytes()).subject
+    start, end = (now - datetime.timedelta(days=2), now - datetime.timedelta(hours=1)) if expired else \
+        (now - datetime.timedelta(minutes=1), now + datetime.timedelta(days=1))
+    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(issuer).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
+            .sign(signer, hashes.SHA256()))  # type: ignore[arg-type]
+    paths = {"cert": d / f"{cn}.pem", "key": d / f"{cn}.key"}
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, paths["key"])
     return paths
