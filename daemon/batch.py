@@ -1,10 +1,11 @@
 """`inferd batch`: score a file or folder offline with the artifact the daemon serves (docs/batch.md).
 
-The run is a sequence of chunks of ``--chunk-rows`` rows; each chunk's results are committed to a work folder beside
-the output (a part file, then the journal, each written atomically) before the next is read, so memory is bounded by
-one chunk and an interrupted run (Ctrl-C, SIGKILL, power cut) continues with ``--resume`` from its last committed
-chunk. The final output is assembled from the parts into a temp file and renamed: no half-written file ever carries
-the output's name. The model is decrypted in memory only, as the daemon does.
+The run is a sequence of chunks of ``--chunk-rows`` rows, read, scored and committed by three overlapping stages
+(daemon/batch_pipeline.py) so memory is bounded by a few chunks; each chunk's results are committed to a work folder
+beside the output (one part file, written atomically: daemon/batch_work.py), and an interrupted run (Ctrl-C, SIGKILL,
+power cut) continues with ``--resume`` from its last committed chunk. The final output is written to a temp file
+(as the run goes, or from the parts at the end) and renamed: no half-written file ever carries the output's name.
+The model is decrypted in memory only, as the daemon does.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class _Run:
             "model_sha256": hashlib.sha256(blob).hexdigest(), "chunk_rows": args.chunk_rows, "map": args.map,
             "id_column": args.id_column, "allow_nan": args.allow_nan, "output_format": out_format,
             "input": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in self.source.files],
-        })
+        }, out_format)
 
     # -- the run ----------------------------------------------------------------------------------------------
 
@@ -151,30 +152,33 @@ class _Run:
     def _run(self) -> int:
         from daemon import batch_pipeline
 
-        journal = self.work.start(self.args.resume)
-        resumed_at = journal["chunks"]
-        progress = _Progress(self.source, journal["chunks"] * self.args.chunk_rows)
+        counts = self.work.start(self.args.resume)
+        resumed_at = counts["chunks"]
+        progress = _Progress(self.source, counts["chunks"] * self.args.chunk_rows)
 
         def commit(ids: pa.Array, reasons: dict[int, str], good: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
-            self.work.write_chunk(journal["chunks"], self.id_name, ids, good, outputs, reasons)
-            journal.update(chunks=journal["chunks"] + 1, scored=journal["scored"] + len(good),
-                           rejected=journal["rejected"] + len(reasons))
-            self.work.commit(journal)
+            self.work.write_chunk(counts["chunks"], self.id_name, ids, good, outputs, reasons)
+            counts.update(chunks=counts["chunks"] + 1, scored=counts["scored"] + len(good),
+                           rejected=counts["rejected"] + len(reasons))
             progress.add(len(ids))
 
         # reading and converting, scoring, and committing overlap (numpy, pyarrow, the runtime and fsync release
         # the GIL); the queues hold one chunk each, so memory stays a few chunks whatever the input's size
-        with batch_pipeline.Pipeline(self._chunks(journal["chunks"] * self.args.chunk_rows), commit) as pipe:
-            for chunk in pipe:  # the writer gets the ids and reasons, not the inputs: they are freed here
-                pipe.put(chunk.ids, chunk.reasons, *self._score(chunk))
-        progress.close()
-        self.work.finish(self.out_format, self.rejects, journal["scored"], self.id_name, self.session.outputs)
+        try:
+            with batch_pipeline.Pipeline(self._chunks(counts["chunks"] * self.args.chunk_rows), commit) as pipe:
+                for chunk in pipe:  # the writer gets the ids and reasons, not the inputs: they are freed here
+                    pipe.put(chunk.ids, chunk.reasons, *self._score(chunk))
+            progress.close()
+            self.work.finish(self.rejects, counts["chunks"], counts["scored"], self.id_name, self.session.outputs)
+        except BaseException:
+            self.work.abort()
+            raise
         self.output.with_name(f".{self.output.name}.lock").unlink(missing_ok=True)
-        note = f", {journal['rejected']:,} rejected (see {self.rejects})" if journal["rejected"] else ""
+        note = f", {counts['rejected']:,} rejected (see {self.rejects})" if counts["rejected"] else ""
         note += f", resumed after chunk {resumed_at}" if resumed_at else ""
-        print(f"{self.label}: scored {journal['scored']:,} rows{note} in {progress.elapsed():.2f}s "
+        print(f"{self.label}: scored {counts['scored']:,} rows{note} in {progress.elapsed():.2f}s "
               f"({progress.rate():,.0f} rows/s) into {self.output}")
-        return EXIT_REJECTED if journal["rejected"] else EXIT_OK
+        return EXIT_REJECTED if counts["rejected"] else EXIT_OK
 
     def _chunks(self, skip: int) -> Iterator[Converted]:
         from daemon.batch_rows import Converted, convert

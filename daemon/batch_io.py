@@ -7,6 +7,8 @@ rather than a failed run. The final output is streamed to a temp file beside its
 
 from __future__ import annotations
 
+import contextlib
+import os
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -208,46 +210,102 @@ class _Counting:
 # --- writing -------------------------------------------------------------------------------------------------
 
 
+#: the output formats written as the run goes, one batch at a time; .npy and .npz need every row's count (the
+#: header) or every row of one output (a zip member) first, so they are assembled from the parts at the end
+STREAMED = ("parquet", "csv", "jsonl")
+
+
 def row_shapes(schema: pa.Schema) -> dict[str, tuple[int, ...]]:
     """Each output's shape per row, kept in the part files' schema metadata (lists there are flattened)."""
     meta = schema.metadata or {}
-    return {f.name: tuple(orjson.loads(meta.get(f.name.encode(), b"[]"))) for f in schema}
+    return {f.name: tuple(orjson.loads(meta.get(f"shape:{f.name}".encode(), b"[]"))) for f in schema}
+
+
+class OutputStream:
+    """An output of a streamed format, written batch by batch to a temp file beside its name; ``close`` makes it
+    the output (fsynced, renamed), ``abort`` removes the temp file. Nothing carries the output's name before."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        if fmt not in STREAMED:
+            raise ValueError(f"a {fmt} output is not written as a stream")
+        self.path, self.fmt = path, fmt
+        self._stack = contextlib.ExitStack()
+        self._file: IO[bytes] | None = None
+        self._writer: Any = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if self._file is None:
+            self._open(batch.schema)
+        if not batch.num_rows:
+            return
+        if self.fmt == "parquet":
+            self._writer.write_batch(batch)
+        elif self.fmt == "csv":
+            self._writer.write_batch(_flatten(batch, self._shapes))
+        else:
+            cols = [(name, _numpy(batch.column(name), self._shapes[name])) for name in batch.schema.names]
+            assert self._file is not None
+            self._file.write(b"".join(orjson.dumps({k: v[i] for k, v in cols}, option=orjson.OPT_SERIALIZE_NUMPY
+                                                   | orjson.OPT_APPEND_NEWLINE) for i in range(batch.num_rows)))
+
+    def sync(self) -> None:
+        """Put what was written so far on disk, so the final fsync has only the tail left to wait for (called on
+        the writer thread, where the wait overlaps the scoring)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fdatasync(self._file.fileno())
+
+    def _open(self, schema: pa.Schema) -> None:
+        self._file = f = self._stack.enter_context(atomic_output(self.path))
+        self._shapes = row_shapes(schema)
+        if self.fmt == "parquet":
+            self._writer = self._stack.enter_context(pq.ParquetWriter(f, schema.remove_metadata()))
+        elif self.fmt == "csv":
+            empty = pa.RecordBatch.from_pylist([], schema=schema)
+            self._writer = pacsv.CSVWriter(f, _flatten(empty, self._shapes).schema)
+            self._stack.callback(self._writer.close)
+
+    def close(self, schema: pa.Schema) -> None:
+        """Finish the output (``schema`` gives an empty one its columns when no batch came)."""
+        if self._file is None:
+            self._open(schema)
+        self._stack.close()  # the writers close (footer) before atomic_output fsyncs and renames
+
+    def abort(self) -> None:
+        with contextlib.suppress(_Aborted):
+            self._stack.__exit__(_Aborted, _Aborted(), None)
+
+
+class _Aborted(Exception):
+    """Thrown into the temp file's context so that it is removed rather than renamed."""
 
 
 def write_output(path: Path, fmt: str, batches: Callable[[], Iterator[pa.RecordBatch]], schema: pa.Schema,
                  rows: int) -> None:
     """Write the scored rows (an id column then each output; ``batches`` may be iterated more than once)."""
+    if fmt in STREAMED:
+        stream = OutputStream(path, fmt)
+        try:
+            for b in batches():
+                stream.write(b)
+        except BaseException:
+            stream.abort()
+            raise
+        stream.close(schema)
+        return
     shapes = row_shapes(schema)
+    names = schema.names[1:] if fmt == "npy" else schema.names
+    if fmt == "npy" and len(names) != 1:
+        raise ValueError(f"a .npy output holds one array but the model has {len(names)} outputs: use .npz")
     with atomic_output(path) as f:
-        if fmt == "parquet":
-            with pq.ParquetWriter(f, schema.remove_metadata()) as w:
-                for b in batches():
-                    w.write_batch(b)
-        elif fmt == "csv":
-            writer: pacsv.CSVWriter | None = None
-            for b in batches():
-                flat = _flatten(b, shapes)
-                writer = writer or pacsv.CSVWriter(f, flat.schema)
-                writer.write_batch(flat)
-            if writer is None:
-                writer = pacsv.CSVWriter(f, _flatten(pa.RecordBatch.from_pylist([], schema=schema), shapes).schema)
-            writer.close()
-        elif fmt == "jsonl":
-            for b in batches():
-                cols = [(name, _numpy(b.column(name), shapes[name])) for name in b.schema.names]
-                f.write(b"".join(orjson.dumps({k: v[i] for k, v in cols}, option=orjson.OPT_SERIALIZE_NUMPY
-                                              | orjson.OPT_APPEND_NEWLINE) for i in range(b.num_rows)))
+        if fmt == "npy":
+            _stream_npy(f, names[0], batches, shapes, rows)
         else:
-            names = schema.names[1:] if fmt == "npy" else schema.names
-            if fmt == "npy" and len(names) != 1:
-                raise ValueError(f"a .npy output holds one array but the model has {len(names)} outputs: use .npz")
-            if fmt == "npy":
-                _stream_npy(f, names[0], batches, shapes, rows)
-            else:
-                with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
-                    for name in names:
-                        with z.open(f"{name}.npy", "w", force_zip64=True) as member:
-                            _stream_npy(member, name, batches, shapes, rows)
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
+                for name in names:
+                    with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                        _stream_npy(member, name, batches, shapes, rows)
 
 
 def _numpy(col: pa.Array, shape: tuple[int, ...]) -> Any:

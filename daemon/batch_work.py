@@ -1,13 +1,17 @@
-"""The work folder of one `inferd batch` run: committed chunks, the journal, and the final assembly.
+"""The work folder of one `inferd batch` run: committed chunks and the final assembly (docs/batch.md, "Chunks").
 
-Each chunk's results are a part file (Arrow IPC) and its rejects, written atomically, then the journal that counts
-them, written atomically too: whatever moment a run dies at, the journal names only complete chunks, and files of a
-chunk it does not name are redone. The output appears under its name only once assembled whole.
+A chunk is committed by one file: its part (Arrow IPC: the scored rows, and in the schema's metadata the rejected
+rows with their reasons), written to a temp file, fsynced and renamed. The committed chunks are the longest run of
+part files from chunk 0 without a gap, so one fsync per chunk is enough: a rename never names a file whose bytes are
+not on disk, and a power cut that keeps a later rename but loses an earlier one only shortens the run (the later
+parts are redone). ``journal.json`` holds what the run was started with, written once. The output appears under its
+name only once written whole: as the run goes for streamed formats, from the parts at the end for the others.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
@@ -20,95 +24,150 @@ import pyarrow as pa
 
 from adapters.base import TensorSpec
 from daemon.batch_arrow import arrow_of
-from daemon.batch_io import write_output
-from daemon.fsutil import atomic_output, atomic_write
+from daemon.batch_io import STREAMED, OutputStream, write_output
+from daemon.fsutil import atomic_write
 
 JOURNAL = "journal.json"
-_CHUNK_FILE = re.compile(r"^\.?(?:part|rejects)-(\d{8})\.")
+FORMAT = 2
+_PART = re.compile(r"^part-(\d{8})\.arrow$")
+_CHUNK = b"chunk"  # the part's schema metadata key for its counts and rejects (outputs' shapes are "shape:NAME")
 
 
 class WorkFolder:
-    def __init__(self, output: Path, identity: Mapping[str, Any]) -> None:
-        self.output, self.identity = output, dict(identity)
+    def __init__(self, output: Path, identity: Mapping[str, Any], fmt: str) -> None:
+        self.output, self.identity, self.fmt = output, dict(identity), fmt
         self.path = output.with_name(output.name + ".inferd-batch")
+        self.stream = OutputStream(output, fmt) if fmt in STREAMED else None
+        self._streamed = 0  # parts already written to the stream
 
     def start(self, resume: bool) -> dict[str, Any]:
-        """The journal to go on from: a fresh one, or (``resume``) the interrupted run's, its stale files removed."""
+        """The counts to go on from: fresh ones, or (``resume``) the interrupted run's, its stale files removed."""
         journal_path = self.path / JOURNAL
         if self.path.exists() and not resume:
             raise ValueError(f"{self.path} holds an interrupted run: continue it with --resume, or delete the folder "
                              "to start over")
         if resume and journal_path.exists():
             journal = json.loads(journal_path.read_text(encoding="utf-8"))
+            if journal.get("format") != FORMAT:
+                raise ValueError(f"--resume: {self.path} was written by another version of inferd batch; delete the "
+                                 "folder to start over")
             changed = [k for k, v in self.identity.items() if journal["identity"].get(k) != v]
             if changed:
                 raise ValueError(f"--resume: the run in {self.path} was started with another {', '.join(changed)}; "
                                  "rerun with the same model, input and options, or delete the folder")
-            for leftover in self.path.iterdir():  # written after the last commit: redone now
-                chunk = _CHUNK_FILE.match(leftover.name)
-                stale = chunk is None or int(chunk[1]) >= journal["chunks"] or leftover.name.endswith(".tmp")
-                if stale and leftover.name != JOURNAL:
+            counts = self._committed()
+            for leftover in self.path.iterdir():  # not part of the committed run: redone now
+                part = _PART.match(leftover.name)
+                if leftover.name != JOURNAL and (part is None or int(part[1]) >= counts["chunks"]):
                     leftover.unlink()
-            for temp in self.output.parent.glob(f".{self.output.name}.*.tmp"):  # a final write cut short
+            for temp in self.output.parent.glob(f".{self.output.name}.*.tmp"):  # an output cut short
                 temp.unlink()
-            return dict(journal)
+            return counts
         self.path.mkdir(parents=True, exist_ok=True)
-        return {"format": 1, "identity": self.identity, "chunks": 0, "scored": 0, "rejected": 0}
+        atomic_write(journal_path, json.dumps({"format": FORMAT, "identity": self.identity}, indent=1).encode()
+                     + b"\n")
+        return {"chunks": 0, "scored": 0, "rejected": 0}
 
-    def commit(self, journal: Mapping[str, Any]) -> None:
-        atomic_write(self.path / JOURNAL, json.dumps(journal, indent=1).encode() + b"\n")
+    def _committed(self) -> dict[str, int]:
+        counts = {"chunks": 0, "scored": 0, "rejected": 0}
+        while (info := _chunk_info(self._part(counts["chunks"]))) is not None:
+            counts["chunks"] += 1
+            counts["scored"] += info["scored"]
+            counts["rejected"] += len(info["rejects"])
+        return counts
+
+    def _part(self, k: int) -> Path:
+        return self.path / f"part-{k:08d}.arrow"
 
     def write_chunk(self, k: int, id_name: str, ids: pa.Array, good: np.ndarray, outputs: Mapping[str, np.ndarray],
                     reasons: Mapping[int, str]) -> None:
-        """Chunk ``k``'s scored rows (``good``, indices into ``ids``) and its rejected rows, before its commit."""
-        if len(good):
-            for name, arr in outputs.items():
-                if arr.shape[:1] != (len(good),):
-                    raise ValueError(f"output {name!r} has shape {list(arr.shape)} for {len(good)} rows: batch "
-                                     "needs one output row per input row")
-            batch = record_batch(id_name, ids.take(arrow_of(good)) if reasons else ids, outputs)
-            with atomic_output(self.path / f"part-{k:08d}.arrow") as f, pa.ipc.new_file(f, batch.schema) as w:
-                w.write_batch(batch)
-        if reasons:
-            rows = sorted(reasons)
-            values = ids.take(arrow_of(np.array(rows, dtype=np.int64))).to_pylist()
-            with atomic_output(self.path / f"rejects-{k:08d}.jsonl") as f:
-                f.write(b"".join(orjson.dumps({id_name: v, "reason": reasons[i]}, option=orjson.OPT_APPEND_NEWLINE)
-                                 for i, v in zip(rows, values)))
+        """Commit chunk ``k``: its scored rows (``good``, indices into ``ids``) and its rejected rows."""
+        for name, arr in outputs.items():
+            if arr.shape[:1] != (len(good),):
+                raise ValueError(f"output {name!r} has shape {list(arr.shape)} for {len(good)} rows: batch needs one "
+                                 "output row per input row")
+        rows = sorted(reasons)
+        values = ids.take(arrow_of(np.array(rows, dtype=np.int64))).to_pylist() if rows else []
+        rejects = b"".join(orjson.dumps({id_name: v, "reason": reasons[i]}, option=orjson.OPT_APPEND_NEWLINE)
+                           for i, v in zip(rows, values)).decode()
+        chunk = json.dumps({"scored": len(good), "rejects": rejects})
+        batch = record_batch(id_name, ids.take(arrow_of(good)) if reasons else ids, outputs, chunk) if len(good) \
+            else None
+        schema = batch.schema if batch is not None else pa.schema([], metadata={_CHUNK: chunk})
+        path = self._part(k)
+        temp = path.with_name(f".{path.name}.tmp")
+        with temp.open("wb") as f:
+            with pa.ipc.new_file(f, schema) as w:
+                if batch is not None:
+                    w.write_batch(batch)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)  # the commit; the folder's fsync is left out (see the module's docstring)
+        if self.stream is not None:
+            self._feed(k)
+            if batch is not None:
+                self.stream.write(batch)
+                self.stream.sync()
+            self._streamed = k + 1
 
-    def finish(self, fmt: str, rejects: Path, scored: int, id_name: str, outputs: list[TensorSpec]) -> None:
-        """Assemble the output and the rejects file from the committed chunks, then remove the folder."""
-        parts = sorted(self.path.glob("part-*.arrow"))
-        if parts:
-            with pa.memory_map(str(parts[0])) as m:
-                schema = pa.ipc.open_file(m).schema
+    def _feed(self, upto: int) -> None:
+        """Parts committed by an earlier run (a resumed one) go to the stream first, in order."""
+        assert self.stream is not None
+        for k in range(self._streamed, upto):
+            for b in _batches(self._part(k)):
+                self.stream.write(b)
+        self._streamed = max(self._streamed, upto)
+
+    def abort(self) -> None:
+        """The run stops before its end: the stream's temp file goes (a resumed run writes it again)."""
+        if self.stream is not None:
+            self.stream.abort()
+
+    def finish(self, rejects: Path, chunks: int, scored: int, id_name: str, outputs: list[TensorSpec]) -> None:
+        """Complete the output and the rejects file from the committed chunks, then remove the folder."""
+        parts = [self._part(k) for k in range(chunks)]
+        schema = next((s for s in map(_schema, parts) if len(s)), None) or empty_schema(id_name, outputs)
+        if self.stream is not None:
+            self._feed(chunks)
+            self.stream.close(schema)
         else:
-            schema = empty_schema(id_name, outputs)
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            for p in parts:
-                with pa.memory_map(str(p)) as m:
-                    reader = pa.ipc.open_file(m)
-                    for i in range(reader.num_record_batches):
-                        yield reader.get_batch(i)
-
-        write_output(self.output, fmt, batches, schema, scored)
-        found = sorted(self.path.glob("rejects-*.jsonl"))
+            write_output(self.output, self.fmt, lambda: (b for p in parts for b in _batches(p)), schema, scored)
+        found = "".join(info["rejects"] for p in parts if (info := _chunk_info(p)) is not None).encode()
         if found:
-            with atomic_output(rejects) as f:
-                for p in found:
-                    f.write(p.read_bytes())
+            atomic_write(rejects, found)
         else:
             rejects.unlink(missing_ok=True)  # a stale one from an earlier run would be misread as this run's
         shutil.rmtree(self.path)
 
 
-def record_batch(id_name: str, ids: pa.Array, outputs: Mapping[str, np.ndarray]) -> pa.RecordBatch:
+def _schema(part: Path) -> pa.Schema:
+    with pa.memory_map(str(part)) as m:
+        return pa.ipc.open_file(m).schema
+
+
+def _chunk_info(part: Path) -> dict[str, Any] | None:
+    """A committed part's counts and rejects; None when there is no (readable) part file."""
+    try:
+        meta = _schema(part).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None
+    return json.loads(meta[_CHUNK]) if _CHUNK in meta else None
+
+
+def _batches(part: Path) -> Iterator[pa.RecordBatch]:
+    with pa.memory_map(str(part)) as m:
+        reader = pa.ipc.open_file(m)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+
+
+def record_batch(id_name: str, ids: pa.Array, outputs: Mapping[str, np.ndarray], chunk: str = "{}"
+                 ) -> pa.RecordBatch:
     """Ids then each output; an output with a shape per row is a fixed-size list, its shape in the metadata."""
-    arrays, meta = [ids], {id_name: "[]"}
+    arrays, meta = [ids], {f"shape:{id_name}": "[]", "chunk": chunk}
     for name, arr in outputs.items():
         shape = arr.shape[1:]
-        meta[name] = json.dumps(list(shape))
+        meta[f"shape:{name}"] = json.dumps(list(shape))
         flat = arrow_of(np.ascontiguousarray(arr).reshape(-1))
         arrays.append(flat if not shape else pa.FixedSizeListArray.from_arrays(flat, int(np.prod(shape))))
     names = [id_name, *outputs]
@@ -118,10 +177,10 @@ def record_batch(id_name: str, ids: pa.Array, outputs: Mapping[str, np.ndarray])
 
 def empty_schema(id_name: str, outputs: list[TensorSpec]) -> pa.Schema:
     """The output's columns when no row was scored (every row rejected, or an empty input)."""
-    fields, meta = [pa.field(id_name, pa.int64())], {id_name: "[]"}
+    fields, meta = [pa.field(id_name, pa.int64())], {f"shape:{id_name}": "[]"}
     for spec in outputs:
         shape = [d if d >= 0 else 1 for d in spec.shape[1:]]
         value = pa.from_numpy_dtype(spec.dtype)
         fields.append(pa.field(spec.name, pa.list_(value, int(np.prod(shape))) if shape else value))
-        meta[spec.name] = json.dumps(shape)
+        meta[f"shape:{spec.name}"] = json.dumps(shape)
     return pa.schema(fields, metadata=meta)

@@ -26,22 +26,23 @@ def _command(art: Path, keyset: KeySet, src: Path, out: Path, *extra: str) -> li
             "--threads", "1", *extra]
 
 
-def _committed(journal: Path) -> int:
-    try:
-        return int(json.loads(journal.read_text())["chunks"])
-    except (OSError, ValueError, KeyError):  # not written yet
-        return 0
+def _committed(work: Path) -> int:
+    """The committed chunks: the part files from chunk 0 without a gap (docs/batch.md, "Chunks")."""
+    k = 0
+    while (work / f"part-{k:08d}.arrow").exists():
+        k += 1
+    return k
 
 
-def _interrupt_after(cmd: list[str], env: dict[str, str], journal: Path, beyond: int, sig: int) -> int:
-    """Start the run, send ``sig`` once its journal shows more than ``beyond`` committed chunks; its exit status."""
+def _interrupt_after(cmd: list[str], env: dict[str, str], work: Path, beyond: int, sig: int) -> int:
+    """Start the run, send ``sig`` once its work folder has more than ``beyond`` committed chunks; its exit status."""
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while _committed(journal) <= beyond:
+        while _committed(work) <= beyond:
             assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.stderr.read()!r}"
             assert time.monotonic() < deadline, "no chunk committed within 120 s"
-            time.sleep(0.002)  # polling the journal: the condition itself is what we wait for
+            time.sleep(0.002)  # polling the work folder: the condition itself is what we wait for
         proc.send_signal(sig)
         return proc.wait(timeout=60)
     finally:
@@ -76,10 +77,10 @@ def test_sigkill_then_ctrl_c_then_resume_gives_exactly_the_uninterrupted_output(
     assert done.returncode == 0, done.stderr
 
     out = tmp_path / "resumed" / "scores.csv"
-    journal = out.with_name(out.name + ".inferd-batch") / "journal.json"
+    work = out.with_name(out.name + ".inferd-batch")
     cmd = _command(art, keyset, src, out, "--id-column", "id")
-    assert _interrupt_after(cmd, env, journal, 0, signal.SIGKILL) == -signal.SIGKILL
-    first = _committed(journal)
+    assert _interrupt_after(cmd, env, work, 0, signal.SIGKILL) == -signal.SIGKILL
+    first = _committed(work)
     assert 0 < first < ROWS // CHUNK
     assert not out.exists(), "a killed run leaves no output under the output's name"
     needle = mlp_onnx[len(mlp_onnx) // 2: len(mlp_onnx) // 2 + 64]
@@ -90,10 +91,10 @@ def test_sigkill_then_ctrl_c_then_resume_gives_exactly_the_uninterrupted_output(
     assert again.returncode == 1 and "--resume" in again.stderr, "a leftover work folder is never overwritten"
     other = subprocess.run([*cmd, "--resume", "--chunk-rows", "499"], cwd=REPO, env=env, capture_output=True, text=True)
     assert other.returncode == 1 and "started with another chunk_rows" in other.stderr
-    assert _committed(journal) == first
+    assert _committed(work) == first
 
-    assert _interrupt_after([*cmd, "--resume"], env, journal, first, signal.SIGINT) == 130
-    second = _committed(journal)
+    assert _interrupt_after([*cmd, "--resume"], env, work, first, signal.SIGINT) == 130
+    second = _committed(work)
     assert second > first and not out.exists()
 
     resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, env=env, capture_output=True, text=True)
