@@ -140,6 +140,34 @@ def test_start_and_stop_are_told_in_order(site: Site, keyset: KeySet, mlp_onnx: 
     ]
 
 
+def test_a_reload_is_told_between_reloading_and_ready(site: Site, keyset: KeySet, mlp_onnx: bytes, start_daemon,
+                                                      notify: NotifySocket) -> None:
+    """SIGHUP (ExecReload=): RELOADING=1 with MONOTONIC_USEC on systemd's clock, then READY=1 whose STATUS= says what
+    the reload did; a rejected config gets its READY=1 too (systemd waits for it), with the reason."""
+    config = serving(site, keyset, mlp_onnx)
+    daemon = start_daemon(config, env={"NOTIFY_SOCKET": notify.path})
+    ready = notify.wait_for("READY", "1")
+    serving_line = f"serving mlp 1; http 127.0.0.1:{daemon.port} plaintext"
+
+    before = monotonic_usec()
+    daemon.proc.send_signal(signal.SIGHUP)
+    reloading = notify.wait_for("RELOADING", "1", after=ready + 1)
+    reloaded = notify.wait_for("READY", "1", after=reloading + 1)
+    assert before <= int(notify.got[reloading].fields["MONOTONIC_USEC"]) <= monotonic_usec()
+    assert notify.got[reloaded].fields["STATUS"] == f"reloaded: no changes; {serving_line}"
+
+    config.write_text(config.read_text() + "bogus_key: 1\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    rejected = notify.wait_for("READY", "1", after=notify.wait_for("RELOADING", "1", after=reloaded + 1) + 1)
+    status = notify.got[rejected].fields["STATUS"]
+    assert status.startswith("reload rejected, old config in force: ") and "bogus_key" in status, status
+    assert status.endswith(f"; {serving_line}")
+
+    assert daemon.stop() == 0
+    kinds = [next(iter(d.fields)) for d in notify.got]
+    assert kinds == ["STATUS", "READY", "RELOADING", "READY", "RELOADING", "READY", "STOPPING"], notify.texts()
+
+
 def test_a_model_that_does_not_load_holds_back_ready_and_status_says_why(site: Site, keyset: KeySet, mlp_onnx: bytes,
                                                                          start_daemon, notify: NotifySocket) -> None:
     """Readiness never comes (the configured model is not in the store): no READY=1, and STATUS= says why. The
