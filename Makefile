@@ -10,7 +10,7 @@ STAMP_DEV  := $(VENV)/.stamp-dev
 PINNED_PY  := 3.11
 CONSTRAIN   = $$($(PY) -c 'import sys; print("-c constraints.txt" if "%d.%d" % sys.version_info[:2] == "$(PINNED_PY)" else "")')
 
-.PHONY: run test fuzz lint typecheck bench deps-system constraints clean
+.PHONY: run test fuzz lint typecheck bench deps-system constraints clean deb deps-deb wheel
 
 # Debian and Ubuntu ship venv/ensurepip separately (python3-venv): install it when creating the venv fails.
 $(PY):
@@ -72,6 +72,25 @@ bench: $(STAMP_DEV) deps-system
 	$(PY) bench/mqtt_bench.py
 	$(PY) bench/grpc_bench.py
 	$(PY) bench/batch_bench.py
+	$(PY) bench/spark_bench.py
+
+# The wheel, into dist/ (packaging/build-wheel.sh).
+wheel: | $(PY)
+	PYTHON=$(PY) packaging/build-wheel.sh
+
+# dist/inferd_<version>_<arch>.deb (packaging/build-deb.sh): a venv in /opt/inferd from constraints.txt on Debian's
+# python3.11, the unit, the config as a conffile, docs and a man page. EXTRAS picks the bundled runtimes.
+EXTRAS ?= onnxruntime
+deb: deps-deb
+	EXTRAS=$(EXTRAS) packaging/build-deb.sh
+
+# What building and checking the .deb needs from Debian (tests/test_deb.py runs it too): the system Python's venv
+# module, lintian and shellcheck.
+deps-deb:
+	@{ command -v lintian && command -v shellcheck && /usr/bin/python3 -c 'import ensurepip'; } >/dev/null 2>&1 || { \
+	  echo "installing lintian, shellcheck and python3-venv"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends lintian shellcheck python3-venv >/dev/null; }
 
 # Re-pin after a dependency change: resolve pyproject.toml afresh in the venv, and its exact versions become the
 # constraints every install uses.

@@ -142,8 +142,9 @@ def main() -> int:
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## Spark run of {now} (commit {commit()})", "",
              f"Machine: {machine()}. The tabular classifier over {args.rows:,} Parquet rows ({FILES} files; the 30 "
-             "features in one array column, or in 30 columns), runs of {ARROW_BATCH:,} rows (Spark's Arrow batch); Spark in local mode "
-             "with one runtime thread per task, so local[N] compares with the in-process runtime on N threads; "
+             f"features in one array column, or in 30 columns), runs of {ARROW_BATCH:,} rows (Spark's Arrow batch); "
+             "Spark in local mode with one runtime thread per task, so local[N] compares with the in-process runtime "
+             "on N threads; "
              f"{args.rounds} rounds after a warm-up, medians; Spark's `noop` sink (everything computed, nothing "
              "written).", "",
              "| path | cores (threads) | rows/s | of in-process |", "|---|---:|---:|---:|"]

@@ -3,7 +3,7 @@
 pyspark starts the JVM as a child process that outlives ``SparkSession.stop()`` until the Python process exits;
 a test suite must not leave it behind, so :func:`local_spark` also closes the gateway and waits for the JVM to exit
 (it does once its stdin closes). Spark's scratch space, the JVM's temp folder and the Python workers' TMPDIR all
-point under ``root``, so a test can scan everything Spark wrote.
+point under ``root``, so a test can scan everything Spark wrote, and its log lines go to ``root / LOG``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 SPARK_BIN = Path(sys.executable).parent / "spark-submit"
+#: the file under the root that receives the JVM's and its Python workers' stderr (Spark's log lines)
+LOG = "spark.log"
 
 
 def scratch_env(root: Path) -> dict[str, str]:
@@ -53,7 +55,16 @@ def local_spark(root: Path, extra: dict[str, str] | None = None) -> Iterator[Any
     builder = SparkSession.builder.master("local[2]").appName("inferd-tests")
     for key, value in {**local_conf(root), **(extra or {})}.items():
         builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    # the JVM (Spark's log lines) and the Python workers it forks write to the stderr they inherit: make it a file
+    # of ours, so a test can read everything Spark logged
+    stderr = os.dup(2)
+    with (root / LOG).open("ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            spark = builder.getOrCreate()
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
     try:
         spark.sparkContext.setLogLevel("ERROR")
         yield spark
