@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -200,9 +202,12 @@ def server_options(cfg: GrpcConfig) -> list[tuple[str, int]]:
     ]
 
 
-def server_credentials(tls: GrpcTlsConfig) -> grpc.ServerCredentials:
-    """The listener's TLS credentials from the PEM files (read here, at start, never at import or config time); with
-    ``client_ca_file`` a client must present a certificate that CA signed (mutual TLS)."""
+#: (private key, certificate chain, client CA or None) as PEM bytes
+TlsFiles = tuple[bytes, bytes, bytes | None]
+
+
+def certificate_files(tls: GrpcTlsConfig) -> TlsFiles:
+    """The listener's PEM files, read here (at start and on a reload), never at import or config time."""
     if tls.cert_file is None or tls.key_file is None:  # the config's validator refuses this already
         raise OSError("grpc.tls needs both cert_file and key_file")
 
@@ -213,8 +218,23 @@ def server_credentials(tls: GrpcTlsConfig) -> grpc.ServerCredentials:
             raise OSError(f"grpc.tls.{what}: cannot read {path}: {exc.strerror or exc}") from None
 
     ca = read(tls.client_ca_file, "client_ca_file") if tls.client_ca_file is not None else None
-    return grpc.ssl_server_credentials([(read(tls.key_file, "key_file"), read(tls.cert_file, "cert_file"))],
-                                       root_certificates=ca, require_client_auth=ca is not None)
+    return read(tls.key_file, "key_file"), read(tls.cert_file, "cert_file"), ca
+
+
+def _certificates(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
+    key, chain, ca = files
+    return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca)
+
+
+def _usable(tls: GrpcTlsConfig, files: TlsFiles) -> None:
+    """Refuse certificate files OpenSSL would not serve (a reload keeps the old ones then)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        if files[2] is not None:
+            context.load_verify_locations(cadata=files[2].decode("ascii", errors="replace"))
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"grpc.tls: cannot use {tls.cert_file} / {tls.key_file}: {exc}") from None
 
 
 class GrpcFrontend:
@@ -226,6 +246,30 @@ class GrpcFrontend:
         self.port = cfg.port  # the configured one until start(), then the bound one (port 0 picks a free port)
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._tls_files: TlsFiles | None = None  # the certificate files served now
+        self._next_certificates: grpc.ServerCertificateConfiguration | None = None  # for grpcio's next handshake
+
+    def _fetch_certificates(self) -> grpc.ServerCertificateConfiguration | None:
+        """grpcio asks before every handshake (from its own thread) whether the certificates changed: the one
+        supported way to re-read them without a restart; open connections keep theirs."""
+        pending, self._next_certificates = self._next_certificates, None
+        return pending
+
+    def load_tls(self) -> Callable[[], str] | None:
+        """SIGHUP (daemon/reload.py): the certificate files again; None when unchanged (blocking: an executor)."""
+        tls = self.cfg.tls
+        if not tls.enabled or self._tls_files is None:
+            return None
+        files = certificate_files(tls)
+        if files == self._tls_files:
+            return None
+        _usable(tls, files)
+
+        def switch() -> str:
+            self._tls_files, self._next_certificates = files, _certificates(files)
+            return f"gRPC certificate re-read from {tls.cert_file}; new connections use it"
+
+        return switch
 
     async def start(self) -> None:
         self._stopped.clear()
@@ -236,7 +280,10 @@ class GrpcFrontend:
         tls = self.cfg.tls
         try:
             if tls.enabled:
-                creds = await asyncio.get_running_loop().run_in_executor(None, server_credentials, tls)
+                files = await asyncio.get_running_loop().run_in_executor(None, certificate_files, tls)
+                self._tls_files, self._next_certificates = files, None
+                creds = grpc.dynamic_ssl_server_credentials(_certificates(files), self._fetch_certificates,
+                                                            require_client_authentication=files[2] is not None)
                 self.port = server.add_secure_port(address, creds)
             else:
                 self.port = server.add_insecure_port(address)

@@ -44,7 +44,7 @@ from daemon.store import Store
 log = logging.getLogger("inferd.reload")
 
 #: config sections a reload applies; every other change needs a restart
-APPLIED = ("models", "keys")
+APPLIED = ("models", "keys", "auth")
 
 
 class TlsReloadable(Protocol):
@@ -86,8 +86,12 @@ class _Step:
 
 class Reloader:
     def __init__(self, path: Path, config: Config, manager: ModelManager, keks: Mapping[str, Kek],
-                 signers: Mapping[str, Ed25519PublicKey], tls: Sequence[TlsReloadable] = ()) -> None:
+                 signers: Mapping[str, Ed25519PublicKey], tls: Sequence[TlsReloadable] = (),
+                 sections: Sequence[Callable[[Config], Callable[[], str] | None]] = ()) -> None:
         self.path = path
+        #: other parts a reload re-reads (the API keys, daemon/access.py): each is called in an executor with the new
+        #: config, raises InferdError to reject it, and returns what switches to it on commit (None: unchanged)
+        self._sections = list(sections)
         self.config = config  # the config in force: its models and keys from the last applied reload
         self._manager = manager
         self._keks, self._signers = keks, signers
@@ -157,6 +161,8 @@ class Reloader:
                     raise InferdError(f"model {step.cfg.name} version {step.version} failed to load: {exc}") from None
                 prepared.append((step, loaded))
             tls = await self._load_tls()  # certificate files that cannot be used reject the reload too
+            sections = [s for s in [await loop.run_in_executor(None, section, new) for section in self._sections]
+                        if s is not None]
         except BaseException:
             manager.use(self.config, self._keks, self._signers)
             await asyncio.gather(*(manager.discard(loaded, 0) for _, loaded in prepared), return_exceptions=True)
@@ -176,10 +182,13 @@ class Reloader:
                          f"{len(report.signers)} signer(s)", "keys", None)
         for switch in tls:
             self._change(result, switch(), "tls", None)
+        for switch in sections:
+            self._change(result, switch(), "section", None)
         self._keks, self._signers = report.keks, report.signers
         result.restart_needed = self._restart_needed(new)
         self.config = self.config.model_copy(update={name: getattr(new, name) for name in APPLIED})
         manager.use(self.config, self._keks, self._signers)
+        manager.warn_if_oversubscribed()  # the thread budget of the models now configured
         budget = self.config.server.drain_timeout_s
         await asyncio.gather(*(manager.discard(v, budget) for v in displaced))
         return result

@@ -15,9 +15,12 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
 
 import argparse  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 from typing import Any  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_REJECTED = 0, 1, 3
+#: an exception line of a Python trace: ``daemon.errors.WrongKey: the configured KEK ...``
+_RAISED = re.compile(r"^(?:[A-Za-z_]\w*\.)*(?P<name>[A-Z]\w*): (?P<message>.+)$")
 READERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json"}
 
 
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(spark, args, fmt)
     except Exception as exc:  # Spark wraps an executor's error in a long trace: its last line says what went wrong
-        return _fail(_last_line(exc))
+        return _fail(error_line(exc))
     finally:
         spark.stop()
 
@@ -91,10 +94,13 @@ def _run(spark: Any, args: argparse.Namespace, fmt: str) -> int:
     return EXIT_REJECTED if counts["rejected"] else EXIT_OK
 
 
-def _last_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """The error itself: the last ``Name: message`` line of an executor's trace, without the module path."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    errors = [line for line in lines if "Error: " in line or "Problem: " in line or "NotFound" in line]
-    return (errors or lines or [type(exc).__name__])[-1]
+    raised = [m for m in map(_RAISED.match, lines) if m]
+    if raised:
+        return f"{raised[-1]['name']}: {raised[-1]['message']}"
+    return (lines or [type(exc).__name__])[-1]
 
 
 def _fail(message: str) -> int:

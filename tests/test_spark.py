@@ -24,8 +24,9 @@ import pytest
 from conftest import REPO, KeySet, SklearnModel, pack_model
 from support.spark import LOG, SPARK_BIN, local_conf, local_spark, scratch_env
 
-from daemon import spark_worker
+from daemon import keys, spark_worker
 from daemon.spark import model_specs, plan, score_dataframe
+from daemon.spark_score import error_line
 
 pytestmark = pytest.mark.slow
 
@@ -172,11 +173,17 @@ def test_an_array_column_maps_to_an_input_and_bad_rows_carry_their_reason(
     assert _plaintext_files(spark_root, mlp_onnx) == []
 
 
-def test_a_key_file_missing_on_the_executors_fails_before_any_scoring_with_its_name(
-        spark: Any, artifacts: dict[str, Path], keyset: KeySet) -> None:
+def test_a_key_missing_or_wrong_on_the_executors_fails_before_any_scoring_with_the_reason(
+        spark: Any, tmp_path: Path, artifacts: dict[str, Path], keyset: KeySet) -> None:
     df = spark.createDataFrame(pa.table({"input": pa.array([[0.0] * 4], type=pa.list_(pa.float32()))}))
-    with pytest.raises(Exception, match="nowhere.kek: no such file on this executor"):
+    with pytest.raises(Exception, match="nowhere.kek: no such file on this executor") as missing:
         score_dataframe(df, str(artifacts["mlp"]), kek="nowhere.kek", signers=str(keyset.public_path))
+    assert error_line(missing.value) == ("FileNotFoundError: nowhere.kek: no such file on this executor, and no file "
+                                         "'nowhere.kek' distributed with --files or SparkContext.addFile")
+    keys.generate_kek(tmp_path / "other.kek", "main")  # the right key id, another key
+    with pytest.raises(Exception, match="does not decrypt") as wrong:
+        score_dataframe(df, str(artifacts["mlp"]), kek=str(tmp_path / "other.kek"), signers=str(keyset.public_path))
+    assert error_line(wrong.value).startswith("WrongKey: the configured KEK 'main' does not decrypt artifact mlp:1")
     with pytest.raises(ValueError, match="--map names input 'nope'"):
         score_dataframe(df, str(artifacts["mlp"]), kek=str(keyset.kek_path), signers=str(keyset.public_path),
                         inputs={"nope": "input"})
