@@ -37,12 +37,17 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import models  # noqa: E402
 from harness import REPO, bench_args, bench_keys, commit, machine, publish  # noqa: E402
 
+from adapters.base import TensorSpec  # noqa: E402
 from daemon import artifact  # noqa: E402
+from daemon.batch import default_chunk_rows  # noqa: E402
+from daemon.batch_io import dictionary_columns  # noqa: E402
 
 TARGET = 0.9
-#: (rows, chunk rows) per model: the tabular model costs ~65 ns a row, so reading and writing weigh as much as the
-#: model; the CNN (1x3x96x96 a row) ~90 us, so the runtime does
-SIZES = {"tabular": (1_000_000, 65_536), "cnn": (2_000, 256)}
+#: (rows, chunk rows) per model, the chunk being inferd batch's default (~16 MiB of model input): the tabular model
+#: costs ~65 ns a row, so reading and writing weigh as much as the model; the CNN (1x3x96x96 a row) ~90 us, so the
+#: runtime does
+SIZES = {"tabular": (1_000_000, default_chunk_rows([TensorSpec("X", "FP32", (-1, 30))], "npy")),
+         "cnn": (2_000, default_chunk_rows([TensorSpec("input", "FP32", (-1, 3, 96, 96))], "npy"))}
 #: (model, input, output) as inferd batch runs them
 CASES = [("tabular", "npy", "npz"), ("tabular", "parquet", "parquet"), ("cnn", "npy", "npz")]
 
@@ -101,7 +106,8 @@ def write_only(fmt: str, outputs: dict[str, np.ndarray], path: Path) -> float:
             cols: dict[str, Any] = {"row": np.arange(n)}
             for k, v in outputs.items():
                 cols[k] = v if v.ndim == 1 else pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
-            pq.write_table(pa.table(cols), f)
+            table = pa.table(cols)
+            pq.write_table(table, f, use_dictionary=dictionary_columns(table.schema))  # as inferd batch writes it
         f.flush()
         os.fsync(f.fileno())
     took = time.perf_counter() - t0
@@ -109,14 +115,14 @@ def write_only(fmt: str, outputs: dict[str, np.ndarray], path: Path) -> float:
     return took
 
 
-def batch_run(work: Path, model: str, source: Path, out: Path, chunk: int) -> tuple[float, float, float]:
+def batch_run(work: Path, model: str, source: Path, out: Path) -> tuple[float, float, float]:
     """(seconds of the scoring run as inferd batch times it, seconds end to end with the process's start-up, CPU
     seconds of the process)."""
     for leftover in (out, out.with_name(out.name + ".inferd-batch")):
         subprocess.run(["rm", "-rf", str(leftover)], check=True)
     cmd = [sys.executable, "-m", "daemon", "batch", str(work / f"{model}.inferd"), "--input", str(source),
            "--output", str(out), "--kek", str(work / "bench.kek"), "--signer", str(work / "sign.key.pub"),
-           "--threads", "1", "--chunk-rows", str(chunk)]
+           "--threads", "1"]  # and the default --chunk-rows, which is `chunk`
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, text=True)
@@ -170,9 +176,8 @@ def main() -> int:
             note(case, "read", read_only(src, path, chunk))
             note(case, "write", write_only(dst, outputs, work / f"ref-out.{dst}"))
 
-        def inferd(case: tuple[str, str, str] = case, model: str = model, path: Path = path, dst: str = dst,
-                   chunk: int = chunk) -> None:
-            own, wall, cpu = batch_run(work, model, path, work / f"out-{model}.{dst}", chunk)
+        def inferd(case: tuple[str, str, str] = case, model: str = model, path: Path = path, dst: str = dst) -> None:
+            own, wall, cpu = batch_run(work, model, path, work / f"out-{model}.{dst}")
             note(case, "batch", own)
             note(case, "wall", wall)
             note(case, "cpu", cpu)

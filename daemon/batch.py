@@ -25,7 +25,7 @@ import numpy as np
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from adapters.base import Session
+    from adapters.base import Session, TensorSpec
     from daemon.batch_io import Source
     from daemon.batch_rows import Converted, InputPlan
 
@@ -42,7 +42,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--signer", type=Path, action="append", default=[], help="trusted public key (repeatable)")
     s.add_argument("--map", action="append", default=[], metavar="COLUMN[,COLUMN...]=INPUT",
                    help="feed these columns (in this order) to this model input (repeatable)")
-    s.add_argument("--chunk-rows", type=int, default=10000, help="rows per chunk: bounds memory, unit of resume")
+    s.add_argument("--chunk-rows", type=int, default=0, help="rows per chunk: bounds memory, unit of resume "
+                   "(default: about 16 MiB of model input a chunk, at most 10,000 rows for JSON lines)")
     s.add_argument("--id-column", default=None, help="the column whose values identify rows (default: row numbers)")
     s.add_argument("--rejects", type=Path, default=None, help="JSON lines of rejected rows and why "
                    "(default: OUTPUT.rejects.jsonl)")
@@ -53,8 +54,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.chunk_rows < 1 or args.threads < 0:
-        raise ValueError("--chunk-rows must be at least 1 and --threads at least 0")
+    if args.chunk_rows < 0 or args.threads < 0:
+        raise ValueError("--chunk-rows must be at least 1 (0: the default) and --threads at least 0")
     from daemon import batch_io
 
     out_format = batch_io.format_of(args.output)
@@ -113,7 +114,9 @@ class _Run:
         self.args, self.out_format, self.session, self.label = args, out_format, session, label
         self.output: Path = args.output
         self.rejects: Path = args.rejects or self.output.with_name(self.output.name + ".rejects.jsonl")
-        self.source: Source = batch_io.Source(args.input, args.chunk_rows)
+        self.source: Source = batch_io.Source(args.input, args.chunk_rows or 1)
+        self.chunk_rows: int = args.chunk_rows or default_chunk_rows(session.inputs, self.source.format)
+        self.source.piece_rows = self.chunk_rows
         if self.output.resolve() in {p.resolve() for p in self.source.files}:
             raise ValueError(f"--output {self.output} is an input file: write the results elsewhere")
         self.plans: list[InputPlan] = batch_rows.plan_inputs(
@@ -130,7 +133,7 @@ class _Run:
             raise ValueError("the model's inputs have a fixed batch size other than 1; batch needs a dynamic first "
                              "dimension (or 1)")
         self.work = batch_work.WorkFolder(self.output, {
-            "model_sha256": hashlib.sha256(blob).hexdigest(), "chunk_rows": args.chunk_rows, "map": args.map,
+            "model_sha256": hashlib.sha256(blob).hexdigest(), "chunk_rows": self.chunk_rows, "map": args.map,
             "id_column": args.id_column, "allow_nan": args.allow_nan, "output_format": out_format,
             "input": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in self.source.files],
         }, out_format)
@@ -154,7 +157,7 @@ class _Run:
 
         counts = self.work.start(self.args.resume)
         resumed_at = counts["chunks"]
-        progress = _Progress(self.source, counts["chunks"] * self.args.chunk_rows)
+        progress = _Progress(self.source, counts["chunks"] * self.chunk_rows)
 
         def commit(ids: pa.Array, reasons: dict[int, str], good: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
             self.work.write_chunk(counts["chunks"], self.id_name, ids, good, outputs, reasons)
@@ -165,7 +168,7 @@ class _Run:
         # reading and converting, scoring, and committing overlap (numpy, pyarrow, the runtime and fsync release
         # the GIL); the queues hold one chunk each, so memory stays a few chunks whatever the input's size
         try:
-            with batch_pipeline.Pipeline(self._chunks(counts["chunks"] * self.args.chunk_rows), commit) as pipe:
+            with batch_pipeline.Pipeline(self._chunks(counts["chunks"] * self.chunk_rows), commit) as pipe:
                 for chunk in pipe:  # the writer gets the ids and reasons, not the inputs: they are freed here
                     pipe.put(chunk.ids, chunk.reasons, *self._score(chunk))
             progress.close()
@@ -185,7 +188,7 @@ class _Run:
 
         wanted = list(dict.fromkeys([c for p in self.plans for c in p.columns]
                                     + ([self.args.id_column] if self.args.id_column else [])))
-        row, pending, have, size = 0, [], 0, self.args.chunk_rows
+        row, pending, have, size = 0, [], 0, self.chunk_rows
         for piece in self.source.pieces(wanted):
             if row + piece.n <= skip:
                 row += piece.n
@@ -231,6 +234,18 @@ class _Run:
         if not kept:
             return np.array(kept, dtype=np.int64), {}
         return np.array(kept, dtype=np.int64), {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+#: the default chunk's size in model input bytes: per-chunk costs (a runtime call, a part file and its fsync, the
+#: Python around them) vanish beside it even for a cheap tabular model, and a few chunks in flight stay ~100 MB
+CHUNK_BYTES = 16 << 20
+
+
+def default_chunk_rows(inputs: list[TensorSpec], fmt: str) -> int:
+    """Rows per chunk when ``--chunk-rows`` is not given: ~16 MiB of model input (a dynamic dimension counts as 1),
+    between 1 and 1,000,000 rows; at most 10,000 for JSON lines, whose rows are Python objects until converted."""
+    row = sum(int(np.prod([d for d in s.shape[1:] if d > 0] or [1])) * s.dtype.itemsize for s in inputs)
+    return max(1, min(CHUNK_BYTES // max(row, 1), 10_000 if fmt == "jsonl" else 1_000_000))
 
 
 def _ids(col: Any) -> pa.Array:

@@ -260,7 +260,8 @@ class OutputStream:
         self._file = f = self._stack.enter_context(atomic_output(self.path))
         self._shapes = row_shapes(schema)
         if self.fmt == "parquet":
-            self._writer = self._stack.enter_context(pq.ParquetWriter(f, schema.remove_metadata()))
+            self._writer = self._stack.enter_context(pq.ParquetWriter(f, schema.remove_metadata(),
+                                                                      use_dictionary=dictionary_columns(schema)))
         elif self.fmt == "csv":
             empty = pa.RecordBatch.from_pylist([], schema=schema)
             self._writer = pacsv.CSVWriter(f, _flatten(empty, self._shapes).schema)
@@ -275,6 +276,17 @@ class OutputStream:
     def abort(self) -> None:
         with contextlib.suppress(_Aborted):
             self._stack.__exit__(_Aborted, _Aborted(), None)
+
+
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The output columns worth Parquet's dictionary encoding: labels and other integer or text outputs. Not the ids
+    (unique per row) nor floating outputs (scores, probabilities: hardly two alike), where building a dictionary
+    per row group, then dropping it, costs more than all the rest of writing them."""
+
+    def floating(t: pa.DataType) -> bool:
+        return bool(pa.types.is_floating(t) or (pa.types.is_fixed_size_list(t) and pa.types.is_floating(t.value_type)))
+
+    return [f.name for f in list(schema)[1:] if not floating(f.type)]
 
 
 class _Aborted(Exception):

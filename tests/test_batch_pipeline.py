@@ -21,7 +21,9 @@ import pytest
 from conftest import REPO, KeySet, pack_model
 from onnx import TensorProto, helper
 
+from adapters.base import TensorSpec
 from daemon import cli
+from daemon.batch import default_chunk_rows
 from daemon.batch_pipeline import Pipeline
 
 
@@ -220,3 +222,13 @@ def test_a_lost_part_file_is_redone_and_the_output_is_exact(tmp_path: Path, keys
         np.testing.assert_array_equal(z["row"], np.arange(300_000))
         np.testing.assert_array_equal(z["output"], _ort(mlp_onnx, x))
     assert not work.exists()
+
+
+def test_the_default_chunk_is_about_16_mib_of_model_input() -> None:
+    tabular = [TensorSpec("X", "FP32", (-1, 30))]
+    image = [TensorSpec("input", "FP32", (-1, 3, 96, 96))]
+    assert default_chunk_rows(tabular, "parquet") == (16 << 20) // 120
+    assert default_chunk_rows(image, "npy") == (16 << 20) // (3 * 96 * 96 * 4)
+    assert default_chunk_rows(tabular, "jsonl") == 10_000, "JSON rows are Python objects until converted"
+    assert default_chunk_rows([TensorSpec("s", "FP32", (-1,))], "csv") == 1_000_000
+    assert default_chunk_rows([TensorSpec("big", "FP64", (-1, 4096, 4096))], "npy") == 1
