@@ -93,10 +93,12 @@ def plan(
     if unknown:
         raise ValueError(f"keep: no column {', '.join(map(repr, unknown))} in the DataFrame; it has: "
                          f"{', '.join(names)}")
-    candidates = [c for c in names if c not in kept]
+    maps = {name: [cols] if isinstance(cols, str) else list(cols) for name, cols in (inputs or {}).items()}
+    mapped = {c for cols in maps.values() for c in cols}
+    # kept columns are ids, not features, unless a mapping says otherwise
+    candidates = [c for c in names if c not in kept or c in mapped]
     numeric = [f.name for f in schema.fields
                if f.name in candidates and (csv_text or isinstance(f.dataType, NumericType))]
-    maps = {name: [cols] if isinstance(cols, str) else list(cols) for name, cols in (inputs or {}).items()}
     plans = plan_inputs(model_inputs, candidates, numeric, maps, None)
     if any(s.shape[:1] not in ((-1,), (1,)) for s in model_inputs):
         raise ValueError("the model's inputs have a fixed batch size other than 1; scoring needs a dynamic first "

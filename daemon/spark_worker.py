@@ -10,6 +10,7 @@ it once. docs/batch.md ("Spark") is the user's side of this.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -79,7 +80,9 @@ def resolve_file(name: str, secret: bool) -> Path:
         raise FileNotFoundError(f"{name}: no such file on this executor, and no file {path.name!r} distributed with "
                                 "--files or SparkContext.addFile")
     if secret:
-        os.chmod(shipped, 0o600)
+        # a copy not ours to change (a cluster manager's shared cache) stays as it is: the key file check decides
+        with contextlib.suppress(OSError):
+            os.chmod(shipped, 0o600)
     return shipped
 
 

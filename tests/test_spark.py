@@ -173,6 +173,24 @@ def test_an_array_column_maps_to_an_input_and_bad_rows_carry_their_reason(
     assert _plaintext_files(spark_root, mlp_onnx) == []
 
 
+def test_csv_text_is_parsed_per_column_and_a_kept_column_may_also_feed_the_model(
+        spark: Any, tmp_path: Path, artifacts: dict[str, Path], keyset: KeySet, mlp_onnx: bytes) -> None:
+    x = np.random.default_rng(9).normal(size=(300, 4)).astype(np.float32)
+    lines = ["id,a,b,c,d"] + [f"r{i}," + ",".join(repr(float(v)) for v in row) for i, row in enumerate(x)]
+    lines[1 + 5] = "r5,0.5,abc,0.1,0.2"
+    (tmp_path / "in.csv").write_text("\n".join(lines) + "\n")
+    df = spark.read.option("header", "true").csv(str(tmp_path / "in.csv"))
+    scored = score_dataframe(df, str(artifacts["mlp"]), kek=str(keyset.kek_path), signers=str(keyset.public_path),
+                             keep=["id", "a"], inputs={"input": ["a", "b", "c", "d"]}, csv_text=True)
+    got = scored.toArrow()
+    assert got.column_names == ["id", "a", "output", "reject_reason"]
+    rows = {r["id"]: r for r in got.to_pylist()}
+    assert rows["r5"]["reject_reason"] == "column 'b': 'abc' is not a number" and rows["r5"]["output"] is None
+    good = [i for i in range(300) if i != 5]
+    np.testing.assert_allclose(np.array([rows[f"r{i}"]["output"] for i in good], np.float32),
+                               _ort(mlp_onnx, input=x[good])["output"], rtol=1e-5, atol=1e-6)
+
+
 def test_a_key_missing_or_wrong_on_the_executors_fails_before_any_scoring_with_the_reason(
         spark: Any, tmp_path: Path, artifacts: dict[str, Path], keyset: KeySet) -> None:
     df = spark.createDataFrame(pa.table({"input": pa.array([[0.0] * 4], type=pa.list_(pa.float32()))}))
