@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from daemon.audit import AuditLog
 from daemon.config import Config
@@ -92,6 +93,11 @@ class Guard:
         self.audit = audit
         self.refusals: dict[tuple[str, str], int] = {}  # (transport, reason) -> count, for the metrics
 
+    @property
+    def fingerprint(self) -> tuple[object, ...]:
+        """What decides every answer: equal fingerprints, equal guards (a reload that changed none keeps this one)."""
+        return (self.required, self.open_probes, self.authenticator.fingerprint)
+
     def check(self, route: Route, model: str | None, authorization: str | None, peer: str | None,
               transport: str, certificate_ids: Iterable[str] = ()) -> Caller | None:
         """The caller, or None when auth is off; raises Unauthenticated / Forbidden with the reason."""
@@ -142,4 +148,34 @@ def build_guard(config: Config, audit: AuditLog | None = None) -> Guard:
     return Guard(Authenticator(keys, certificates), required, config.auth.open_probes, audit)
 
 
-__all__ = ["PROBE", "Guard", "Route", "auth_required", "build_guard", "is_loopback", "listeners", "load_keys"]
+class GuardHolder(Protocol):
+    guard: Guard | None
+
+
+def reload_section(current: Guard, audit: AuditLog | None,
+                   holders: list[GuardHolder]) -> Callable[[Config], Callable[[], str] | None]:
+    """The SIGHUP part of auth (daemon/reload.py's ``sections``): the keys file and ``auth`` re-read, a new guard
+    built (a file that does not parse rejects the whole reload), and on commit every frontend switched to it, so a
+    key added with ``inferd auth add-key`` works and a removed one stops working without a restart."""
+    state = {"guard": current}
+
+    def prepare(new: Config) -> Callable[[], str] | None:
+        fresh = build_guard(new, audit)
+        if fresh.fingerprint == state["guard"].fingerprint:
+            return None
+        fresh.refusals = state["guard"].refusals  # the counters go on
+
+        def switch() -> str:
+            for holder in holders:
+                holder.guard = fresh
+            state["guard"] = fresh
+            return (f"auth re-read: {fresh.authenticator.key_count} API key(s), "
+                    f"{'required' if fresh.required else 'off'}")
+
+        return switch
+
+    return prepare
+
+
+__all__ = ["PROBE", "Guard", "Route", "auth_required", "build_guard", "is_loopback", "listeners", "load_keys",
+           "reload_section"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters import AdapterError
-from daemon import __version__, cli_auth
+from daemon import __version__, cli_security
 from daemon.errors import InferdError
 
 EXIT_ERROR = 1
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("config", type=Path)
     s.set_defaults(func=cmd_check_config)
 
-    cli_auth.register(sub)
+    cli_security.register(sub)
 
     s = sub.add_parser("keygen", help="create a key-encryption key, or with --signing an Ed25519 key pair")
     s.add_argument("--out", "-o", required=True, type=Path, help="key file to create (never overwritten)")

@@ -1,4 +1,5 @@
-"""``inferd auth``: make, list and revoke API keys in the keys file the config names (docs/security.md)."""
+"""``inferd auth`` (make, list and revoke API keys in the keys file the config names) and ``inferd doctor`` (the
+effective security posture); docs/security.md."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _file_args(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_list_keys)
+
+    s = sub.add_parser("doctor", help="print the config's security posture; exit 1 if any of it is unsafe")
+    s.add_argument("config", type=Path)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
 
     s = asub.add_parser("remove-key", help="revoke a key by name (a running daemon drops it on SIGHUP)")
     s.add_argument("name")
@@ -88,6 +94,24 @@ def cmd_remove_key(args: argparse.Namespace) -> int:
     remove_key_from_file(path, args.name)
     print(f"key {args.name!r} removed from {path}; a running daemon refuses it after SIGHUP", file=sys.stderr)
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from daemon.config import load_config
+    from daemon.doctor import UNSAFE, examine
+
+    findings = examine(load_config(args.config))
+    if args.json:
+        print(json.dumps([asdict(f) for f in findings], indent=2))
+    else:
+        for finding in findings:
+            print(finding.line())
+    unsafe = [f for f in findings if f.level == UNSAFE]
+    if unsafe and not args.json:
+        print(f"{len(unsafe)} unsafe finding(s)", file=sys.stderr)
+    return 1 if unsafe else 0
 
 
 __all__ = ["register"]

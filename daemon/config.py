@@ -26,6 +26,7 @@ from adapters.base import SessionOptions
 from daemon.config_base import NAME_PATTERN, RESERVED_MODEL_NAMES, ConfigPath, KeySource, _Model, resolve_path
 from daemon.config_errors import describe
 from daemon.config_frontends import GrpcConfig, MqttConfig
+from daemon.config_security import AuditConfig, AuthConfig, HttpTlsConfig
 from daemon.errors import ConfigError
 
 WarmupInputs = Union[dict[str, tuple[int, ...]], Path]  # noqa: UP007
@@ -85,6 +86,11 @@ class ServerConfig(_Model):
         False, description="Log one JSON line per HTTP request (method, path, status, duration, sizes, peer; never "
         "a body or a header) to the daemon's log."
     )
+    queue_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="Bytes of decoded tensors that may wait in all the models' queues "
+        "together; beyond it requests are refused (HTTP 503), see docs/overload.md.",
+    )
+    tls: HttpTlsConfig = Field(default_factory=HttpTlsConfig)
 
 
 class KeysConfig(_Model):
@@ -140,6 +146,15 @@ class _ModelBase(_Model):
     timeout_ms: float = Field(
         0.0, ge=0, description="Default time a request may wait in the queue (0: no limit); per request: "
         "parameters.timeout_ms."
+    )
+    max_queue_wait_ms: float | None = Field(
+        None, ge=0, description="Admission: a request whose predicted wait in the queue exceeds this (or its own "
+        "shorter timeout) is refused at once (null: 1.5 measured full batches, at least 50 ms; 0: only a request's "
+        "own timeout), see docs/overload.md.",
+    )
+    queue_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="Bytes of decoded tensors that may wait in this model's queue; beyond "
+        "it requests are refused (HTTP 503).",
     )
     inline_max_ms: float = Field(
         0.5, ge=0, le=10,
@@ -233,6 +248,8 @@ class Config(_Model):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     models: list[ModelConfig] = Field(default_factory=list, description="The models this daemon serves.")
 
     @model_validator(mode="after")

@@ -116,6 +116,8 @@ class MqttFrontend:
                 password = raw.decode("utf-8").strip()
             except UnicodeDecodeError:
                 raise KeyProblem("the MQTT password file is not UTF-8 text") from None
+        if config.mqtt.tls.key_file is not None:  # paho reads it later: refuse one others can read now, like a KEK
+            keys.read_secret_file(config.mqtt.tls.key_file)
         return cls(config.mqtt, node_id, manager, limits, activity, password, max_payload=config.server.max_body_bytes,
                    guard=guard)
 

@@ -192,6 +192,12 @@ class Authenticator:
     def key_count(self) -> int:
         return len(self._by_id)
 
+    @property
+    def fingerprint(self) -> tuple[object, ...]:
+        keys = tuple(sorted((k.key_id, k.name, k.digest, tuple(sorted(k.scopes)),
+                             tuple(sorted(k.models)) if k.models is not None else None) for k in self._by_id.values()))
+        return keys, tuple(sorted((i, repr(c)) for i, c in self._mtls.items()))
+
     def from_header(self, authorization: str | None) -> Caller:
         """The caller an ``Authorization`` header names; Unauthenticated (never saying which part was wrong beyond
         the format) otherwise."""
