@@ -72,16 +72,17 @@ def local_spark(root: Path, extra: dict[str, str] | None = None) -> Iterator[Any
         spark.stop()
         gateway = SparkContext._gateway
         if gateway is not None:
-            proc: subprocess.Popen[bytes] | None = getattr(gateway, "proc", None)
+            # pyspark's own handle on the JVM it launched (not public: an AttributeError here means pyspark changed
+            # how it keeps it, and the JVM would be left behind)
+            proc: subprocess.Popen[bytes] = gateway.proc
             gateway.shutdown()
-            if proc is not None:
-                if proc.stdin:
-                    proc.stdin.close()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            if proc.stdin:
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
             SparkContext._gateway = None
             SparkContext._jvm = None
         for key, value in saved.items():
