@@ -130,8 +130,16 @@ class WorkFolder:
         if self.stream is not None:
             self._feed(chunks)
             self.stream.close(schema)
-        else:
-            write_output(self.output, self.fmt, lambda: (b for p in parts for b in _batches(p)), schema, scored)
+        else:  # the parts, memory-mapped once, are read once per output (.npz members) without a copy
+            maps = [pa.memory_map(str(p)) for p in parts]
+            mapped: list[pa.RecordBatch] = []
+            try:
+                mapped += [b for m in maps for b in _read_all(m)]
+                write_output(self.output, self.fmt, lambda: iter(mapped), schema, scored)
+            finally:
+                mapped.clear()  # the batches go before the maps they view
+                for m in maps:
+                    m.close()
         found = "".join(info["rejects"] for p in parts if (info := _chunk_info(p)) is not None).encode()
         if found:
             atomic_write(rejects, found)
@@ -156,9 +164,12 @@ def _chunk_info(part: Path) -> dict[str, Any] | None:
 
 def _batches(part: Path) -> Iterator[pa.RecordBatch]:
     with pa.memory_map(str(part)) as m:
-        reader = pa.ipc.open_file(m)
-        for i in range(reader.num_record_batches):
-            yield reader.get_batch(i)
+        yield from _read_all(m)
+
+
+def _read_all(m: pa.MemoryMappedFile) -> list[pa.RecordBatch]:
+    reader = pa.ipc.open_file(m)
+    return [reader.get_batch(i) for i in range(reader.num_record_batches)]
 
 
 def record_batch(id_name: str, ids: pa.Array, outputs: Mapping[str, np.ndarray], chunk: str = "{}"
