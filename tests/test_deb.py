@@ -1,0 +1,192 @@
+"""The .deb (packaging/build-deb.sh, what `make deb` runs), built once for this module: its name, control fields,
+file list, conffiles and maintainer scripts, lintian, and, as root, a real install, upgrade, remove and purge into a
+throwaway root with dpkg, and the packaged inferd run from the installed tree at /opt/inferd.
+
+Built as make deb builds it."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VERSION = re.search(r'^version = "([^"]+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)  # type: ignore[union-attr]
+ROOT = os.geteuid() == 0
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def run(*argv: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=600, **kwargs)
+    if check:
+        assert res.returncode == 0, f"{argv} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not shutil.which("dpkg-deb"):
+        pytest.skip("dpkg-deb is missing: the .deb is built on Debian and its derivatives only")
+    if ROOT:
+        run("make", "-s", "deps-deb", cwd=REPO)  # lintian, shellcheck, the system Python's venv module
+    out = tmp_path_factory.mktemp("deb")
+    run(str(REPO / "packaging/build-deb.sh"), cwd=REPO,
+        env={**os.environ, "OUT": str(out), "EXTRAS": "onnxruntime"})
+    (built,) = out.glob("*.deb")
+    return built
+
+
+@pytest.fixture(scope="module")
+def unpacked(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tree = tmp_path_factory.mktemp("unpacked")
+    run("dpkg-deb", "-R", str(deb), str(tree))
+    return tree
+
+
+def arch() -> str:
+    return run("dpkg", "--print-architecture").stdout.strip()
+
+
+def test_name_and_control_fields(deb: Path) -> None:
+    assert deb.name == f"inferd_{VERSION}-1_{arch()}.deb"
+    fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", run("dpkg-deb", "-f", str(deb)).stdout, re.M))
+    assert fields["Package"] == "inferd" and fields["Version"] == f"{VERSION}-1" and fields["Architecture"] == arch()
+    depends = [d.strip() for d in fields["Depends"].split(",")]
+    # the venv's interpreter is /usr/bin/python3.11 (constraints.txt's Python): that one, and no other python3
+    assert {"python3.11", "python3 (>= 3.11~)", "python3 (<< 3.12~)", "adduser"} <= set(depends)
+    assert re.fullmatch(r".+ <[^@\s]+@[^@\s]+>", fields["Maintainer"])
+    assert fields["Description"] and "self-contained" in run("dpkg-deb", "-f", str(deb), "Description").stdout
+    assert int(fields["Installed-Size"]) > 10_000
+
+
+def test_file_list_holds_the_venv_the_unit_the_config_and_the_docs(deb: Path, unpacked: Path) -> None:
+    listing = run("dpkg-deb", "-c", str(deb)).stdout
+    links = dict(re.findall(r"^l\S+ \S+ +\d+ \S+ \S+ \./(\S+) -> (\S+)$", listing, re.M))
+    assert links["usr/bin/inferd"] == "/opt/inferd/bin/inferd"
+    assert links["opt/inferd/bin/python3.11"] == "/usr/bin/python3.11"
+    for path in ["opt/inferd/bin/inferd", "opt/inferd/pyvenv.cfg", "usr/share/man/man1/inferd.1.gz",
+                 "usr/share/doc/inferd/copyright", "usr/share/doc/inferd/changelog.Debian.gz",
+                 "usr/share/doc/inferd/README.md", "usr/share/doc/inferd/config.example.yaml",
+                 "usr/share/doc/inferd/docs/operations.md", "usr/share/doc/inferd/docs/store.md",
+                 "usr/share/lintian/overrides/inferd"]:
+        assert (unpacked / path).is_file(), path
+    for packaged, source in [("lib/systemd/system/inferd.service", "systemd/inferd.service"),
+                             ("usr/lib/sysusers.d/inferd.conf", "systemd/inferd.sysusers.conf"),
+                             ("usr/lib/tmpfiles.d/inferd.conf", "systemd/inferd.tmpfiles.conf"),
+                             ("etc/inferd/inferd.yaml", "systemd/inferd.yaml")]:
+        assert (unpacked / packaged).read_bytes() == (REPO / source).read_bytes(), packaged
+    assert not (unpacked / "opt/inferd/bin/pip").exists()  # nothing installs into the packaged venv afterwards
+    # relocated: the scripts run on /opt/inferd's interpreter, and no staging path is left anywhere
+    assert (unpacked / "opt/inferd/bin/inferd").read_text().startswith("#!/opt/inferd/bin/python\n")
+    assert "/opt/inferd" in (unpacked / "opt/inferd/pyvenv.cfg").read_text()
+    left = run("grep", "-rlI", "-F", "inferd-deb.", str(unpacked / "opt"), check=False)
+    assert left.returncode == 1 and not left.stdout, left.stdout
+
+
+def test_the_venv_holds_exactly_the_pinned_versions(unpacked: Path) -> None:
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (REPO / "constraints.txt").read_text(), re.M))
+    pins = {_norm(k): v for k, v in pins.items()}
+    (site,) = (unpacked / "opt/inferd/lib").glob("python3.*/site-packages")
+    installed = {}
+    for info in site.glob("*.dist-info"):
+        name, version = info.name[: -len(".dist-info")].rsplit("-", 1)
+        installed[_norm(name)] = version
+    assert installed.pop("inferd") == VERSION
+    assert {"onnxruntime", "numpy", "aiohttp", "pydantic"} <= set(installed)
+    assert {name: v for name, v in installed.items() if pins.get(name) != v} == {}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_conffiles_and_maintainer_scripts(unpacked: Path) -> None:
+    control = unpacked / "DEBIAN"
+    assert (control / "conffiles").read_text() == "/etc/inferd/inferd.yaml\n"
+    config = (unpacked / "etc/inferd/inferd.yaml").read_text()
+    assert "host: 127.0.0.1" in config and "required: null" in config  # loopback only; auth as soon as it is not
+    for script in ("postinst", "prerm", "postrm"):
+        path = control / script
+        assert path.read_bytes() == (REPO / "packaging/debian" / script).read_bytes()
+        assert path.stat().st_mode & 0o755 == 0o755
+        run("sh", "-n", str(path))
+    if shutil.which("shellcheck"):
+        run("shellcheck", *(str(control / s) for s in ("postinst", "prerm", "postrm")))
+    else:
+        assert not ROOT, "make deps-deb installs shellcheck"
+
+
+def test_lintian_is_clean(deb: Path) -> None:
+    if not shutil.which("lintian"):
+        assert not ROOT, "make deps-deb installs lintian"
+        pytest.skip("lintian is missing (make deps-deb installs it, as root)")
+    res = run("lintian", "--fail-on", "error,warning", "--tag-display-limit", "0", str(deb), check=False)
+    tags = [ln for ln in res.stdout.splitlines() if re.match(r"[EW]: ", ln)]
+    assert res.returncode == 0 and tags == [], res.stdout[-3000:]
+
+
+def test_install_upgrade_remove_and_purge_in_a_throwaway_root(deb: Path, tmp_path: Path) -> None:
+    """dpkg --root with the maintainer scripts run outside a chroot (DPKG_ROOT): the account, the folders and the
+    enablement land in the tree, and nothing touches this machine's systemd."""
+    if not ROOT:
+        pytest.skip("installing with dpkg --root needs root")
+    for tool in ("systemd-sysusers", "systemd-tmpfiles", "systemctl", "unshare"):
+        assert shutil.which(tool), f"{tool} is missing (make deps-system installs systemd)"
+    root = tmp_path / "root"
+    for d in ("var/lib/dpkg/info", "var/lib/dpkg/updates"):
+        (root / d).mkdir(parents=True)
+    (root / "var/lib/dpkg/status").touch()
+
+    def dpkg(*args: str) -> str:
+        # the tree has no python3.11 package: it runs on this machine's (the unshare below)
+        res = run("dpkg", f"--root={root}", "--force-script-chrootless", "--force-depends", "--force-confold",
+                  *args, stdin=subprocess.DEVNULL)
+        return res.stdout + res.stderr
+
+    dpkg("--install", str(deb))
+    assert re.search(r"^inferd:x:\d+:\d+:", (root / "etc/passwd").read_text(), re.M)
+    gid = int(re.search(r"^inferd:x:(\d+):", (root / "etc/group").read_text(), re.M).group(1))  # type: ignore[union-attr]
+    etc = (root / "etc/inferd").stat()
+    assert (etc.st_mode & 0o7777, etc.st_gid) == (0o750, gid)
+    assert (root / "etc/inferd/keys").stat().st_mode & 0o7777 == 0o700
+    wants = root / "etc/systemd/system/multi-user.target.wants/inferd.service"
+    assert wants.is_symlink()  # enabled on install
+
+    # the installed tree, at the path it was built for: /opt/inferd (in a mount namespace of its own)
+    script = (f"mount -t tmpfs none /opt && mkdir /opt/inferd && mount --bind {root}/opt/inferd /opt/inferd && "
+              f"{root}/usr/bin/inferd --version && "
+              f"/opt/inferd/bin/inferd check-config {root}/etc/inferd/inferd.yaml && "
+              "/opt/inferd/bin/python -c 'import onnxruntime, daemon.app; print(onnxruntime.__version__)'")
+    ran = run("unshare", "--mount", "sh", "-c", script)
+    assert ran.stdout.splitlines()[0] == f"inferd {VERSION}", ran.stdout
+
+    # an upgrade (the same version again runs the same scripts): the operator's config edit survives
+    config = root / "etc/inferd/inferd.yaml"
+    config.write_text(config.read_text().replace("port: 8080", "port: 8181"))
+    dpkg("--install", str(deb))
+    assert "port: 8181" in config.read_text()
+
+    # remove keeps the config, the keys and the model store; purge deletes them
+    (root / "etc/inferd/keys/site.kek").write_bytes(b"k" * 32)
+    store = root / "var/lib/inferd/models/m/1"
+    store.mkdir(parents=True)
+    (store / "artifact.inferd").write_bytes(b"artifact")
+    dpkg("--remove", "inferd")
+    assert not (root / "opt/inferd/bin/inferd").exists() and not (root / "usr/bin/inferd").is_symlink()
+    assert config.is_file() and (root / "etc/inferd/keys/site.kek").is_file() and (store / "artifact.inferd").is_file()
+    dpkg("--purge", "inferd")
+    assert not (root / "etc/inferd").exists() and not (root / "var/lib/inferd").exists()
+    assert not wants.is_symlink() and not (root / "opt/inferd").exists()
+    assert re.search(r"^inferd:", (root / "etc/passwd").read_text(), re.M)  # system accounts stay (Debian's rule)
+
+
+def test_the_man_page_lists_every_command(unpacked: Path) -> None:
+    page = gzip.decompress((unpacked / "usr/share/man/man1/inferd.1.gz").read_bytes()).decode()
+    for command in ("serve", "check\\-config", "keygen", "model pack", "model install", "batch"):
+        assert f".SS inferd {command}" in page, command
