@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from adapters.cpus import usable_cpus
-from daemon import announce, http_api, keys, metrics, protocol, sdnotify
+from daemon import announce, http_api, keys, memory, metrics, protocol, sdnotify
 from daemon.config import Config
 from daemon.context import Activity
 from daemon.errors import ConfigError
@@ -62,6 +62,7 @@ class Daemon:
         self.manager = manager
         server = self.config.server
         limits = protocol.Limits(server.max_tensor_elements)
+        memory.PROCESS.limit = server.queue_max_bytes  # the byte budget every model's queue shares (daemon/memory.py)
         readiness = Readiness(lambda: announce.model_reasons(manager))  # "no models configured" is not ready
         if self.config.mqtt.enabled:
             from daemon.mqtt_api import MqttFrontend

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -23,9 +24,10 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 import daemon
 from daemon import grpc_codec, responses, service
+from daemon.admission import retry_after_s
 from daemon.config_frontends import GrpcConfig, GrpcTlsConfig
 from daemon.context import Activity, RequestContext
-from daemon.errors import InferdError, NotReady
+from daemon.errors import Busy, InferdError, NotReady
 from daemon.frontend import Health, Readiness
 from daemon.http_api import SERVER_NAME
 from daemon.model_config import triton_model_config
@@ -47,8 +49,9 @@ GRPC_STATUS: dict[str, grpc.StatusCode] = {
     "forbidden": grpc.StatusCode.PERMISSION_DENIED,
 }
 EXTENSIONS: list[str] = ["statistics", "model_configuration"]
-#: trailing metadata a shed client gets: gRPC's server pushback (gRFC A6), honoured by clients with a retry policy
-RETRY_PUSHBACK = (("grpc-retry-pushback-ms", "1000"),)
+#: the trailing metadata key of a shed client's retry hint: gRPC's server pushback (gRFC A6), honoured by clients
+#: with a retry policy; its value is the predicted time for the queue to drain, in milliseconds (at least 1)
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"
 #: what calls still running when the drain budget is spent get before grpcio cancels them
 STOP_GRACE_S = 0.5
 #: at most this much of a caller's deadline is kept back to answer in (see :func:`deadline`)
@@ -65,8 +68,8 @@ async def _fail(context: grpc.aio.ServicerContext, exc: InferdError) -> NoReturn
     code = GRPC_STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
     if code is grpc.StatusCode.INTERNAL:
         log.error("gRPC request failed: %s", exc)
-    if exc.code == "busy":
-        context.set_trailing_metadata(RETRY_PUSHBACK)
+    if isinstance(exc, Busy):
+        context.set_trailing_metadata(((RETRY_PUSHBACK, str(max(1, math.ceil(retry_after_s(exc) * 1000)))),))
     await context.abort(code, str(exc))
     raise AssertionError("grpc.aio's abort raises")  # for the type checker: abort is not typed NoReturn
 

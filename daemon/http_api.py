@@ -10,6 +10,7 @@ import asyncio
 import functools
 import importlib.resources
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,8 +23,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import daemon
 from daemon import protocol, responses, service
+from daemon.admission import retry_after_s
 from daemon.context import Activity, RequestContext
-from daemon.errors import InferdError, NotReady
+from daemon.errors import Busy, InferdError, NotReady
 from daemon.frontend import Readiness
 from daemon.http_observe import HttpObserver
 from daemon.metrics import Registries
@@ -50,9 +52,6 @@ SERVER_NAME = "inferd"
 EXTENSIONS: list[str] = ["binary_tensor_data", "statistics", "model_configuration"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXPECT = "Expect"
-#: seconds a shed client is told to wait before retrying
-RETRY_AFTER_S = 1
-
 Handler = Callable[["HttpApi", web.BaseRequest, list[str]], Awaitable[web.StreamResponse]]
 
 
@@ -128,7 +127,8 @@ class HttpApi:
             status = HTTP_STATUS.get(exc.code, 500)
             if status >= 500 and exc.code not in ("not_ready", "busy"):
                 log.error("request %s %s failed: %s", request.method, request.path, exc)
-            headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.code == "busy" else None
+            # RFC 9110: whole seconds; the predicted time for the queue to drain, at least 1
+            headers = {"Retry-After": str(max(1, math.ceil(retry_after_s(exc))))} if isinstance(exc, Busy) else None
             return error_response(status, str(exc), headers)
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
@@ -259,11 +259,12 @@ async def infer(api: HttpApi, request: web.BaseRequest, params: list[str]) -> we
                          if request.transport is not None else None)
     loaded = service.admit(api.manager, name, version, ctx)
     header_length = _header_length(request)
-    body = await request.read()
+    body = await read_body(request, api.max_body_bytes)
     if loaded.state != "ready":  # a swap retired the version while the body arrived: its successor answers
         loaded = service.admit(api.manager, name, version, ctx)
     async with service.call(loaded, ctx) as call:
         decoded = protocol.decode_body(body, header_length, loaded.session.inputs, loaded.session.outputs, api.limits)
+        del body  # while it waits, a request holds its tensors only (binary ones are views over the body)
         results = await call.run(decoded)
         payload, reply_length = responses.encode_response(loaded.name, loaded.version, decoded, results)
     if reply_length is None:
@@ -273,6 +274,22 @@ async def infer(api: HttpApi, request: web.BaseRequest, params: list[str]) -> we
         content_type="application/octet-stream",
         headers={HEADER_LENGTH: str(reply_length)},
     )
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The whole body, ``limit`` enforced as aiohttp's ``read()`` does (413), but not kept on the request object as
+    ``read()`` keeps it: so a JSON request waiting in the queue no longer holds its body (docs/overload.md)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    chunks: list[bytes] = []
+    size = 0
+    content = request.content
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _header_length(request: web.BaseRequest) -> int | None:

@@ -24,6 +24,7 @@ TMPFILES = REPO / "systemd" / "inferd.tmpfiles.conf"
 TPM_DROPIN = REPO / "systemd" / "tpm-credentials.conf"
 #: the most `systemd-analyze security` may score the unit (issue 13; it was 1.6)
 EXPOSURE_MAX = 1.5
+DOC_ROOT = "/usr/share/doc/inferd/"  # where packaging/build-deb.sh installs README.md and docs/
 
 
 def systemd_tool(name: str) -> str:
@@ -102,6 +103,20 @@ def test_the_tpm_drop_in_swaps_the_kek_for_an_encrypted_credential() -> None:
                       ("LoadCredential", "inferd-signer.pub:/etc/inferd/keys/release.key.pub"),
                       ("LoadCredentialEncrypted", "inferd-kek:/etc/credstore.encrypted/inferd-kek")]
     assert "systemd-creds encrypt --with-key=tpm2 --name=inferd-kek" in TPM_DROPIN.read_text()
+
+
+def test_documentation_names_docs_the_package_installs() -> None:
+    """Documentation= points at /usr/share/doc/inferd, where packaging/build-deb.sh puts README.md and docs/."""
+    urls = " ".join(unit_values("Documentation")).split()
+    files = [url.removeprefix("file:") for url in urls if url.startswith("file:")]
+    assert files, urls
+    build = (REPO / "packaging" / "build-deb.sh").read_text()
+    for path in files:
+        assert path.startswith(DOC_ROOT), path
+        source = REPO / path.removeprefix(DOC_ROOT)
+        assert source.is_file(), f"{path}: {source} is not in the repository"
+        assert f'"$doc/{source.parent.relative_to(REPO)}/"' in build or f'"$doc/{source.name}"' in build, path
+    assert "man:inferd(1)" in urls and "usr/share/man/man1/inferd.1.gz" in build
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="systemd-sysusers and -tmpfiles set owners: root only")
