@@ -23,6 +23,8 @@ def _settings(model: Any) -> dict[str, Any]:
         "queue_size": model.queue_size,
         "timeout_s": model.timeout_ms / 1000 if model.timeout_ms else None,
         "inline_max_s": model.inline_max_ms / 1000,
+        "max_queue_wait_s": None if model.max_queue_wait_ms is None else model.max_queue_wait_ms / 1000,
+        "queue_max_bytes": model.queue_max_bytes,
     }
 
 
@@ -40,6 +42,8 @@ class BatchPolicy:
     queue_size: int = _DEFAULTS["queue_size"]  # requests that may wait; beyond it they are refused
     timeout_s: float | None = _DEFAULTS["timeout_s"]  # longest wait in the queue; None: no limit
     inline_max_s: float = _DEFAULTS["inline_max_s"]  # runs estimated below this go on the event loop (0: never)
+    max_queue_wait_s: float | None = _DEFAULTS["max_queue_wait_s"]  # admission's default deadline; None: derived
+    queue_max_bytes: int = _DEFAULTS["queue_max_bytes"]  # tensor bytes that may wait in the queue
 
     @classmethod
     def from_config(cls, model: ModelConfig) -> BatchPolicy:

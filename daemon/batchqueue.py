@@ -7,7 +7,9 @@ touches it, so nothing is locked.
 - A job's batch key is its inputs' per-row shapes and dtypes: only jobs with equal keys are concatenated, and a job
   whose inputs disagree on the row count gets a key of its own (it runs alone, never split by rows).
 - ``depth`` counts the jobs still waiting: a job leaves the count exactly once, when it is taken for a run, expires,
-  is cancelled, or the queue is cleared, whichever comes first (``Job.done``). Admission reads it (``queue_size``).
+  is cancelled, or the queue is cleared, whichever comes first (``Job.done``). Admission reads it (``queue_size``),
+  and with it ``rows`` (the work waiting, for the predicted wait) and ``nbytes`` (the tensor bytes waiting, against
+  ``queue_max_bytes``; the process-wide sum is kept in :mod:`daemon.memory` by the same two calls).
 - Jobs are taken oldest first; a batch grows with the compatible jobs behind it, up to ``max_rows`` rows, skipping
   any that would overflow it, and is due at once when full or at one of the preferred sizes.
 """
@@ -22,6 +24,7 @@ from collections import deque
 import numpy as np
 
 from adapters.base import Session
+from daemon.memory import QueueMemory
 
 Outputs = dict[str, np.ndarray]
 BatchKey = tuple[object, ...]
@@ -30,12 +33,13 @@ BatchKey = tuple[object, ...]
 class Job:
     """One request waiting for (or in) a run."""
 
-    __slots__ = ("inputs", "rows", "key", "future", "enqueued", "timer", "done")
+    __slots__ = ("inputs", "rows", "nbytes", "key", "future", "enqueued", "timer", "done")
 
-    def __init__(self, inputs: dict[str, np.ndarray], rows: int, key: BatchKey, future: asyncio.Future[Outputs]
-                 ) -> None:
+    def __init__(self, inputs: dict[str, np.ndarray], rows: int, key: BatchKey, future: asyncio.Future[Outputs],
+                 nbytes: int = 0) -> None:
         self.inputs = inputs
         self.rows = rows
+        self.nbytes = nbytes  # its tensors' bytes, as admission counted them
         self.key = key
         self.future = future
         self.enqueued = time.monotonic()
@@ -60,17 +64,24 @@ def batch_key(inputs: dict[str, np.ndarray], rows: int) -> BatchKey:
 
 
 class BatchQueue:
-    __slots__ = ("_jobs", "depth", "max_rows", "preferred")
+    __slots__ = ("_jobs", "depth", "rows", "nbytes", "max_rows", "preferred", "_memory")
 
-    def __init__(self, max_rows: int, preferred: tuple[int, ...] = ()) -> None:
+    def __init__(self, max_rows: int, preferred: tuple[int, ...] = (), memory: QueueMemory | None = None) -> None:
         self._jobs: deque[Job] = deque()
         self.depth = 0
+        self.rows = 0
+        self.nbytes = 0
         self.max_rows = max_rows
         self.preferred = preferred
+        self._memory = memory
 
     def push(self, job: Job) -> None:
         self._jobs.append(job)
         self.depth += 1
+        self.rows += job.rows
+        self.nbytes += job.nbytes
+        if self._memory is not None:
+            self._memory.add(job.nbytes)
 
     def forget(self, job: Job) -> bool:
         """Take ``job`` out of the count (it is leaving the queue); False when it had already left."""
@@ -78,6 +89,10 @@ class BatchQueue:
             return False
         job.done = True
         self.depth -= 1
+        self.rows -= job.rows
+        self.nbytes -= job.nbytes
+        if self._memory is not None:
+            self._memory.remove(job.nbytes)
         if job.timer is not None:
             job.timer.cancel()
         return True

@@ -1,4 +1,5 @@
-"""What a run is expected to cost, from the recent runs of its size class: the scheduler's inline-path test.
+"""What a run is expected to cost, from the scheduler's own runs: the inline-path test (:class:`CostEstimator`) and
+admission's predicted wait (:class:`ServiceTimes`).
 
 A lone sequential client's run goes on the event loop only when it is known to be cheap (see daemon/scheduler.py).
 Why the estimate looks like this:
@@ -9,6 +10,11 @@ Why the estimate looks like this:
 - The estimate is the fastest of the class's last few runs, in wall time: contention only makes a run slower, so the
   minimum is the run's own cost; and wall time also counts work on a runtime's own threads or a GPU, which the
   calling thread's CPU time would miss. A class never measured is not cheap (it runs on a worker first).
+- Admission wants the opposite figure: not a run's own cost but what runs cost *now*, contention included (under
+  overload the event loop decoding requests competes with the runtime for the CPUs). So it keeps, per size class, an
+  exponentially weighted average of the seconds per row, which follows a model that slows down within a few runs.
+  A class never measured borrows the nearest measured class of the same per-row shapes (a burst of 32-row batches is
+  judged by the 16-row runs before it: per row, a smaller batch costs as much or more, so the guess errs safe).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ SizeClass = tuple[object, ...]
 
 #: runs remembered per size class: enough to find the uncontended cost, few enough to follow a model that slows down
 RECENT_RUNS = 8
+#: weight of the newest run in admission's running average of seconds per row
+RATE_WEIGHT = 0.2
 
 
 def size_class(inputs: dict[str, np.ndarray], rows: int) -> SizeClass:
@@ -52,3 +60,40 @@ class CostEstimator:
         """The expected seconds of a run of ``cls``, or None when none was measured (for logs and tests)."""
         recent = self._recent.get(cls)
         return min(recent) if recent else None
+
+
+class ServiceTimes:
+    """Seconds per row by size class, a running average of the scheduler's runs: admission's service rate. And the
+    event loop's own work on a request before it reaches the queue (decoding its body): when that is the bottleneck
+    (a large JSON body, a cheap model), requests admitted but still being read and decoded are the wait."""
+
+    __slots__ = ("_per_row", "front_s")
+
+    def __init__(self) -> None:
+        self._per_row: dict[SizeClass, float] = {}
+        self.front_s = 0.0  # running average of a request's decode on the loop
+
+    def note_front(self, seconds: float) -> None:
+        self.front_s = seconds if not self.front_s else self.front_s + RATE_WEIGHT * (seconds - self.front_s)
+
+    def note(self, cls: SizeClass, rows: int, seconds: float) -> None:
+        per = seconds / max(1, rows)
+        old = self._per_row.get(cls)
+        self._per_row[cls] = per if old is None else old + RATE_WEIGHT * (per - old)
+
+    def per_row(self, shapes: tuple[object, ...], rows: int) -> float | None:
+        """Seconds per row of a run of ``rows`` rows with these per-row ``shapes``: its class's average, else that of
+        the measured class of the same shapes nearest in rows (the smaller on a tie); None when none was measured."""
+        bucket = rows.bit_length()
+        exact = self._per_row.get((bucket, *shapes))
+        if exact is not None:
+            return exact
+        best: tuple[int, int, float] | None = None
+        for cls, per in self._per_row.items():
+            if cls[1:] == shapes:
+                k = cls[0]
+                assert isinstance(k, int)
+                rank = (abs(k - bucket), -k if k < bucket else k)
+                if best is None or rank < best[:2]:
+                    best = (*rank, per)
+        return None if best is None else best[2]

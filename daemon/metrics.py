@@ -37,6 +37,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "inferd_batch_size": ("histogram", "Rows in each execution (after dynamic batching)."),
     "inferd_executions_total": ("counter", "Runtime executions (batches), by where they ran: worker or loop."),
     "inferd_queue_depth": ("gauge", "Requests waiting in the model's queue."),
+    "inferd_refusals_total": (
+        "counter", "Requests refused at admission, by reason: queue_full, queue_bytes, memory, wait."),
     "inferd_in_flight": ("gauge", "Requests accepted and not yet answered."),
     "inferd_model_loaded": ("gauge", "1 for each loaded model version, with its runtime and device."),
     "inferd_model_ready": ("gauge", "1 when the configured model is ready, else 0."),
@@ -121,6 +123,7 @@ class VersionStats:
     inline_runs: int = 0  # of which ran on the event loop (cheap runs, see scheduler)
     last_inference_ms: int = 0
     in_flight: int = 0
+    refusals: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # admission's, by reason
 
     def request_done(self, protocol: str, outcome: str, seconds: float) -> None:
         self.requests[(protocol, outcome)] += 1
@@ -226,6 +229,8 @@ class InferdCollector:
         )
         depth = GaugeMetricFamily("inferd_queue_depth", help_["inferd_queue_depth"], labels=["model", "version"])
         in_flight = GaugeMetricFamily("inferd_in_flight", help_["inferd_in_flight"], labels=["model", "version"])
+        refusals = CounterMetricFamily(
+            "inferd_refusals", help_["inferd_refusals_total"], labels=["model", "version", "reason"])
         for s in self._stats():
             labels = [s.model, s.version]
             for (protocol, outcome), n in sorted(s.requests.items()):
@@ -240,6 +245,8 @@ class InferdCollector:
             executions.add_metric([*labels, "worker"], s.execution_count - s.inline_runs)
             executions.add_metric([*labels, "loop"], s.inline_runs)
             in_flight.add_metric(labels, s.in_flight)
+            for reason, n in sorted(s.refusals.items()):
+                refusals.add_metric([*labels, reason], n)
         for model, version, waiting in self._queues():
             depth.add_metric([model, version], waiting)
         loaded = GaugeMetricFamily(
@@ -255,6 +262,7 @@ class InferdCollector:
         yield executions
         yield depth
         yield in_flight
+        yield refusals
         yield loaded
         yield ready
         mqtt = self._mqtt()

@@ -4,8 +4,10 @@ Its parts live beside it: :mod:`daemon.admission` (who may enter the queue), :mo
 requests may run together), :mod:`daemon.estimator` (what a run is expected to cost) and :mod:`daemon.execution`
 (one batch through the runtime). Why it looks like this:
 
-- The queue is bounded: when it is full a request is refused at once (``Busy``), so memory stays flat under any
-  offered load and clients get a fast, retryable answer instead of a slow timeout.
+- The queue is bounded by requests, by tensor bytes (per model and process-wide) and by time: a request whose
+  predicted wait does not fit its deadline is refused at once (``Overloaded``, see :mod:`daemon.admission`), so
+  memory stays flat and latency bounded under any offered load, and clients get a fast, retryable answer instead of
+  a slow timeout. Every run feeds the service-time estimate the prediction uses.
 - ``workers`` threads each run one execution at a time, so the runtime never sees more concurrent runs than the
   thread budget allows. Dispatch happens on the event loop right when a request arrives or a run completes (no
   dispatcher coroutine, no executor future in between: on a small box each extra hop is a context switch). A short
@@ -32,11 +34,12 @@ import time
 import numpy as np
 
 from adapters.base import Session
-from daemon.admission import Admission
+from daemon import memory as queue_memory
+from daemon.admission import Admission, Bounds, Overloaded
 from daemon.batchpolicy import BatchPolicy
 from daemon.batchqueue import BatchQueue, Job, Outputs, batch_key, batchable
 from daemon.context import RequestContext
-from daemon.errors import Busy, InferenceFailed, Timeout
+from daemon.errors import InferenceFailed, Timeout
 from daemon.estimator import CostEstimator, SizeClass, size_class
 from daemon.execution import Outcome, execute, run_one
 from daemon.metrics import VersionStats
@@ -45,17 +48,23 @@ log = logging.getLogger("inferd.scheduler")
 
 
 class Scheduler:
-    def __init__(self, session: Session, workers: int, policy: BatchPolicy, stats: VersionStats, label: str) -> None:
+    def __init__(self, session: Session, workers: int, policy: BatchPolicy, stats: VersionStats, label: str,
+                 memory: queue_memory.QueueMemory | None = None) -> None:
         self._session = session
         self._policy = policy
         self._stats = stats
         self._label = label
         self.workers = workers
         self.batching = policy.max_batch_size > 1 and batchable(session)
-        self._queue = BatchQueue(policy.max_batch_size, policy.preferred_batch_sizes)
+        memory = queue_memory.PROCESS if memory is None else memory
+        self._queue = BatchQueue(policy.max_batch_size, policy.preferred_batch_sizes, memory)
+        bounds = Bounds(stats.model, policy.queue_size, policy.queue_max_bytes, policy.max_queue_wait_s,
+                        policy.max_batch_size if self.batching else 1, workers)
         self._admission = Admission(
-            self._queue, policy.queue_size, f"model {stats.model!r} version {stats.version!r} is being retired and "
-            "takes no new requests; retry, and the version now serving answers", self._check_settled)
+            self._queue, bounds, f"model {stats.model!r} version {stats.version!r} is being retired and "
+            "takes no new requests; retry, and the version now serving answers", self._check_settled, memory,
+            self._residual, stats.refusals)
+        self._running: dict[int, float] = {}  # a batch sent to a worker (its id) -> when it should end
         self._idle = workers
         self._work: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -83,15 +92,33 @@ class Scheduler:
     def has_room(self) -> bool:
         return self._admission.has_room()
 
+    def refusal(self, ctx: RequestContext | None = None) -> Overloaded | None:
+        """Why a request arriving now (its body not read yet: predicted as the previous one) would be refused, or
+        None, and then it counts as on its way to the queue until it submits; counted as a refusal when it is one."""
+        admission = self._admission
+        timeout = self._policy.timeout_s
+        remaining = ctx.remaining() if ctx is not None else None
+        if remaining is not None and (timeout is None or remaining < timeout):
+            timeout = remaining
+        refused = admission.check(admission.last_rows, admission.last_shapes, 0, timeout)
+        if refused is None:
+            admission.reserve()
+        return refused
+
+    def predicted_wait(self) -> float | None:
+        """What a request like the previous one would wait now (for tests and logs)."""
+        return self._admission.predicted_wait(self._admission.last_rows, self._admission.last_shapes)
+
     async def wait_for_room(self) -> None:
         """Wait until the queue can take a request: how MQTT applies backpressure instead of refusing (see
         :mod:`daemon.admission`; a caller that waited is accepted work a drain lets in)."""
         await self._admission.wait_for_room()
 
     async def submit(
-        self, inputs: dict[str, np.ndarray], ctx: RequestContext | None = None, timeout_s: float | None = None
+        self, inputs: dict[str, np.ndarray], ctx: RequestContext | None = None, timeout_s: float | None = None,
+        decoded_s: float | None = None,
     ) -> Outputs:
-        """Queue one request and wait for its outputs; raises Busy when the queue is full.
+        """Queue one request and wait for its outputs; raises Overloaded (a Busy) when admission refuses it.
 
         The lone-client rule is decided here alone: a request from the same peer (``ctx.peer``: a connection, a reply
         topic) as this model's previous one, while nothing else is in progress anywhere in the daemon
@@ -99,11 +126,13 @@ class Scheduler:
         consecutive requests come from different peers, or others are in progress. The deadline is the earlier of
         ``timeout_s`` (else the model's timeout) and ``ctx.deadline``."""
         admission = self._admission
+        admission.arrived()
+        if decoded_s is not None:  # what decoding this request cost the loop: admission's front-end figure
+            admission.times.note_front(decoded_s)
+        waited = False
         if admission.draining or admission.accepted:
-            admission.admit_accepted()
+            waited = admission.admit_accepted()
         waiting = self._queue
-        if waiting.depth >= admission.size:
-            raise Busy(f"the queue is full ({admission.size} requests waiting); retry shortly")
         first = next(iter(inputs.values()))
         rows = int(first.shape[0]) if first.ndim else 1
         peer = ctx.peer if ctx is not None else None
@@ -113,12 +142,20 @@ class Scheduler:
             cls = size_class(inputs, rows)
             if self._costs.cheap(cls):
                 return self._run_alone(inputs, rows, cls)
-        loop = asyncio.get_running_loop()
-        job = Job(inputs, rows, batch_key(inputs, rows) if self.batching else (), loop.create_future())
         timeout = self._policy.timeout_s if timeout_s is None else timeout_s
         remaining = ctx.remaining() if ctx is not None else None
         if remaining is not None and (timeout is None or remaining < timeout):
             timeout = remaining
+        shapes = tuple(arr.shape[1:] for arr in inputs.values())
+        nbytes = 0
+        for arr in inputs.values():
+            nbytes += arr.nbytes
+        refused = admission.check(rows, shapes, nbytes, timeout, capped=not waited)
+        if refused is not None:
+            raise refused
+        admission.seen(rows, shapes)
+        loop = asyncio.get_running_loop()
+        job = Job(inputs, rows, batch_key(inputs, rows) if self.batching else (), loop.create_future(), nbytes)
         if timeout is not None:
             job.timer = loop.call_later(timeout, self._expire, job, timeout)
         waiting.push(job)
@@ -181,9 +218,19 @@ class Scheduler:
     def _send(self, batch: list[Job]) -> None:
         self._idle -= 1
         now = time.monotonic()
+        rows = 0
         for job in batch:
             self._stats.queued(now - job.enqueued)
+            rows += job.rows
+        per_row = self._admission.times.per_row(tuple(a.shape[1:] for a in batch[0].inputs.values()), rows)
+        self._running[id(batch)] = now + (per_row * rows if per_row is not None else 0.0)
         self._work.put(batch)
+
+    def _residual(self) -> float:
+        """Seconds until a worker is free: 0 while one is idle, else the soonest expected end of a run in progress."""
+        if self._idle > 0 or not self._running:
+            return 0.0
+        return max(0.0, min(self._running.values()) - time.monotonic())
 
     def _run_alone(self, inputs: dict[str, np.ndarray], rows: int, cls: SizeClass) -> Outputs:
         """Run a lone client's cheap request here on the loop: no job, no future, no queue. It holds a worker slot
@@ -200,6 +247,7 @@ class Scheduler:
         stats.executed(rows, elapsed)
         stats.inline_runs += 1
         self._costs.note(cls, elapsed)
+        self._admission.times.note(cls, rows, elapsed)
         return results
 
     def _worker(self) -> None:
@@ -220,6 +268,7 @@ class Scheduler:
 
     def _complete(self, batch: list[Job], outcome: Outcome | BaseException) -> None:
         self._idle += 1
+        self._running.pop(id(batch), None)
         self._deliver(batch, outcome)
         self._pump()
         if self._settled is not None:
@@ -232,10 +281,13 @@ class Scheduler:
                     job.future.set_exception(outcome)
             return
         outputs, runs = outcome
+        times = self._admission.times
         for inputs, rows, seconds in runs:
             self._stats.executed(rows, seconds)
+            cls = size_class(inputs, rows)
+            times.note(cls, rows, seconds)
             if self._inline:
-                self._costs.note(size_class(inputs, rows), seconds)
+                self._costs.note(cls, seconds)
         for job, out in zip(batch, outputs):
             if job.future.done():
                 continue

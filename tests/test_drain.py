@@ -61,7 +61,7 @@ def send_all(daemon: DaemonProcess, n: int, rows: int) -> tuple[list[threading.T
 def serve_slow(site: Site, keyset: KeySet, start_daemon, **server: object) -> DaemonProcess:
     site.install(pack_model(keyset, build_slow_model(n=N, depth=DEPTH), name="slow"))
     site.models = [{"name": "slow", "runtime": "onnxruntime", "threads": 1, "workers": 1, "max_batch_size": 0,
-                    "queue_size": 256, "timeout_ms": 600_000}]
+                    "queue_size": 256, "timeout_ms": 600_000, "max_queue_wait_ms": 0}]  # a drain test: queue all
     site.extra = {"server": {"max_body_bytes": 64 << 20, "max_tensor_elements": 4096 * N, **server}}
     return start_daemon(site.write_config())
 
