@@ -131,7 +131,7 @@ def test_lintian_is_clean(deb: Path) -> None:
     assert res.returncode == 0 and tags == [], res.stdout[-3000:]
 
 
-def test_install_upgrade_remove_and_purge_in_a_throwaway_root(deb: Path, tmp_path: Path) -> None:
+def test_install_upgrade_remove_and_purge_in_a_throwaway_root(deb: Path, tmp_path: Path, mlp_onnx: bytes) -> None:
     """dpkg --root with the maintainer scripts run outside a chroot (DPKG_ROOT): the account, the folders and the
     enablement land in the tree, and nothing touches this machine's systemd."""
     if not ROOT:
@@ -158,13 +158,23 @@ def test_install_upgrade_remove_and_purge_in_a_throwaway_root(deb: Path, tmp_pat
     wants = root / "etc/systemd/system/multi-user.target.wants/inferd.service"
     assert wants.is_symlink()  # enabled on install
 
-    # the installed tree, at the path it was built for: /opt/inferd (in a mount namespace of its own)
+    # the installed tree, at the path it was built for: /opt/inferd (in a mount namespace of its own); its own
+    # runtime and crypto pack (with the load check in ONNX Runtime) and verify a model
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "model.onnx").write_bytes(mlp_onnx)
+    inferd = f"{root}/usr/bin/inferd"
     script = (f"mount -t tmpfs none /opt && mkdir /opt/inferd && mount --bind {root}/opt/inferd /opt/inferd && "
-              f"{root}/usr/bin/inferd --version && "
-              f"/opt/inferd/bin/inferd check-config {root}/etc/inferd/inferd.yaml && "
-              "/opt/inferd/bin/python -c 'import onnxruntime, daemon.app; print(onnxruntime.__version__)'")
+              f"{inferd} --version && /opt/inferd/bin/inferd check-config {root}/etc/inferd/inferd.yaml && "
+              f"cd {work} && {inferd} keygen --out site.kek && {inferd} keygen --signing --out release.key && "
+              f"{inferd} model pack model.onnx --name m --version 1 --runtime onnxruntime --kek site.kek "
+              "--signing-key release.key -o m.inferd && "
+              f"{inferd} model verify m.inferd --kek site.kek --signer release.key.pub")
     ran = run("unshare", "--mount", "sh", "-c", script)
-    assert ran.stdout.splitlines()[0] == f"inferd {VERSION}", ran.stdout
+    lines = ran.stdout.splitlines()
+    assert lines[0] == f"inferd {VERSION}", ran.stdout
+    assert f"{root}/etc/inferd/inferd.yaml: OK (0 model(s)" in ran.stdout  # the credentials' checks: skipped
+    assert lines[-1].startswith("OK: m:1 (onnxruntime)"), ran.stdout
 
     # an upgrade (the same version again runs the same scripts): the operator's config edit survives
     config = root / "etc/inferd/inferd.yaml"
