@@ -65,14 +65,12 @@ test: $(STAMP_DEV) deps-system lint
 # A long fuzz pass against a real daemon (tests/test_fuzz.py; make test runs a short one): prints the cases tried.
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(STAMP_DEV)
-	INFERD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py
+	INFERD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py tests/test_fuzz_auth.py
 
+# Every bench script runs (each exits 1 when it misses a target); the status says whether any did.
+BENCHES ?= run mqtt_bench grpc_bench batch_bench spark_bench security_bench
 bench: $(STAMP_DEV) deps-system
-	$(PY) bench/run.py
-	$(PY) bench/mqtt_bench.py
-	$(PY) bench/grpc_bench.py
-	$(PY) bench/batch_bench.py
-	$(PY) bench/spark_bench.py
+	@status=0; for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || status=1; done; exit $$status
 
 # The wheel, into dist/ (packaging/build-wheel.sh).
 wheel: | $(PY)

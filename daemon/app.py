@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from pathlib import Path
 from typing import Any, cast
 
 from adapters.cpus import usable_cpus
-from daemon import announce, http_api, keys, memory, metrics, protocol, sdnotify
+from daemon import access, announce, http_api, keys, memory, metrics, protocol, sdnotify, tls_server
+from daemon.audit import AuditLog
 from daemon.config import Config
 from daemon.context import Activity
 from daemon.errors import ConfigError
@@ -41,6 +43,7 @@ class Daemon:
         self.reloader: Reloader | None = None  # SIGHUP (daemon/reload.py); None without a config file to re-read
         self._reload_wanted = asyncio.Event()
         self.announcer: announce.Announcer | None = None  # STATUS=/READY=1, and Announcer.reload() for SIGHUP
+        self.audit: AuditLog | None = None  # daemon/audit.py, when audit.enabled
 
     def request_stop(self, signame: str) -> None:
         if not self._stop.is_set():
@@ -56,10 +59,20 @@ class Daemon:
         # key files, the state folders and the cgroup CPU quota are file system work: off the loop, as everything is
         keks = await loop.run_in_executor(None, keys.load_keks, list(self.config.keys.kek))
         signers = await loop.run_in_executor(None, keys.load_signers, list(self.config.keys.signers))
+        audit = AuditLog(audit_path(self.config), self.config.audit.max_bytes, self.config.audit.keep) \
+            if self.config.audit.enabled else None
+        guard = await loop.run_in_executor(None, access.build_guard, self.config, audit)  # refuses an open exposure
+        if audit is not None:
+            await loop.run_in_executor(None, audit.start)
+            self.audit = audit
         await loop.run_in_executor(None, self.store.ensure)
         cpus = await loop.run_in_executor(None, usable_cpus)
         manager = ModelManager(self.config, self.store, keks, signers, cpus)
         self.manager = manager
+        if audit is not None:  # activations, retirements and failed loads are audited (who: the daemon itself)
+            manager.listeners.append(lambda e: audit.record(
+                f"model.{e['event']}", "failed" if "failed" in e["event"] else "ok", who="inferd", model=e["model"],
+                version=e["version"], reason=e.get("reason")))
         server = self.config.server
         limits = protocol.Limits(server.max_tensor_elements)
         memory.PROCESS.limit = server.queue_max_bytes  # the byte budget every model's queue shares (daemon/memory.py)
@@ -67,14 +80,15 @@ class Daemon:
         if self.config.mqtt.enabled:
             from daemon.mqtt_api import MqttFrontend
 
-            self.mqtt = MqttFrontend.from_config(self.config, self.node_id, manager, limits, self.activity)
+            self.mqtt = MqttFrontend.from_config(self.config, self.node_id, manager, limits, self.activity, guard)
         registry = metrics.make_registry(
             metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness, self._mqtt_metrics,
                                     queues=manager.queue_depths, http_refusals=lambda: api.observer.refusals())
         )
-        api = http_api.HttpApi(manager, limits, server.max_body_bytes, registry, readiness, self.activity,
-                               access_log=server.access_log)
-        http = HttpFrontend(api, server.host, server.port, self.activity)
+        api = http_api.HttpApi(manager, limits, server.max_body_bytes, registry, readiness, self.activity, guard,
+                               access_log=server.access_log, client_limits=server.limits)
+        https = await loop.run_in_executor(None, tls_server.server_tls, server.tls)  # key files: off the loop
+        http = HttpFrontend(api, server.host, server.port, self.activity, https)
         grpc_frontend: Frontend | None = None
         if self.config.grpc.enabled:
             try:
@@ -82,17 +96,23 @@ class Daemon:
             except ImportError as exc:
                 raise ConfigError(f"grpc.enabled needs the 'grpc' extra (pip install 'inferd[grpc]'): {exc}") from None
 
-            grpc_frontend = grpc_api.from_config(self.config.grpc, manager, limits, readiness, self.activity)
+            grpc_frontend = grpc_api.from_config(self.config.grpc, manager, limits, readiness, self.activity, guard)
         self.frontends = [http] + [f for f in (grpc_frontend, self.mqtt) if f is not None]
         for frontend in self.frontends:
             readiness.add(frontend)
         supervisor = Supervisor(readiness)
         if self.config_path is not None:
             tls = [cast(TlsReloadable, f) for f in self.frontends if hasattr(f, "load_tls")]  # certificates re-read
-            self.reloader = Reloader(self.config_path, self.config, manager, keks, signers, tls)
+            holders: list[access.GuardHolder] = [api]  # whoever checks callers: a reload hands them the new guard
+            if grpc_frontend is not None:
+                holders.append(cast(Any, grpc_frontend).servicer)
+            if self.mqtt is not None:
+                holders.append(self.mqtt)
+            self.reloader = Reloader(self.config_path, self.config, manager, keks, signers, tls,
+                                     sections=[access.reload_section(guard, audit, holders)])
         supervisor.loop("watchdog", self._watchdog)  # pinged while the models load too: loading is off the loop
         self.announcer = announcer = announce.Announcer(manager, readiness, lambda: self.frontends,
-                                                        self.config_path)
+                                                             self.config_path)
         await http.start()  # the port opens before the models load: readiness says "loading" meanwhile
         supervisor.frontend(http)
         if grpc_frontend is not None:
@@ -129,8 +149,11 @@ class Daemon:
             await self._reload_wanted.wait()
             self._reload_wanted.clear()
             if self.reloader is not None and self.announcer is not None:
-                await self.announcer.reload(self.reloader.reload)
+                result = await self.announcer.reload(self.reloader.reload)
                 self.config = self.reloader.config
+                if self.audit is not None:  # an operator's action (SIGHUP, systemctl reload): audited like one
+                    self.audit.record("config.reload", "applied" if result.applied else "rejected", who="operator",
+                                      config=str(self.config_path), changes=result.changes, reason=result.reason)
 
     def _mqtt_metrics(self) -> dict[str, Any] | None:
         if self.mqtt is None:
@@ -160,4 +183,16 @@ class Daemon:
         await supervisor.close()
         if self.manager is not None:
             await self.manager.close()
+        if self.audit is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.audit.close)  # what is queued is written
         log.info("stopped", extra={"event_kind": "stopped"})
+
+
+def audit_path(config: Config) -> Path:
+    """audit.path, else systemd's LogsDirectory= ($LOGS_DIRECTORY), else <state_dir>/audit/audit.log."""
+    if config.audit.path is not None:
+        return config.audit.path
+    logs = os.environ.get("LOGS_DIRECTORY")
+    if logs:
+        return Path(logs.split(":")[0]) / "audit.log"
+    return config.state_dir / "audit" / "audit.log"

@@ -26,7 +26,7 @@ from adapters.base import SessionOptions
 from daemon.config_base import NAME_PATTERN, RESERVED_MODEL_NAMES, ConfigPath, KeySource, _Model, resolve_path
 from daemon.config_errors import describe
 from daemon.config_frontends import GrpcConfig, MqttConfig
-from daemon.config_security import AuditConfig, AuthConfig, HttpTlsConfig
+from daemon.config_security import AuditConfig, AuthConfig, ClientLimits, HttpTlsConfig
 from daemon.errors import ConfigError
 
 WarmupInputs = Union[dict[str, tuple[int, ...]], Path]  # noqa: UP007
@@ -91,6 +91,7 @@ class ServerConfig(_Model):
         "together; beyond it requests are refused (HTTP 503), see docs/overload.md.",
     )
     tls: HttpTlsConfig = Field(default_factory=HttpTlsConfig)
+    limits: ClientLimits = Field(default_factory=ClientLimits)
 
 
 class KeysConfig(_Model):

@@ -75,4 +75,23 @@ class HttpTlsConfig(_Model):
         return self
 
 
-__all__ = ["AuditConfig", "AuthConfig", "CertificateCaller", "HttpTlsConfig"]
+class ClientLimits(_Model):
+    """What one client may hold of the HTTP listener; each limit refuses with a precise error or closes the
+    connection (docs/security.md#hostile-clients)."""
+
+    max_line_size: int = Field(8190, ge=1024, le=1 << 20, description="Longest request line (400 past it).")
+    max_field_size: int = Field(8190, ge=1024, le=1 << 20, description="Longest header field (400 past it).")
+    max_headers: int = Field(128, ge=8, le=4096, description="Most header fields in one request (400 past it).")
+    max_connections_per_client: int = Field(
+        128, ge=1, description="Open connections from one client address; more are closed at once (raise it "
+        "behind a reverse proxy, whose connections all come from one address).",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Time to send a request's line and headers, from connecting (or from the previous "
+        "answer plus keepalive_timeout_s); a slower connection is closed.",
+    )
+    body_timeout_s: float = Field(60.0, gt=0, description="Time to send an inference request's body (408 past it).")
+    keepalive_timeout_s: float = Field(75.0, gt=0, description="An idle keep-alive connection is closed after this.")
+
+
+__all__ = ["AuditConfig", "AuthConfig", "CertificateCaller", "ClientLimits", "HttpTlsConfig"]

@@ -51,6 +51,12 @@ class Timeout(InferdError):
     code = "timeout"
 
 
+class RequestTimeout(InvalidInput):
+    """The client did not send its request in the time allowed (a slow or stalled sender): HTTP 408."""
+
+    code = "request_timeout"
+
+
 class InferenceFailed(InferdError):
     """The runtime raised while running a request that passed validation."""
 

@@ -24,15 +24,18 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 import daemon
 from daemon import grpc_codec, responses, service
+from daemon.access import Guard, Route
 from daemon.admission import retry_after_s
 from daemon.config_frontends import GrpcConfig, GrpcTlsConfig
 from daemon.context import Activity, RequestContext
-from daemon.errors import Busy, InferdError, NotReady
+from daemon.errors import Busy, InferdError, KeyProblem, NotReady
 from daemon.frontend import Health, Readiness
 from daemon.http_api import SERVER_NAME
+from daemon.keys import read_secret_file
 from daemon.model_config import triton_model_config
 from daemon.models import ModelManager
 from daemon.protocol import Limits, tensor_metadata
+from daemon.security import Caller
 
 log = logging.getLogger("inferd.grpc")
 
@@ -88,24 +91,73 @@ def _version(value: str) -> str | None:
     return value or None  # protobuf's empty string is "no version given": the active one
 
 
+#: the scope each RPC needs, as HTTP's routes do (daemon/http_api.py ROUTES; docs/grpc.md lists them)
+GRPC_ROUTES: dict[str, Route] = {
+    "ServerLive": Route("health", "ServerLive", probe=True),
+    "ServerReady": Route("health", "ServerReady", probe=True),
+    "ServerMetadata": Route("read", "ServerMetadata"),
+    "ModelReady": Route("health", "ModelReady"),
+    "ModelMetadata": Route("read", "ModelMetadata"),
+    "ModelConfig": Route("read", "ModelConfig"),
+    "ModelStatistics": Route("read", "ModelStatistics"),
+    "ModelInfer": Route("infer", "ModelInfer"),
+}
+
+
+def peer_host(peer: str) -> str | None:
+    """grpc's ``ipv4:127.0.0.1:5000`` / ``ipv6:[::1]:5000`` -> the address (``unix:...`` and others: None)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return None
+
+
+def certificate_ids(context: grpc.aio.ServicerContext) -> tuple[str, ...]:
+    """The names of a verified client certificate (mutual TLS): its CN and SANs, as grpc's auth context has them."""
+    auth = context.auth_context() or {}
+    return tuple(v.decode(errors="replace") for key in ("x509_common_name", "x509_subject_alternative_name")
+                 for v in auth.get(key, ()))
+
+
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, manager: ModelManager, limits: Limits, readiness: Readiness, activity: Activity) -> None:
+    def __init__(self, manager: ModelManager, limits: Limits, readiness: Readiness, activity: Activity,
+                 guard: Guard | None = None) -> None:
         self.manager = manager
         self.limits = limits
         self.readiness = readiness
         self.activity = activity
+        self.guard = guard  # replaced by a reload that re-reads the keys (daemon/access.py reload_section)
+
+    async def _allow(self, context: grpc.aio.ServicerContext, rpc: str, model: str | None) -> Caller | None:
+        """UNAUTHENTICATED / PERMISSION_DENIED unless the call's ``authorization`` metadata (or its client
+        certificate) grants the RPC's scope; None when auth is off."""
+        guard = self.guard
+        if guard is None or not guard.required:
+            return None
+        authorization = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        try:
+            return guard.check(GRPC_ROUTES[rpc], model or None, authorization if isinstance(authorization, str)
+                               else None, peer_host(context.peer()), "grpc", certificate_ids(context))
+        except InferdError as exc:
+            await _fail(context, exc)
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802 - gRPC names
+        await self._allow(context, "ServerLive", None)
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        await self._allow(context, "ServerReady", None)
         return service_pb2.ServerReadyResponse(ready=not self.readiness.reasons())
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        await self._allow(context, "ServerMetadata", None)
         return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=daemon.__version__, extensions=EXTENSIONS)
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         """Not ready is an answer (ready=false), as Triton gives it; an unknown model or version is NOT_FOUND."""
+        await self._allow(context, "ModelReady", request.name)
         try:
             self.manager.entry(request.name)
             self.manager.lookup(request.name, _version(request.version))
@@ -116,6 +168,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelReadyResponse(ready=True)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        await self._allow(context, "ModelMetadata", request.name)
         try:
             loaded = self.manager.lookup(request.name, _version(request.version))
             versions = self.manager.serving(request.name)
@@ -130,6 +183,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         """Triton's model configuration, the document HTTP's config route gives, for ``get_model_config()``."""
+        await self._allow(context, "ModelConfig", request.name)
         try:
             loaded = self.manager.lookup(request.name, _version(request.version))
             doc = triton_model_config(loaded, self.manager.entry(request.name).config)
@@ -140,6 +194,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         """The counters HTTP's stats route gives: every loaded version, or those of one model (and version)."""
+        await self._allow(context, "ModelStatistics", request.name)
         manager = self.manager
         try:
             if not request.name:
@@ -156,11 +211,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                                      service_pb2.ModelStatisticsResponse())
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        caller = await self._allow(context, "ModelInfer", request.model_name)
         self.activity.enter()
         try:
             if self.readiness.draining:  # a retryable refusal while accepted calls finish (see GrpcFrontend.stop)
                 raise NotReady("server is shutting down")
-            ctx = RequestContext("grpc", self.activity, peer=context.peer(), deadline=deadline(context))
+            ctx = RequestContext("grpc", self.activity, peer=context.peer(), deadline=deadline(context),
+                                 identity=caller.name if caller is not None else None)
             loaded = service.admit(self.manager, request.model_name, _version(request.model_version), ctx)
             async with service.call(loaded, ctx) as call:
                 session = loaded.session
@@ -221,7 +278,11 @@ def certificate_files(tls: GrpcTlsConfig) -> TlsFiles:
             raise OSError(f"grpc.tls.{what}: cannot read {path}: {exc.strerror or exc}") from None
 
     ca = read(tls.client_ca_file, "client_ca_file") if tls.client_ca_file is not None else None
-    return read(tls.key_file, "key_file"), read(tls.cert_file, "cert_file"), ca
+    try:
+        key = read_secret_file(tls.key_file)  # a key that group or others can read is refused, like a KEK
+    except KeyProblem as exc:
+        raise OSError(f"grpc.tls.key_file: {exc}") from None
+    return key, read(tls.cert_file, "cert_file"), ca
 
 
 def _certificates(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
@@ -322,5 +383,5 @@ class GrpcFrontend:
 
 
 def from_config(cfg: GrpcConfig, manager: ModelManager, limits: Limits, readiness: Readiness,
-                activity: Activity) -> GrpcFrontend:
-    return GrpcFrontend(cfg, InferenceServicer(manager, limits, readiness, activity))
+                activity: Activity, guard: Guard | None = None) -> GrpcFrontend:
+    return GrpcFrontend(cfg, InferenceServicer(manager, limits, readiness, activity, guard))

@@ -23,10 +23,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import daemon
 from daemon import protocol, responses, service
+from daemon.access import Guard, Route
 from daemon.admission import retry_after_s
+from daemon.config_security import ClientLimits
 from daemon.context import Activity, RequestContext
-from daemon.errors import Busy, InferdError, NotReady
+from daemon.errors import Busy, InferdError, NotReady, RequestTimeout
 from daemon.frontend import Readiness
+from daemon.http_limits import ConnectionLimits, LimitedServer
 from daemon.http_observe import HttpObserver
 from daemon.metrics import Registries
 from daemon.model_config import triton_model_config
@@ -40,6 +43,9 @@ HTTP_STATUS: dict[str, int] = {
     "too_large": 413,
     "model_not_found": 404,
     "version_not_found": 404,
+    "unauthenticated": 401,
+    "forbidden": 403,
+    "request_timeout": 408,
     "not_ready": 503,
     "busy": 503,
     "timeout": 504,
@@ -52,6 +58,8 @@ SERVER_NAME = "inferd"
 EXTENSIONS: list[str] = ["binary_tensor_data", "statistics", "model_configuration"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXPECT = "Expect"
+#: where handle() leaves the authenticated caller for the handler (aiohttp requests are mutable mappings)
+CALLER = "inferd.caller"
 Handler = Callable[["HttpApi", web.BaseRequest, list[str]], Awaitable[web.StreamResponse]]
 
 
@@ -82,8 +90,13 @@ class HttpApi:
         registry: Registries,
         readiness: Readiness,
         activity: Activity,
+        guard: Guard | None = None,
         access_log: bool = False,
+        client_limits: ClientLimits | None = None,
     ) -> None:
+        self.guard = guard
+        self.client_limits = client_limits or ClientLimits()
+        self.connection_limits: ConnectionLimits | None = None  # made with the server, on the running loop
         self.manager = manager
         self.limits = limits
         self.max_body_bytes = max_body_bytes
@@ -102,12 +115,22 @@ class HttpApi:
             return web.BaseRequest(message=message, payload=payload, protocol=proto, payload_writer=writer, task=task,
                                    loop=loop, client_max_size=limit)
 
-        return web_server.Server(self.handle, request_factory=make_request, access_log=None)
+        limits = self.client_limits
+        self.connection_limits = ConnectionLimits(limits)
+        return LimitedServer(self.handle, request_factory=make_request, access_log=None,
+                             connection_limits=self.connection_limits, max_line_size=limits.max_line_size,
+                             max_field_size=limits.max_field_size, max_headers=limits.max_headers,
+                             keepalive_timeout=limits.keepalive_timeout_s)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
+        connections = self.connection_limits
+        if connections is not None:  # headers are in: the slow-header deadline no longer applies
+            connections.headers_done(request.protocol)
         response = await self._answer(request)
         self.observer.done(request, response, started)
+        if connections is not None:
+            connections.answered(request.protocol)
         return response
 
     async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -116,6 +139,10 @@ class HttpApi:
         self.activity.enter()
         try:
             handler, params = self._route(request.method, request.rel_url.raw_path)
+            if self.guard is not None and self.guard.required:  # before Expect: no body is asked of a stranger
+                request[CALLER] = self.guard.check(ROUTES[handler], params[0] if params else None,
+                                                   request.headers.get("Authorization"), request.remote, "http",
+                                                   certificate_ids(request))
             if EXPECT in request.headers:
                 await _expect(request)
             response = await handler(self, request, params)
@@ -129,7 +156,13 @@ class HttpApi:
                 log.error("request %s %s failed: %s", request.method, request.path, exc)
             # RFC 9110: whole seconds; the predicted time for the queue to drain, at least 1
             headers = {"Retry-After": str(max(1, math.ceil(retry_after_s(exc))))} if isinstance(exc, Busy) else None
-            return error_response(status, str(exc), headers)
+            if exc.code == "unauthenticated":  # RFC 6750: say which scheme, and that a token sent was bad
+                bad = "Authorization" in request.headers
+                headers = {"WWW-Authenticate": 'Bearer realm="inferd"' + (', error="invalid_token"' if bad else "")}
+            response = error_response(status, str(exc), headers)
+            if exc.code == "request_timeout":  # the rest of a stalled body would be read as the next request
+                response.force_close()
+            return response
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
         except web_protocol.RequestPayloadError as exc:  # e.g. a Content-Encoding whose data does not decode
@@ -255,11 +288,17 @@ async def model_ready(api: HttpApi, request: web.BaseRequest, params: list[str])
 async def infer(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
     name, version = _name_version(params)
     # the peer is the connection: a keep-alive client sending one request after another is one sequential client
+    caller = request.get(CALLER)
     ctx = RequestContext("http", api.activity, peer=request.transport.get_extra_info("peername")
-                         if request.transport is not None else None)
+                         if request.transport is not None else None,
+                         identity=caller.name if caller is not None else None)
     loaded = service.admit(api.manager, name, version, ctx)
     header_length = _header_length(request)
-    body = await read_body(request, api.max_body_bytes)
+    try:
+        body = await asyncio.wait_for(read_body(request, api.max_body_bytes), api.client_limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {api.client_limits.body_timeout_s:g} s "
+                             "(server.limits.body_timeout_s)") from None
     if loaded.state != "ready":  # a swap retired the version while the body arrived: its successor answers
         loaded = service.admit(api.manager, name, version, ctx)
     async with service.call(loaded, ctx) as call:
@@ -290,6 +329,17 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def certificate_ids(request: web.BaseRequest) -> tuple[str, ...]:
+    """The names a verified client certificate carries (subject CN, DNS/URI/e-mail SANs); none without mTLS."""
+    transport = request.transport
+    cert = transport.get_extra_info("peercert") if transport is not None else None
+    if not cert:
+        return ()
+    ids = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    ids += [value for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "URI", "email")]
+    return tuple(ids)
 
 
 def _header_length(request: web.BaseRequest) -> int | None:
@@ -328,6 +378,19 @@ FIXED: dict[str, dict[str, Handler]] = {
     "/v2/openapi.json": {"GET": openapi},
     "/v2/models/stats": {"GET": model_stats},  # before /v2/models/{model}: a model cannot be named "stats" here
     "/metrics": {"GET": metrics},
+}
+#: the scope each handler needs (docs/openapi.yaml's security requirements say the same, and a test compares them)
+ROUTES: dict[Handler, Route] = {
+    live: Route("health", "live", probe=True),
+    ready: Route("health", "ready", probe=True),
+    server_metadata: Route("read", "server_metadata"),
+    openapi: Route("read", "openapi"),
+    model_stats: Route("read", "model_stats"),
+    metrics: Route("metrics", "metrics"),
+    model_metadata: Route("read", "model_metadata"),
+    model_ready: Route("health", "model_ready"),
+    infer: Route("infer", "infer"),
+    model_config: Route("read", "model_config"),
 }
 #: what follows /v2/models/{model}[/versions/{version}] -> method -> handler
 MODEL_ROUTES: dict[str, dict[str, Handler]] = {

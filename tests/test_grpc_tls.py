@@ -83,4 +83,4 @@ def test_an_unreadable_certificate_stops_start_up(site: Site, keyset: KeySet, st
     daemon = start_daemon(site.write_config(), wait=False)
     assert daemon.proc.wait(timeout=60) != 0
     line = daemon.wait_for_event("inferd: error: ")["event"]
-    assert line == f"inferd: error: grpc.tls.key_file: cannot read {missing}: No such file or directory"
+    assert line == f"inferd: error: grpc.tls.key_file: cannot read key file {missing}: No such file or directory"

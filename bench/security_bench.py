@@ -1,0 +1,167 @@
+"""What security costs, in one run on the tabular model (1 and 16 clients):
+
+- auth on (every request carries an API key, parsed, HMAC-checked and authorized) against the same daemon with auth
+  off; target: the key check costs under 5% of throughput;
+- a well-behaved client's latency while slow-loris connections (headers trickled a byte at a time, from other
+  loopback addresses, reopened as soon as the daemon cuts them) attack the auth-off daemon, against its latency
+  without them (the ratio is recorded; the daemon closes each after server.limits.header_timeout_s).
+
+Both daemons pinned to CPU 0, the load generator and the attacker to CPU 1; alternating rounds, medians; every answer
+sampled and checked against the in-process result. Appends its table to bench/RESULTS.md; exits 1 on a miss.
+
+Usage: python bench/security_bench.py [--rounds 3] [--seconds 2] [--no-write]
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import models  # noqa: E402
+from harness import (  # noqa: E402
+    CLIENT_CPU,
+    SERVER_CPU,
+    Measured,
+    answer_checker,
+    bench_args,
+    bench_keys,
+    commit,
+    json_body,
+    machine,
+    measure_checked,
+    publish,
+    start_inferd,
+)
+
+from daemon import artifact  # noqa: E402
+from daemon.security import add_key_to_file  # noqa: E402
+from daemon.store import Store  # noqa: E402
+
+
+class SlowLoris:
+    """``count`` connections from 127.0.0.2-9 that send a request's first line and then a header byte every 0.2 s;
+    each one the daemon closes is reopened, so the attack keeps its size until stop()."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port, self.count = port, count
+        self.stop_event = threading.Event()
+        self.cut = 0
+        self.thread = threading.Thread(target=self._run, name="slow-loris", daemon=True)
+
+    def _open(self, i: int) -> socket.socket:
+        s = socket.socket()
+        s.bind((f"127.0.0.{2 + i % 8}", 0))
+        s.connect(("127.0.0.1", self.port))
+        s.sendall(b"POST /v2/models/tabular/infer HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        s.setblocking(False)
+        return s
+
+    def _run(self) -> None:
+        conns = [self._open(i) for i in range(self.count)]
+        while not self.stop_event.wait(0.2):
+            for i, s in enumerate(conns):
+                try:
+                    s.send(b"a")
+                    if s.recv(1) == b"":
+                        raise ConnectionResetError
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    s.close()
+                    self.cut += 1
+                    conns[i] = self._open(i)
+        for s in conns:
+            s.close()
+
+    def __enter__(self) -> SlowLoris:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join()
+
+
+def main() -> int:
+    args = bench_args()
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    work = Path(tempfile.mkdtemp(prefix="inferd-auth-bench-"))
+    kek, signer = bench_keys(work)
+    model, rows = models.tabular_classifier()
+    Store(work / "state").install(artifact.pack({"model.onnx": model}, name="tabular", version="1",
+                                                runtime="onnxruntime", kek=kek, signing_key=signer), activate=True)
+    (work / "secrets").mkdir(mode=0o700)
+    keys_file = work / "secrets" / "api-keys.json"
+    token = add_key_to_file(keys_file, "bench", ["infer"], ["tabular"])
+    xs = [rows[i : i + 1] for i in range(64)]
+    plain = [json_body("X", x) for x in xs]
+    keyed = [(b, {**h, "Authorization": f"Bearer {token}"}) for b, h in plain]
+    check = answer_checker(model, "X", xs)
+    cfg = [{"name": "tabular", "runtime": "onnxruntime", "threads": 1, "workers": 1}]
+    servers = {
+        "auth off": start_inferd(work, "off", cfg),
+        "auth on": start_inferd(work, "on", cfg, {"auth": {"required": True, "keys_file": {"path": str(keys_file)}},
+                                                  "audit": {"enabled": True}}),
+    }
+    raw: dict[tuple[int, str], list[Measured]] = {}
+    cut = 0
+    try:
+        for r in range(args.rounds):
+            for clients in (1, 16):
+                names = list(servers) if r % 2 == 0 else list(reversed(servers))
+                for name in names:
+                    bodies = keyed if name == "auth on" else plain
+                    raw.setdefault((clients, name), []).append(
+                        measure_checked(servers[name], "tabular", bodies, clients, args.seconds, check))
+                with SlowLoris(servers["auth off"].port, 200) as attack:
+                    raw.setdefault((clients, "auth off, 200 slow-loris connections"), []).append(
+                        measure_checked(servers["auth off"], "tabular", plain, clients, args.seconds, check))
+                cut += attack.cut
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        for s in servers.values():
+            s.proc.terminate()
+        for s in servers.values():
+            s.proc.wait(timeout=30)
+    med = {k: {"rps": statistics.median(m.result.throughput for m in v),
+               "p50": statistics.median(m.result.percentile(50) for m in v),
+               "p99": statistics.median(m.result.percentile(99) for m in v),
+               "cpu": statistics.median(m.cpu_us for m in v)} for k, v in raw.items()}
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## Auth run of {when} (commit {commit()})", "",
+             f"Machine: {machine()}. Daemons on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}; tabular model, "
+             f"one thread; {args.rounds} alternating rounds of {args.seconds:g} s; medians. Auth on: every request "
+             "sends `Authorization: Bearer <key>` (parsed, HMAC-checked, scope and model authorized).", "",
+             "| clients | server | req/s | p50 ms | p99 ms | CPU us/req |", "|---:|---|---:|---:|---:|---:|"]
+    for (clients, name), v in sorted(med.items()):
+        lines.append(f"| {clients} | {name} | {v['rps']:,.0f} | {v['p50']:.3f} | {v['p99']:.3f} | {v['cpu']:.0f} |")
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    missed = []
+    for clients in (1, 16):
+        attacked = med[(clients, "auth off, 200 slow-loris connections")]
+        lines.append(f"| {clients} client(s): p50 under the slow-loris attack over p50 without (context; "
+                     f"{cut} attacking connections cut in all) | {attacked['p50'] / med[(clients, 'auth off')]['p50']:.4f}x"
+                     " | context |")
+        ratio = med[(clients, "auth on")]["rps"] / med[(clients, "auth off")]["rps"]
+        ok = ratio >= 0.95
+        text = f"{clients} client(s): auth on keeps >= 95% of auth off's throughput"
+        lines.append(f"| {text} | {ratio:.4f}x | {'yes' if ok else 'no'} |")
+        if not ok:
+            missed.append(f"{text}: {ratio:.4f}x")
+    publish("\n".join(lines), args)
+    for text in missed:
+        print(f"target missed: {text}", file=sys.stderr)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
