@@ -133,12 +133,15 @@ class Admission:
             return None
         bounds, times = self.bounds, self.times
         ahead = self._queue.rows + self.reserved_rows
+        residual = self._residual()
+        if not ahead and not residual:
+            return 0.0  # an idle worker and nothing ahead: the common case of a model that is not overloaded
         run_rows = min(ahead + rows, bounds.batch_rows) if bounds.batch_rows > 1 else rows
         per_row = times.per_row(shapes, run_rows)
         if per_row is None:
             return None
         # the runs ahead, and the loop's decoding of the requests admitted but not queued yet
-        return self._residual() + ahead * per_row / bounds.workers + len(self._reserved) * times.front_s
+        return residual + ahead * per_row / bounds.workers + len(self._reserved) * times.front_s
 
     def default_wait(self, rows: int, shapes: tuple[object, ...] | None) -> float | None:
         """The deadline of a request that brings none (the cap of those that do); None: no cap."""
@@ -166,6 +169,8 @@ class Admission:
             reason, message = "memory", f"refused: the daemon's queues hold {self._memory.queued} bytes of tensors"
         wait = self.predicted_wait(rows, shapes)
         if reason is None:
+            if not wait:
+                return None  # nothing to wait for (or nothing measured yet): any deadline is met
             deadline = self.default_wait(rows, shapes) if capped else None
             if timeout is not None and (deadline is None or timeout < deadline):
                 deadline = timeout
@@ -176,8 +181,7 @@ class Admission:
                        f"deadline ({deadline * 1000:.0f} ms)")
         if count:
             self.refusals[reason] += 1
-        return Overloaded(f"model {self.bounds.model!r} is {message}; retry shortly", reason,
-                          1.0 if wait is None else wait)
+        return Overloaded(f"model {self.bounds.model!r} is {message}; retry shortly", reason, wait or 1.0)
 
     def refuse(self) -> NotReady:
         return NotReady(self._refusal)

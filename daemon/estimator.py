@@ -67,10 +67,11 @@ class ServiceTimes:
     event loop's own work on a request before it reaches the queue (decoding its body): when that is the bottleneck
     (a large JSON body, a cheap model), requests admitted but still being read and decoded are the wait."""
 
-    __slots__ = ("_per_row", "front_s")
+    __slots__ = ("_per_row", "_nearest", "front_s")
 
     def __init__(self) -> None:
         self._per_row: dict[SizeClass, float] = {}
+        self._nearest: dict[SizeClass, SizeClass | None] = {}  # an unmeasured class -> the class it borrows from
         self.front_s = 0.0  # running average of a request's decode on the loop
 
     def note_front(self, seconds: float) -> None:
@@ -79,21 +80,30 @@ class ServiceTimes:
     def note(self, cls: SizeClass, rows: int, seconds: float) -> None:
         per = seconds / max(1, rows)
         old = self._per_row.get(cls)
-        self._per_row[cls] = per if old is None else old + RATE_WEIGHT * (per - old)
+        if old is None:
+            self._per_row[cls] = per
+            self._nearest.clear()  # a new class may be nearer than the one borrowed so far
+        else:
+            self._per_row[cls] = old + RATE_WEIGHT * (per - old)
 
     def per_row(self, shapes: tuple[object, ...], rows: int) -> float | None:
         """Seconds per row of a run of ``rows`` rows with these per-row ``shapes``: its class's average, else that of
         the measured class of the same shapes nearest in rows (the smaller on a tie); None when none was measured."""
         bucket = rows.bit_length()
-        exact = self._per_row.get((bucket, *shapes))
+        wanted = (bucket, *shapes)
+        exact = self._per_row.get(wanted)
         if exact is not None:
             return exact
-        best: tuple[int, int, float] | None = None
-        for cls, per in self._per_row.items():
+        if wanted in self._nearest:
+            nearest = self._nearest[wanted]
+            return None if nearest is None else self._per_row[nearest]
+        best: tuple[int, int, SizeClass] | None = None
+        for cls in self._per_row:
             if cls[1:] == shapes:
                 k = cls[0]
                 assert isinstance(k, int)
                 rank = (abs(k - bucket), -k if k < bucket else k)
                 if best is None or rank < best[:2]:
-                    best = (*rank, per)
-        return None if best is None else best[2]
+                    best = (*rank, cls)
+        self._nearest[wanted] = None if best is None else best[2]
+        return None if best is None else self._per_row[best[2]]
