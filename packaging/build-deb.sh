@@ -102,6 +102,13 @@ install -D -m 0644 config.example.yaml "$doc/config.example.yaml"
 install -d -m 0755 "$doc/docs"
 install -m 0644 docs/*.md docs/openapi.yaml "$doc/docs/"
 install -m 0644 packaging/debian/copyright "$doc/copyright"
+# the unit's optional drop-ins (e.g. tpm-credentials.conf), for /etc/systemd/system/inferd.service.d/
+for dropin in systemd/*.conf; do
+    case "$dropin" in
+        systemd/inferd.sysusers.conf|systemd/inferd.tmpfiles.conf) ;;
+        *) install -D -m 0644 "$dropin" "$doc/examples/$(basename "$dropin")" ;;
+    esac
+done
 install -D -m 0644 packaging/debian/lintian-overrides "$root/usr/share/lintian/overrides/inferd"
 when=$(git log -1 --format=%cD 2>/dev/null || date -R)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)

@@ -74,7 +74,7 @@ def test_file_list_holds_the_venv_the_unit_the_config_and_the_docs(deb: Path, un
                  "usr/share/doc/inferd/copyright", "usr/share/doc/inferd/changelog.Debian.gz",
                  "usr/share/doc/inferd/README.md", "usr/share/doc/inferd/config.example.yaml",
                  "usr/share/doc/inferd/docs/operations.md", "usr/share/doc/inferd/docs/store.md",
-                 "usr/share/lintian/overrides/inferd"]:
+                 "usr/share/doc/inferd/examples/tpm-credentials.conf", "usr/share/lintian/overrides/inferd"]:
         assert (unpacked / path).is_file(), path
     for packaged, source in [("lib/systemd/system/inferd.service", "systemd/inferd.service"),
                              ("usr/lib/sysusers.d/inferd.conf", "systemd/inferd.sysusers.conf"),
