@@ -1,7 +1,8 @@
 """Overload on a real daemon with a deliberately slow model (one worker, no batching), as docs/overload.md describes
 it: a burst far past capacity gets fast 503s with ``Retry-After``, every accepted request answers correctly, and the
 daemon's RSS (from /proc) stays under a stated bound; a request whose deadline cannot be met is refused before it
-waits. Behaviour, not speed: the bounds are relative to what the model's own runs cost on this machine."""
+waits (over MQTT, which holds the broker back instead, it gets an error reply). Behaviour, not speed: the bounds
+are relative to what the model's own runs cost on this machine."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ import numpy as np
 import pytest
 from conftest import DaemonProcess, KeySet, Site, pack_model
 from httpclient import Reply, infer, request
+from mqttclient import Broker, Requester
 from support.accepted import accepted, wait_until
 from support.daemon import served_daemon
 from support.models import build_slow_model, rows_for
+from support.mqtt import PREFIX
 
 from adapters import SessionOptions, get_runtime
 
@@ -150,3 +153,37 @@ def test_a_request_whose_deadline_cannot_be_met_is_refused_before_it_waits(serve
     assert int(short.reply.headers["retry-after"]) >= 1
     assert short.seconds < running.result().seconds / 2  # answered at once, not after the long run ahead of it
     assert refusals(served).get("wait", 0) == wait_before + 1
+
+
+def test_mqtt_holds_back_and_answers_a_refusal_with_an_error_reply(site: Site, keyset: KeySet, model: bytes,
+                                                                    rows: int, broker: Broker, start_daemon) -> None:
+    """MQTT is not refused for a busy queue (the broker is held back), but a request whose own timeout cannot be met
+    still gets an answer: an error reply, status 503, its id and correlation echoed."""
+    site.install(pack_model(keyset, model, name="slow"))
+    site.models = [{"name": "slow", "runtime": "onnxruntime", "threads": 1, "workers": 1, "max_batch_size": 0}]
+    site.extra = {"mqtt": {"enabled": True, "port": broker.port, "topic_prefix": PREFIX, "client_id": "inferd-ovl"}}
+    daemon = start_daemon(site.write_config())
+    daemon.wait_for("mqtt_connected")
+    long = np.full((rows * 8, N), 0.001, np.float32)
+    assert timed_infer(daemon.url, long).reply.status == 200  # measured once
+    req = Requester(broker.port)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            before = accepted(daemon)
+            running = pool.submit(timed_infer, daemon.url, long)
+            wait_until(lambda: accepted(daemon) > before, 60, "the long request accepted")
+            x = np.full((1, N), 0.002, np.float32)
+            body = json.dumps({"id": "late", "inputs": [{"name": "input", "shape": [1, N], "datatype": "FP32",
+                                                         "data": x.ravel().tolist()}],
+                               "parameters": {"timeout_ms": RUN_S * 1000}}).encode()
+            req.request(f"{PREFIX}/models/slow/infer", body, correlation=b"c1")
+            reply = req.wait(60)
+            assert not running.done()  # answered while the long run still went on, not after it
+            assert running.result().reply.status == 200
+        assert reply.status == "503" and reply.correlation == b"c1"
+        doc = json.loads(reply.payload)
+        assert doc["id"] == "late" and "predicted wait" in doc["error"]
+        assert refusals(daemon).get("wait", 0) >= 1
+    finally:
+        req.close()
+    assert daemon.stop() == 0
