@@ -80,7 +80,7 @@ wheel: | $(PY)
 # python3.11, the unit, the config as a conffile, docs and a man page. EXTRAS picks the bundled runtimes.
 EXTRAS ?= onnxruntime
 deb: deps-deb
-	EXTRAS=$(EXTRAS) packaging/build-deb.sh
+	EXTRAS=$(EXTRAS) PINNED_PY=$(PINNED_PY) packaging/build-deb.sh
 
 # What building and checking the .deb needs from Debian (tests/test_deb.py runs it too): the system Python's venv
 # module, lintian and shellcheck.

@@ -31,7 +31,9 @@ for tool in dpkg-deb gzip; do
     command -v "$tool" >/dev/null || { echo "build-deb: $tool is missing (make deps-deb installs it)" >&2; exit 1; }
 done
 [ -x "$python" ] || { echo "build-deb: $python is missing: apt-get install python3.11-venv" >&2; exit 1; }
-pinned=$(sed -n 's/.*(pip freeze of the dev venv, Python \([0-9.]*\)).*/\1/p' constraints.txt)
+# the Python constraints.txt was made with: the Makefile's PINNED_PY, else what the file's header says
+pinned="${PINNED_PY:-$(sed -n 's/.*(pip freeze of the dev venv, Python \([0-9.]*\)).*/\1/p' constraints.txt)}"
+[ -n "$pinned" ] || { echo "build-deb: set PINNED_PY to the Python constraints.txt was made with" >&2; exit 1; }
 pyver=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 if [ "$pyver" != "$pinned" ]; then
     echo "build-deb: $python is Python $pyver but constraints.txt pins versions for Python $pinned" >&2
