@@ -72,6 +72,7 @@ def run_checks(config: Config, models: Iterable[ModelConfig] | None = None, *, i
     check_keys(config, report, in_service)
     check_models(config, list(config.models if models is None else models), report)
     check_tls(config, report)
+    check_access(config, report, in_service)
     return report
 
 
@@ -246,6 +247,12 @@ def check_tls(config: Config, report: Report) -> None:
             report.add(f"{section}.{name}", "failed", f"{path} does not exist{did_you_mean(path)}")
         if missing:
             continue
+        if section == "grpc.tls" and key is not None:
+            try:
+                keys.read_secret_file(key)  # serve refuses a gRPC key group or others may read, like a KEK
+            except InferdError as exc:
+                report.add(f"{section}.key_file", "failed", str(exc))
+                continue
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         if cert is not None and key is not None:
             try:
@@ -267,3 +274,40 @@ def _ssl_reason(exc: OSError | ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"{exc.reason or exc}".lower().replace("_", " ")
     return exc.strerror or str(exc)
+
+
+# -- HTTPS and authentication ---------------------------------------------------------------------------------
+
+
+def check_access(config: Config, report: Report, in_service: bool = False) -> None:
+    """The HTTPS listener's files and the API keys, each built by the very code serve builds them with
+    (:mod:`daemon.tls_server`, :func:`daemon.access.build_guard`, which also refuses a listener beyond loopback
+    with no way to authenticate)."""
+    from daemon import access, tls_server  # only here: check-config's other checks do not need them
+
+    tls = config.server.tls
+    if tls.enabled and tls.key is not None:
+        if _needs_credentials(tls.key) and not in_service:
+            report.add("server.tls", "skipped", _skip_reason(tls.key))
+        else:
+            try:
+                tls_server.server_tls(tls)
+            except InferdError as exc:
+                report.add("server.tls", "failed", _key_problem(exc, tls.key).removeprefix("server.tls: "))
+            else:
+                report.add("server.tls", "ok", f"{tls.cert_file}: certificate and key load and match")
+    auth = config.auth
+    if auth.keys_file is not None and _needs_credentials(auth.keys_file) and not in_service:
+        report.add("auth", "skipped", _skip_reason(auth.keys_file))
+        return
+    try:
+        guard = access.build_guard(config)
+    except InferdError as exc:
+        source = auth.keys_file
+        report.add("auth", "failed", _key_problem(exc, source) if source is not None else str(exc))
+        return
+    what = "required" if guard.required else "not required (every listener on loopback, or auth.required: false)"
+    keys_file = f", keys file {keys.source_path(auth.keys_file)} readable (0600)" if auth.keys_file else ""
+    report.add("auth", "ok", f"authentication {what}; {len(auth.keys)} inline key(s), "
+               f"{len(auth.certificates)} certificate caller(s){keys_file}")
+

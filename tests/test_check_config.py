@@ -140,3 +140,32 @@ def test_listener_tls_files_are_checked(served: Site, tmp_path: Path) -> None:
     res = check(served.write_config())
     assert res.returncode == 1
     assert f"grpc.tls.ca_file: {missing} does not exist (did you mean '{pki['ca']}'?)" in res.stderr
+
+
+def test_a_grpc_key_readable_by_others_is_refused(served: Site, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    pki["server_key"].chmod(0o644)
+    served.extra = {"grpc": {"enabled": True, "port": 0, "tls": {
+        "enabled": True, "cert_file": str(pki["server"]), "key_file": str(pki["server_key"])}}}
+    res = check(served.write_config())
+    assert res.returncode == 1
+    assert f"grpc.tls.key_file: key file {pki['server_key']} is readable by group or others (mode 0644)" \
+        in res.stderr
+
+
+def test_https_files_and_authentication_are_checked_as_serve_builds_them(served: Site, tmp_path: Path) -> None:
+    pki, other = make_pki(tmp_path / "pki"), make_pki(tmp_path / "other", "other-ca")
+    tls = {"enabled": True, "cert_file": str(pki["server"]), "key": {"path": str(pki["server_key"])}}
+    served.extra = {"server": {"tls": tls}}
+    res = check(served.write_config())
+    assert res.returncode == 0, res.stderr
+    assert any(line.startswith("ok") and "server.tls:" in line for line in res.stdout.splitlines()), res.stdout
+    assert any(line.startswith("ok") and "auth: authentication not required" in line
+               for line in res.stdout.splitlines()), res.stdout
+    served.extra = {"server": {"tls": {**tls, "key": {"path": str(other["server_key"])}}}}
+    res = check(served.write_config())
+    assert res.returncode == 1 and f"server.tls: cannot use {pki['server']} / {other['server_key']}" in res.stderr, res.stderr
+    served.extra = {"server": {"host": "0.0.0.0"}}  # noqa: S104 - a config, never bound: what serve refuses
+    res = check(served.write_config())
+    assert res.returncode == 1
+    assert "auth: auth is required (http on 0.0.0.0 is not loopback) but no API key" in res.stderr, res.stderr
