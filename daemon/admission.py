@@ -15,8 +15,9 @@ owes an answer to) and because a drain must know exactly what was accepted befor
   serve in time and the rest is refused in microseconds, before its body is read. The predicted wait is the time
   left of the runs in progress (when every worker is busy) plus the rows queued ahead at the measured seconds per row
   (:class:`~daemon.estimator.ServiceTimes`) of the batch they would run in, shared among the workers, plus the event
-  loop's measured decode time for each request admitted before its body was read and not queued yet (with a large
-  JSON body the loop, not the model, is the bottleneck, and the wait is there). The deadline is
+  loop's measured decode time for each request admitted before its body was read and not queued yet, whatever its
+  model (:data:`LOOP`: with a large JSON body the loop, not the model, is the bottleneck, and the wait is there).
+  The deadline is
   the request's own timeout (its ``timeout_ms``, else the model's ``timeout_ms``; a gRPC deadline) capped by
   ``max_queue_wait_ms``, whose default is :data:`QUEUE_WAIT_BATCHES` times the measured time of one full batch (at
   least :data:`MIN_QUEUE_WAIT_S`): a batch is full when the one ahead of it ends, and an admitted request runs in
@@ -42,6 +43,29 @@ QUEUE_WAIT_BATCHES = 1.5
 MIN_QUEUE_WAIT_S = 0.05
 #: the reasons of a refusal, as counted in inferd_refusals_total{reason=...}
 REASONS = ("queue_full", "queue_bytes", "memory", "wait")
+
+
+class LoopBacklog:
+    """The event loop's decoding still owed to requests admitted before their body was read, over every model: the
+    loop is one, so a burst on one model delays the requests of all (event loop only: no lock)."""
+
+    __slots__ = ("seconds", "requests")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.requests = 0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.requests += 1
+
+    def remove(self, seconds: float) -> None:
+        self.requests -= 1
+        self.seconds = self.seconds - seconds if self.requests else 0.0  # no float residue once none is left
+
+
+#: the one backlog of this process's event loop
+LOOP = LoopBacklog()
 
 
 class Overloaded(Busy):
@@ -96,7 +120,7 @@ class Admission:
         #: requests admitted before their body was read (HTTP, gRPC), by task, and their predicted rows: work on its
         #: way to the queue, which the next arrivals' predicted wait counts (256 bodies arriving at once would
         #: otherwise all find the queue empty)
-        self._reserved: dict[asyncio.Task[object], int] = {}
+        self._reserved: dict[asyncio.Task[object], tuple[int, float]] = {}  # task -> (rows, decode seconds)
         self.reserved_rows = 0
 
     def seen(self, rows: int, shapes: tuple[object, ...]) -> None:
@@ -108,14 +132,17 @@ class Admission:
         task = asyncio.current_task()
         if task is None or task in self._reserved:
             return
-        self._reserved[task] = self.last_rows
+        front = self.times.front_s
+        self._reserved[task] = (self.last_rows, front)
         self.reserved_rows += self.last_rows
+        LOOP.add(front)
         task.add_done_callback(self._unreserve)
 
     def _unreserve(self, task: asyncio.Task[object]) -> None:
-        rows = self._reserved.pop(task, None)
-        if rows is not None:
-            self.reserved_rows -= rows
+        held = self._reserved.pop(task, None)
+        if held is not None:
+            self.reserved_rows -= held[0]
+            LOOP.remove(held[1])
 
     def arrived(self) -> None:
         """The current task's request is decoded and submits now: it counts by its real rows from here on."""
@@ -134,14 +161,14 @@ class Admission:
         bounds, times = self.bounds, self.times
         ahead = self._queue.rows + self.reserved_rows
         residual = self._residual()
-        if not ahead and not residual:
+        if not ahead and not residual and not LOOP.requests:
             return 0.0  # an idle worker and nothing ahead: the common case of a model that is not overloaded
         run_rows = min(ahead + rows, bounds.batch_rows) if bounds.batch_rows > 1 else rows
         per_row = times.per_row(shapes, run_rows)
         if per_row is None:
             return None
-        # the runs ahead, and the loop's decoding of the requests admitted but not queued yet
-        return residual + ahead * per_row / bounds.workers + len(self._reserved) * times.front_s
+        # the runs ahead, and the loop's decoding of the requests admitted but not queued yet (any model's)
+        return residual + ahead * per_row / bounds.workers + LOOP.seconds
 
     def default_wait(self, rows: int, shapes: tuple[object, ...] | None) -> float | None:
         """The deadline of a request that brings none (the cap of those that do); None: no cap."""

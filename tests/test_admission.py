@@ -16,7 +16,7 @@ from support.gates import GatedSession
 
 from adapters import SessionOptions, get_runtime
 from daemon import memory as queue_memory
-from daemon.admission import MIN_QUEUE_WAIT_S, QUEUE_WAIT_BATCHES, Overloaded
+from daemon.admission import LOOP, MIN_QUEUE_WAIT_S, QUEUE_WAIT_BATCHES, Overloaded
 from daemon.config import OnnxModelConfig, ServerConfig
 from daemon.estimator import ServiceTimes
 from daemon.metrics import VersionStats
@@ -193,6 +193,47 @@ def test_queue_size_stays_a_hard_cap_and_mqtt_waits_are_held_back_not_refused(ml
         assert stats.refusals == {"queue_full": 1}
 
     run(session, BatchPolicy(max_batch_size=0, queue_size=2), scenario)
+
+
+def test_requests_on_their_way_count_for_every_model_until_they_submit_or_end(mlp_onnx: bytes) -> None:
+    """Admitted before its body is read, a request is owed the loop's decoding: every model's predicted wait counts
+    it (the loop is one) until it submits, or its task ends without submitting (a bad body, a client gone)."""
+    load = get_runtime("onnxruntime").load
+
+    async def main() -> None:
+        a, b = (Scheduler(load({"m.onnx": mlp_onnx}, SessionOptions(threads=1)), 1, BatchPolicy(max_batch_size=0),
+                          VersionStats(name, "1"), name, queue_memory.QueueMemory(1 << 40)) for name in "ab")
+        a.start()
+        b.start()
+        try:
+            await a.submit({"input": X}, decoded_s=0.01)  # a's requests cost the loop 10 ms to decode
+            await b.submit({"input": X})
+            assert b.predicted_wait() == 0.0
+            gate = asyncio.Event()
+
+            async def on_its_way() -> None:
+                assert a.refusal() is None  # admitted; its body is still being read
+                await gate.wait()
+
+            waiting = [asyncio.ensure_future(on_its_way()) for _ in range(5)]
+            await asyncio.sleep(0)
+            assert b.predicted_wait() == pytest.approx(5 * 0.01)  # model b waits for the loop too
+            gate.set()
+            await asyncio.gather(*waiting)  # they ended without submitting
+            assert b.predicted_wait() == 0.0 and LOOP.requests == 0
+
+            async def submits() -> np.ndarray:
+                assert a.refusal() is None
+                assert LOOP.requests == 1
+                return (await a.submit({"input": X + 2}, decoded_s=0.01))["output"]
+
+            np.testing.assert_allclose(await submits(), mlp_reference(X + 2), rtol=1e-5, atol=1e-6)
+            assert LOOP.requests == 0 and LOOP.seconds == 0.0
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
 
 
 def test_memory_is_returned_to_the_system_once_a_burst_has_drained(mlp_onnx: bytes) -> None:
