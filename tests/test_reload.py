@@ -256,3 +256,30 @@ def test_sighup_re_reads_the_grpc_certificate_and_keeps_open_connections(
         for c in (opened, trusting_old, trusting_new):
             c.close()
     assert daemon.stop() == 0
+
+
+def test_a_sighup_during_a_reload_runs_one_more_reload_after_it(site: Site, serving: DaemonProcess,
+                                                                slow: tuple[bytes, int]) -> None:
+    """The first reload adds a model whose configured warm-up takes about a second, so the second SIGHUP arrives
+    while it runs; it must neither interleave with it nor be lost."""
+    daemon = serving
+    rows, _ = rows_for(0.5, slow[0], WIDTH)
+    site.models = [mlp_model("keep", threads=1), mlp_model("gone"),
+                   mlp_model("late", warmup={"input": [rows * 2, WIDTH]})]
+    site.install(pack_model(site.keyset, slow[0], name="late", version="1"))
+    site.write_config()
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    daemon.wait_for("reload_started", timeout=60)
+    os.kill(daemon.proc.pid, signal.SIGHUP)  # while the first one warms "late" up
+    daemon.wait_for("reload_requested", timeout=60, new=True)
+    first = daemon.wait_for("reloaded", timeout=120)
+    second = daemon.wait_for("reloaded", timeout=120, new=True)
+    kinds = [d.get("event_kind") for d in daemon.log]
+    started = [i for i, k in enumerate(kinds) if k == "reload_started"]
+    requested = [i for i, k in enumerate(kinds) if k == "reload_requested"]
+    done = [i for i, k in enumerate(kinds) if k == "reloaded"]
+    assert len(started) == 2 and len(done) == 2, kinds
+    assert requested[1] < done[0] < started[1] < done[1], kinds  # asked during the first, run after it
+    assert "model late added" in str(first["event"]) and "no changes" in str(second["event"]), (first, second)
+    assert infer(daemon.url, "late", SLOW_ONE).status == 200
+    assert daemon.stop() == 0
