@@ -283,3 +283,18 @@ def test_a_sighup_during_a_reload_runs_one_more_reload_after_it(site: Site, serv
     assert "model late added" in str(first["event"]) and "no changes" in str(second["event"]), (first, second)
     assert infer(daemon.url, "late", SLOW_ONE).status == 200
     assert daemon.stop() == 0
+
+
+def test_sigterm_during_a_reload_stops_cleanly_and_applies_nothing(site: Site, serving: DaemonProcess,
+                                                                   slow: tuple[bytes, int]) -> None:
+    daemon = serving
+    rows, _ = rows_for(0.5, slow[0], WIDTH)
+    site.models = [mlp_model("keep", threads=1), mlp_model("late", warmup={"input": [rows * 2, WIDTH]})]
+    site.install(pack_model(site.keyset, slow[0], name="late", version="1"))
+    site.write_config()
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    daemon.wait_for("reload_started", timeout=60)
+    assert daemon.stop(signal.SIGTERM, timeout=60) == 0
+    daemon.wait_for("stopped", timeout=30)
+    kinds = [d.get("event_kind") for d in daemon.log]
+    assert "reload_change" not in kinds and "reloaded" not in kinds, kinds  # "gone" was never removed, nor "late" added
