@@ -14,7 +14,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import yaml
+from conftest import mlp_reference
+from httpclient import request
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION = re.search(r'^version = "([^"]+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)  # type: ignore[union-attr]
@@ -131,7 +135,8 @@ def test_lintian_is_clean(deb: Path) -> None:
     assert res.returncode == 0 and tags == [], res.stdout[-3000:]
 
 
-def test_install_upgrade_remove_and_purge_in_a_throwaway_root(deb: Path, tmp_path: Path, mlp_onnx: bytes) -> None:
+def test_install_upgrade_remove_and_purge_in_a_throwaway_root(deb: Path, tmp_path: Path, mlp_onnx: bytes,
+                                                              start_daemon) -> None:
     """dpkg --root with the maintainer scripts run outside a chroot (DPKG_ROOT): the account, the folders and the
     enablement land in the tree, and nothing touches this machine's systemd."""
     if not ROOT:
@@ -163,18 +168,38 @@ def test_install_upgrade_remove_and_purge_in_a_throwaway_root(deb: Path, tmp_pat
     work = tmp_path / "work"
     work.mkdir()
     (work / "model.onnx").write_bytes(mlp_onnx)
+    serve_config = work / "serve.yaml"
+    serve_config.write_text(yaml.safe_dump({
+        "state_dir": str(work / "state"), "server": {"host": "127.0.0.1", "port": 0},
+        "keys": {"kek": [{"path": str(work / "site.kek")}], "signers": [{"path": str(work / "release.key.pub")}]},
+        "logging": {"format": "json", "level": "info"}, "models": [{"name": "m", "runtime": "onnxruntime"}]}))
     inferd = f"{root}/usr/bin/inferd"
-    script = (f"mount -t tmpfs none /opt && mkdir /opt/inferd && mount --bind {root}/opt/inferd /opt/inferd && "
-              f"{inferd} --version && /opt/inferd/bin/inferd check-config {root}/etc/inferd/inferd.yaml && "
+    mount = f"mount -t tmpfs none /opt && mkdir /opt/inferd && mount --bind {root}/opt/inferd /opt/inferd"
+    script = (f"{mount} && {inferd} --version && /opt/inferd/bin/inferd check-config {root}/etc/inferd/inferd.yaml && "
               f"cd {work} && {inferd} keygen --out site.kek && {inferd} keygen --signing --out release.key && "
               f"{inferd} model pack model.onnx --name m --version 1 --runtime onnxruntime --kek site.kek "
               "--signing-key release.key -o m.inferd && "
-              f"{inferd} model verify m.inferd --kek site.kek --signer release.key.pub")
+              f"{inferd} model verify m.inferd --kek site.kek --signer release.key.pub && "
+              f"{inferd} model install m.inferd --config {serve_config}")
     ran = run("unshare", "--mount", "sh", "-c", script)
     lines = ran.stdout.splitlines()
     assert lines[0] == f"inferd {VERSION}", ran.stdout
     assert f"{root}/etc/inferd/inferd.yaml: OK (0 model(s)" in ran.stdout  # the credentials' checks: skipped
-    assert lines[-1].startswith("OK: m:1 (onnxruntime)"), ran.stdout
+    assert any(ln.startswith("OK: m:1 (onnxruntime)") for ln in lines), ran.stdout
+    assert lines[-1] == "installed m:1 (active)", ran.stdout
+
+    # and the packaged daemon serves it: `python -m daemon` becomes the installed /opt/inferd/bin/inferd
+    wrapper = ["unshare", "--mount", "sh", "-c", f'{mount} && shift 3 && exec /opt/inferd/bin/inferd "$@"', "sh"]
+    daemon = start_daemon(serve_config, wrapper=wrapper)
+    assert os.readlink(f"/proc/{daemon.proc.pid}/exe") == "/usr/bin/python3.11"  # Debian's, not the test venv's
+    maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()
+    assert "/opt/inferd/lib/python3.11/site-packages/onnxruntime/" in maps
+    x = np.full((2, 4), 0.25, np.float32)
+    res = request(daemon.url + "/v2/models/m/infer", "POST", {"inputs": [
+        {"name": "input", "shape": [2, 4], "datatype": "FP32", "data": x.ravel().tolist()}]})
+    assert res.status == 200
+    np.testing.assert_allclose(res.json()["outputs"][0]["data"], mlp_reference(x).ravel(), rtol=1e-5, atol=1e-6)
+    assert daemon.stop() == 0
 
     # an upgrade (the same version again runs the same scripts): the operator's config edit survives
     config = root / "etc/inferd/inferd.yaml"
