@@ -121,7 +121,8 @@ def test_conffiles_and_maintainer_scripts(unpacked: Path) -> None:
         assert path.stat().st_mode & 0o755 == 0o755
         run("sh", "-n", str(path))
     if shutil.which("shellcheck"):
-        run("shellcheck", *(str(control / s) for s in ("postinst", "prerm", "postrm")))
+        run("shellcheck", *(str(control / s) for s in ("postinst", "prerm", "postrm")),
+            *(str(p) for p in sorted((REPO / "packaging").glob("*.sh"))))
     else:
         assert not ROOT, "make deps-deb installs shellcheck"
 
