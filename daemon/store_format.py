@@ -43,6 +43,9 @@ def read(root: Path) -> int | None:
         text = path.read_text(encoding="ascii")
     except FileNotFoundError:
         return None
+    except PermissionError:
+        raise StoreError(f"cannot read the store's format file {path}: permission denied (the store belongs to the "
+                         "service: run this as root or as its user)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise StoreError(f"the store's format file {path} is unreadable ({exc}): restore it from a backup") from None
     if not text.strip().isdigit():
