@@ -4,8 +4,8 @@ refusal of new work while the version is being retired.
 Kept apart from dispatch because it is the scheduler's control state (the queue depth it decides on, the callers it
 owes an answer to) and because a drain must know exactly what was accepted before it began:
 
-- HTTP refuses at once when the queue is full (``has_room``, then ``Busy``); MQTT waits instead (``wait_for_room``),
-  which holds the broker back through its unacknowledged messages.
+- HTTP and gRPC are refused at once when there is no room (``check``, then ``Overloaded``, a ``Busy``); MQTT waits
+  instead (``wait_for_room``), which holds the broker back through its unacknowledged messages.
 - A caller that had to wait for room is accepted work: a drain beginning meanwhile lets its later ``submit`` in and
   waits for it. A caller that found room at once submits before the loop runs anything else (the frontends decode
   in between, synchronously), so a drain cannot begin between the two. A waited caller that never submits (its body
@@ -16,9 +16,10 @@ owes an answer to) and because a drain must know exactly what was accepted befor
   left of the runs in progress (when every worker is busy) plus the rows queued ahead at the measured seconds per row
   (:class:`~daemon.estimator.ServiceTimes`) of the batch they would run in, shared among the workers, plus the event
   loop's measured decode time for each request admitted before its body was read and not queued yet, whatever its
-  model (:data:`LOOP`: with a large JSON body the loop, not the model, is the bottleneck, and the wait is there).
-  The deadline is
-  the request's own timeout (its ``timeout_ms``, else the model's ``timeout_ms``; a gRPC deadline) capped by
+  model (:data:`LOOP`: with a large JSON body the loop, not the model, is the bottleneck, and the wait is there);
+  those two count for a request arriving, not for one already decoded (the ones still on their way queue behind
+  it). The deadline is the request's own timeout (its ``timeout_ms``, else the model's ``timeout_ms``; a gRPC
+  deadline) capped by
   ``max_queue_wait_ms``, whose default is :data:`QUEUE_WAIT_BATCHES` times the measured time of one full batch (at
   least :data:`MIN_QUEUE_WAIT_S`): a batch is full when the one ahead of it ends, and an admitted request runs in
   the next batch or the one after, so its latency stays within about 2.5 batches however deep the overload. The cap
@@ -152,23 +153,29 @@ class Admission:
                 self._unreserve(task)
 
     def has_room(self) -> bool:
+        """Room for a request like the previous one, decoded (MQTT's: it is woken by the queue's changes only)."""
         return self.check(self.last_rows, self.last_shapes, 0, None, count=False) is None
 
-    def predicted_wait(self, rows: int, shapes: tuple[object, ...] | None) -> float | None:
-        """Seconds a request of ``rows`` rows would wait before its run starts, or None before any measurement."""
+    def predicted_wait(self, rows: int, shapes: tuple[object, ...] | None, arriving: bool = False) -> float | None:
+        """Seconds a request of ``rows`` rows would wait before its run starts, or None before any measurement.
+        ``arriving``: its body is not read yet, so the requests already on their way are ahead of it, and the loop's
+        decoding of them (any model's) too."""
         if shapes is None:
             return None
-        bounds, times = self.bounds, self.times
-        ahead = self._queue.rows + self.reserved_rows
+        bounds = self.bounds
+        ahead = self._queue.rows
+        owed = 0.0
+        if arriving:
+            ahead += self.reserved_rows
+            owed = LOOP.seconds
         residual = self._residual()
-        if not ahead and not residual and not LOOP.requests:
+        if not ahead and not residual and not owed:
             return 0.0  # an idle worker and nothing ahead: the common case of a model that is not overloaded
         run_rows = min(ahead + rows, bounds.batch_rows) if bounds.batch_rows > 1 else rows
-        per_row = times.per_row(shapes, run_rows)
+        per_row = self.times.per_row(shapes, run_rows)
         if per_row is None:
             return None
-        # the runs ahead, and the loop's decoding of the requests admitted but not queued yet (any model's)
-        return residual + ahead * per_row / bounds.workers + LOOP.seconds
+        return residual + ahead * per_row / bounds.workers + owed
 
     def default_wait(self, rows: int, shapes: tuple[object, ...] | None) -> float | None:
         """The deadline of a request that brings none (the cap of those that do); None: no cap."""
@@ -182,10 +189,11 @@ class Admission:
         return max(MIN_QUEUE_WAIT_S, QUEUE_WAIT_BATCHES * per_row * full)
 
     def check(self, rows: int, shapes: tuple[object, ...] | None, nbytes: int, timeout: float | None,
-              count: bool = True, capped: bool = True) -> Overloaded | None:
+              count: bool = True, capped: bool = True, arriving: bool = False) -> Overloaded | None:
         """Why a request of ``rows`` rows holding ``nbytes`` cannot be queued now, or None. ``timeout``: its own
         deadline in seconds from now (the request's, the model's ``timeout_ms`` or the transport's), if any;
-        ``capped``: False for a caller that already waited for room (MQTT), whose own timeout alone counts."""
+        ``capped``: False for a caller that already waited for room (MQTT), whose own timeout alone counts;
+        ``arriving``: checked before its body is read (see :meth:`predicted_wait`)."""
         queue = self._queue
         reason = message = None
         if queue.depth >= self.size:
@@ -194,7 +202,7 @@ class Admission:
             reason, message = "queue_bytes", f"at capacity ({queue.nbytes} bytes of tensors queued)"
         elif not self._memory.fits(nbytes):
             reason, message = "memory", f"refused: the daemon's queues hold {self._memory.queued} bytes of tensors"
-        wait = self.predicted_wait(rows, shapes)
+        wait = self.predicted_wait(rows, shapes, arriving)
         if reason is None:
             if not wait:
                 return None  # nothing to wait for (or nothing measured yet): any deadline is met

@@ -100,14 +100,14 @@ class Scheduler:
         remaining = ctx.remaining() if ctx is not None else None
         if remaining is not None and (timeout is None or remaining < timeout):
             timeout = remaining
-        refused = admission.check(admission.last_rows, admission.last_shapes, 0, timeout)
+        refused = admission.check(admission.last_rows, admission.last_shapes, 0, timeout, arriving=True)
         if refused is None:
             admission.reserve()
         return refused
 
     def predicted_wait(self) -> float | None:
-        """What a request like the previous one would wait now (for tests and logs)."""
-        return self._admission.predicted_wait(self._admission.last_rows, self._admission.last_shapes)
+        """What a request like the previous one, arriving now, would wait (for tests and logs)."""
+        return self._admission.predicted_wait(self._admission.last_rows, self._admission.last_shapes, arriving=True)
 
     async def wait_for_room(self) -> None:
         """Wait until the queue can take a request: how MQTT applies backpressure instead of refusing (see

@@ -201,12 +201,13 @@ def test_requests_on_their_way_count_for_every_model_until_they_submit_or_end(ml
     load = get_runtime("onnxruntime").load
 
     async def main() -> None:
-        a, b = (Scheduler(load({"m.onnx": mlp_onnx}, SessionOptions(threads=1)), 1, BatchPolicy(max_batch_size=0),
-                          VersionStats(name, "1"), name, queue_memory.QueueMemory(1 << 40)) for name in "ab")
+        a, b = (Scheduler(load({"m.onnx": mlp_onnx}, SessionOptions(threads=1)), 1,
+                          BatchPolicy(max_batch_size=0, max_queue_wait_s=wait), VersionStats(name, "1"), name,
+                          queue_memory.QueueMemory(1 << 40)) for name, wait in (("a", 10.0), ("b", None)))
         a.start()
         b.start()
         try:
-            await a.submit({"input": X}, decoded_s=0.01)  # a's requests cost the loop 10 ms to decode
+            await a.submit({"input": X}, decoded_s=0.02)  # a's requests cost the loop 20 ms to decode
             await b.submit({"input": X})
             assert b.predicted_wait() == 0.0
             gate = asyncio.Event()
@@ -217,7 +218,11 @@ def test_requests_on_their_way_count_for_every_model_until_they_submit_or_end(ml
 
             waiting = [asyncio.ensure_future(on_its_way()) for _ in range(5)]
             await asyncio.sleep(0)
-            assert b.predicted_wait() == pytest.approx(5 * 0.01)  # model b waits for the loop too
+            assert b.predicted_wait() == pytest.approx(5 * 0.02)  # model b waits for the loop too (past 50 ms)
+            # ... but not a request already decoded (they queue behind it), nor MQTT's waiting for room, which only
+            # the queue's own changes wake
+            assert b.has_room()
+            assert (await b.submit({"input": X}, timeout_s=0.05))["output"].shape == (1, 3)
             gate.set()
             await asyncio.gather(*waiting)  # they ended without submitting
             assert b.predicted_wait() == 0.0 and LOOP.requests == 0
