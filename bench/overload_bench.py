@@ -118,7 +118,7 @@ async def load(port: int, reqs: list[bytes], clients: int, seconds: float, pid: 
     return phase
 
 
-def start_daemon(work: Path) -> subprocess.Popen[bytes]:
+def start_daemon(work: Path) -> tuple[subprocess.Popen[bytes], int]:
     import yaml
 
     from daemon.config import ServerConfig
@@ -134,9 +134,8 @@ def start_daemon(work: Path) -> subprocess.Popen[bytes]:
     (work / "overload.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "daemon", "serve", "--config", str(work / "overload.yaml")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    proc.port = port  # type: ignore[attr-defined]
     wait_ready(port)
-    return proc
+    return proc, port
 
 
 def main() -> int:
@@ -156,8 +155,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     xs = [rng.random((1, 3, 96, 96), dtype=np.float32) for _ in range(8)]
     check = answer_checker(cnn, "input", xs)
-    proc = start_daemon(work)
-    port: int = proc.port  # type: ignore[attr-defined]
+    proc, port = start_daemon(work)
     try:
         reqs = [loadgen.build_request("127.0.0.1", port, "/v2/models/cnn/infer", *json_body("input", x)) for x in xs]
         steady = asyncio.run(load(port, reqs, 16, args.steady, proc.pid, check, args.honour_retry_after))

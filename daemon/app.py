@@ -44,6 +44,7 @@ class Daemon:
         self._reload_wanted = asyncio.Event()
         self.announcer: announce.Announcer | None = None  # STATUS=/READY=1, and Announcer.reload() for SIGHUP
         self.audit: AuditLog | None = None  # daemon/audit.py, when audit.enabled
+        self.registry_client: Any = None  # daemon.registry.RegistryClient when registry.url is set
 
     def request_stop(self, signame: str) -> None:
         if not self._stop.is_set():
@@ -81,12 +82,22 @@ class Daemon:
             from daemon.mqtt_api import MqttFrontend
 
             self.mqtt = MqttFrontend.from_config(self.config, self.node_id, manager, limits, self.activity, guard)
+        if self.config.registry.url is not None:  # the registry client (aiohttp's client side) only when asked for
+            from daemon.registry import RegistryClient
+
+            self.registry_client = RegistryClient(self.config, self.store, signers,
+                                                  updater=getattr(self, "updater", None))
+            await self.registry_client.start()
+            if self.mqtt is not None:
+                self.mqtt.registry_notify = self.registry_client.request_sync
         registry = metrics.make_registry(
             metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness, self._mqtt_metrics,
-                                    queues=manager.queue_depths, http_refusals=lambda: api.observer.refusals())
+                                    queues=manager.queue_depths, http_refusals=lambda: api.observer.refusals(),
+                                    registry=self._registry_metrics)
         )
         api = http_api.HttpApi(manager, limits, server.max_body_bytes, registry, readiness, self.activity, guard,
                                access_log=server.access_log, client_limits=server.limits)
+        api.registry_client = self.registry_client  # POST /admin/registry/sync
         https = await loop.run_in_executor(None, tls_server.server_tls, server.tls)  # key files: off the loop
         http = HttpFrontend(api, server.host, server.port, self.activity, https)
         grpc_frontend: Frontend | None = None
@@ -133,6 +144,8 @@ class Daemon:
                         extra={"event_kind": "ready"})
         supervisor.loop("notify-ready", announcer.until_ready)  # READY=1 once readiness holds
         supervisor.loop("reload", self._reloads)  # after loading: a SIGHUP that came meanwhile is applied now
+        if self.registry_client is not None:
+            supervisor.loop("registry", self.registry_client.run)  # after loading: an update meets loaded models
         try:
             await self._stop.wait()
         finally:
@@ -154,6 +167,10 @@ class Daemon:
                 if self.audit is not None:  # an operator's action (SIGHUP, systemctl reload): audited like one
                     self.audit.record("config.reload", "applied" if result.applied else "rejected", who="operator",
                                       config=str(self.config_path), changes=result.changes, reason=result.reason)
+
+    def _registry_metrics(self) -> tuple[int, dict[str, int]] | None:
+        client = self.registry_client
+        return None if client is None else (client.polls, dict(client.failures))
 
     def _mqtt_metrics(self) -> dict[str, Any] | None:
         if self.mqtt is None:
@@ -181,6 +198,8 @@ class Daemon:
         budget = self.config.server.drain_timeout_s
         await asyncio.gather(*(f.stop(budget) for f in self.frontends))
         await supervisor.close()
+        if self.registry_client is not None:
+            await self.registry_client.close()
         if self.manager is not None:
             await self.manager.close()
         if self.audit is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters import AdapterError
-from daemon import __version__, cli_security
+from daemon import __version__, cli_registry, cli_security
 from daemon.errors import InferdError
 
 EXIT_ERROR = 1
@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_check_config)
 
     cli_security.register(sub)
+    cli_registry.register(sub)
 
     s = sub.add_parser("keygen", help="create a key-encryption key, or with --signing an Ed25519 key pair")
     s.add_argument("--out", "-o", required=True, type=Path, help="key file to create (never overwritten)")

@@ -27,6 +27,7 @@ from daemon.config_base import NAME_PATTERN, RESERVED_MODEL_NAMES, ConfigPath, K
 from daemon.config_errors import describe
 from daemon.config_frontends import GrpcConfig, MqttConfig
 from daemon.config_security import AuditConfig, AuthConfig, ClientLimits, HttpTlsConfig
+from daemon.config_registry import RegistryConfig
 from daemon.errors import ConfigError
 
 WarmupInputs = Union[dict[str, tuple[int, ...]], Path]  # noqa: UP007
@@ -129,6 +130,10 @@ class _ModelBase(_Model):
     workers: int = Field(1, ge=1, le=64, description="Inferences of this model that may run at once.")
     version: str | None = Field(
         None, pattern=NAME_PATTERN, description="Pin this version; default: the store's active version."
+    )
+    channel: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="The registry channel this model follows "
+        "(null: registry.default_channel); a model with a pinned 'version' follows none.",
     )
     max_batch_size: int = Field(
         32, ge=0, le=4096,
@@ -251,6 +256,7 @@ class Config(_Model):
     grpc: GrpcConfig = Field(default_factory=GrpcConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     models: list[ModelConfig] = Field(default_factory=list, description="The models this daemon serves.")
 
     @model_validator(mode="after")

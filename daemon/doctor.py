@@ -90,10 +90,23 @@ def _auth(config: Config, required: bool) -> Iterator[Finding]:
                       config.mqtt.auth_required else "the broker's authentication and ACL only"))
 
 
+def _registry(config: Config) -> Iterator[Finding]:
+    """The registry client's hosts (docs/registry.md): the url's and every allowed redirect target."""
+    registry = config.registry
+    if registry.url is None:
+        return
+    scheme = registry.url.split(":", 1)[0]
+    pinned = f", CA pinned to {registry.ca_file}" if registry.ca_file is not None else ""
+    yield Finding(OK, "outbound", f"registry {registry.url} ({scheme}{pinned}); allowed hosts: "
+                  f"{', '.join(registry.hosts())}")
+
+
 def _outbound(config: Config) -> Iterator[Finding]:
     mqtt = config.mqtt
+    yield from _registry(config)
     if not mqtt.enabled:
-        yield Finding(OK, "outbound", "none: the daemon opens no outbound connection")
+        if config.registry.url is None:
+            yield Finding(OK, "outbound", "none: the daemon opens no outbound connection")
         return
     local = is_loopback(mqtt.host)
     where = f"MQTT broker {mqtt.host}:{mqtt.port} ({'TLS' if mqtt.tls.enabled else 'plaintext'})"
@@ -104,7 +117,8 @@ def _outbound(config: Config) -> Iterator[Finding]:
         yield Finding(level, "outbound", f"{where}: beyond loopback without TLS"
                       + (": the broker password crosses the network in clear" if mqtt.password else ""))
     else:
-        yield Finding(OK, "outbound", f"{where}; the only outbound connection")
+        yield Finding(OK, "outbound", f"{where}" + ("; the only outbound connection" if config.registry.url is None
+                                                    else ""))
 
 
 def _files(config: Config) -> Iterator[Finding]:

@@ -31,6 +31,7 @@ from daemon.errors import Busy, InferdError, NotReady, RequestTimeout
 from daemon.frontend import Readiness
 from daemon.http_limits import ConnectionLimits, LimitedServer
 from daemon.http_observe import HttpObserver
+from daemon.http_registry import registry_sync
 from daemon.metrics import Registries
 from daemon.model_config import triton_model_config
 from daemon.models import ModelManager
@@ -105,6 +106,7 @@ class HttpApi:
         self.activity = activity
         # error answers counted by route, and the access log when server.access_log is on (daemon/http_observe.py)
         self.observer = HttpObserver(access_log, FIXED, MODEL_ROUTES)
+        self.registry_client: Any = None  # daemon.registry.RegistryClient, set by app.py when registry.url is set
 
     def server(self) -> web_server.Server:
         """The aiohttp protocol factory; create it on the running loop."""
@@ -378,6 +380,7 @@ FIXED: dict[str, dict[str, Handler]] = {
     "/v2/openapi.json": {"GET": openapi},
     "/v2/models/stats": {"GET": model_stats},  # before /v2/models/{model}: a model cannot be named "stats" here
     "/metrics": {"GET": metrics},
+    "/admin/registry/sync": {"POST": registry_sync},
 }
 #: the scope each handler needs (docs/openapi.yaml's security requirements say the same, and a test compares them)
 ROUTES: dict[Handler, Route] = {
@@ -387,6 +390,7 @@ ROUTES: dict[Handler, Route] = {
     openapi: Route("read", "openapi"),
     model_stats: Route("read", "model_stats"),
     metrics: Route("metrics", "metrics"),
+    registry_sync: Route("admin", "registry_sync"),
     model_metadata: Route("read", "model_metadata"),
     model_ready: Route("health", "model_ready"),
     infer: Route("infer", "infer"),

@@ -51,6 +51,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "inferd_build_info": ("gauge", "1, labelled with the running inferd's version."),
     "inferd_http_refusals_total": (
         "counter", "HTTP answers with an error status (4xx, 5xx), by route template and status."),
+    "inferd_registry_polls_total": ("counter", "Polls of the registry's index (absent without registry.url)."),
+    "inferd_registry_failures_total": (
+        "counter", "Registry refusals and failures by reason (bad_signature, stale_sequence, expired, ...)."),
 }
 #: one HTTP error answer count: (route template, status, answers)
 RouteRefusals = tuple[str, int, int]
@@ -194,8 +197,10 @@ class InferdCollector:
         mqtt: Callable[[], dict[str, Any] | None] = lambda: None,
         queues: Callable[[], Iterable[QueueDepth]] = lambda: (),
         http_refusals: Callable[[], Iterable[RouteRefusals]] = lambda: (),
+        registry: Callable[[], tuple[int, dict[str, int]] | None] = lambda: None,
     ) -> None:
         self._http_refusals = http_refusals
+        self._registry = registry  # (polls, failures by reason) of daemon/registry.py; None without a registry
         self._stats = stats
         self._loaded = loaded
         self._readiness = readiness
@@ -285,6 +290,14 @@ class InferdCollector:
         for route, status, count in self._http_refusals():
             http_refusals.add_metric([route, str(status)], count)
         yield http_refusals
+        polled = self._registry()
+        if polled is not None:
+            yield CounterMetricFamily("inferd_registry_polls", help_["inferd_registry_polls_total"], value=polled[0])
+            failures = CounterMetricFamily("inferd_registry_failures", help_["inferd_registry_failures_total"],
+                                           labels=["reason"])
+            for reason, count in sorted(polled[1].items()):
+                failures.add_metric([reason], count)
+            yield failures
 
 
 @dataclass(frozen=True)

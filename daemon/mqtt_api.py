@@ -21,6 +21,7 @@ import collections
 import functools
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -102,6 +103,9 @@ class MqttFrontend:
         self._qos0 = 0
         self._early_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EARLY_EVENTS_MAX)
         manager.listeners.append(self.publish_event)
+        #: daemon.registry.RegistryClient.request_sync when a registry is configured: a message on
+        #: {prefix}/registry/notify polls now (harmless to anyone who may publish it: the poll verifies everything)
+        self.registry_notify: Callable[[], None] | None = None
 
     @classmethod
     def from_config(
@@ -133,7 +137,13 @@ class MqttFrontend:
         filters = [f"{self.prefix}/models/+/infer", f"{self.prefix}/models/+/versions/+/infer"]
         if self.config.shared_group:
             filters = [f"$share/{self.config.shared_group}/{f}" for f in filters]
+        if self.registry_notify is not None:  # never shared: every box of a group polls
+            filters.append(self.notify_topic)
         return filters
+
+    @property
+    def notify_topic(self) -> str:
+        return f"{self.prefix}/registry/notify"
 
     # -- the Frontend protocol ------------------------------------------------------------------------------
 
@@ -182,6 +192,11 @@ class MqttFrontend:
     def _accept(self, req: Incoming) -> None:
         if not self._accepting:
             return  # not acknowledged: the broker redelivers it to us (or the group) later
+        if req.topic == self.notify_topic and self.registry_notify is not None:
+            self.registry_notify()
+            if self.bridge is not None:
+                self.bridge.ack(req)
+            return
         if req.qos == 0:
             if self._qos0 >= self.config.receive_maximum:
                 self.state.dropped_qos0 += 1

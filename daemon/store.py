@@ -229,6 +229,65 @@ class Store:
                 self.save_state(name, state)
         return Installed(name, version, activated, fresh)
 
+    def install_file(self, path: Path, *, activate: bool = False) -> Installed:
+        """Install an artifact file that already lies in ``<state_dir>/tmp`` (a registry download the caller has
+        verified): renamed into place, never read whole into memory. The file is consumed either way."""
+        path = Path(path)
+        if path.parent.resolve() != self.tmp_dir.resolve():
+            raise StoreError(f"{path} is not in the store's staging folder {self.tmp_dir}")
+        try:
+            with path.open("rb") as f:
+                head = f.read(1 << 21)  # the header is at most 1 MiB (artifact.MAX_HEADER)
+            header, _ = read_header(head)
+            name, version = header.name, header.version
+            for label, value in (("model name", name), ("version", version)):
+                try:
+                    check_name(label, value)
+                except ValueError as exc:
+                    raise StoreError(f"artifact {name!r}:{version!r} has an {exc}") from None
+            digest = _sha256_file(path)
+            with self.locked():
+                self._upgrade_format()
+                state = self.state(name)
+                if version in state.quarantined:
+                    raise StoreError(f"{name}:{version} is quarantined: it failed its checks before and is not "
+                                     "installed")
+                target = self.models_dir / name / version
+                existing = target / ARTIFACT_NAME
+                fresh = not existing.exists()
+                if not fresh and _sha256_file(existing) != digest:
+                    raise StoreError(
+                        f"{name}:{version} is already installed with different content; versions are immutable")
+                if fresh:
+                    staging = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self.tmp_dir))
+                    os.chmod(staging, 0o750)  # noqa: S103 - the service group reads what root installs
+                    os.chmod(path, 0o640)
+                    with path.open("rb") as f:
+                        os.fsync(f.fileno())
+                    os.rename(path, staging / ARTIFACT_NAME)
+                    fsync_dir(staging)
+                    self._own(staging, staging / ARTIFACT_NAME)
+                    model_dir = self.models_dir / name
+                    if not model_dir.exists():
+                        model_dir.mkdir(mode=0o750, parents=True)
+                        self._own(model_dir)
+                        fsync_dir(self.models_dir)
+                    os.rename(staging, target)
+                    fsync_dir(model_dir)
+                    state.record("installed", version, sha256=digest, source="file")
+                activated = False
+                if (activate or state.active is None) and state.active != version:
+                    state.previous, state.active = state.active, version
+                    state.record("activated", version)
+                    activated = True
+                elif state.active == version:
+                    activated = True
+                if fresh or activated:
+                    self.save_state(name, state)
+        finally:
+            path.unlink(missing_ok=True)
+        return Installed(name, version, activated, fresh)
+
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()

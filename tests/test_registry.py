@@ -1,0 +1,290 @@
+"""The box's registry client against real registries over loopback: `inferd registry serve`, nginx from Debian's
+packages, and a raw server that drops connections or redirects. Real keys, artifacts, store and downloads."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import KeySet, build_mlp
+from support.registry import Central, RawServer, inferd_serve, nginx, touch_write
+from tflite_builder import random_mlp_weights
+
+from daemon import keys, registry_index, registry_publish
+from daemon.config import Config, KeySource, parse_config
+from daemon.registry import RegistryClient
+from daemon.store import Store
+
+
+@pytest.fixture
+def central(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> Central:
+    (tmp_path / "central").mkdir()
+    keys.generate_signing_key(tmp_path / "central" / "index.key")
+    return Central(tmp_path / "central" / "registry", tmp_path / "central" / "index.key", keyset, mlp_onnx)
+
+
+def box_config(tmp_path: Path, keyset: KeySet, url: str, index_pubs: list[Path], **registry: Any) -> Config:
+    return parse_config({
+        "state_dir": str(tmp_path / "box"),
+        "keys": {"kek": [{"path": str(keyset.kek_path)}], "signers": [{"path": str(keyset.public_path)}]},
+        "registry": {"url": url, "index_keys": [{"path": str(p)} for p in index_pubs], "min_free_bytes": 0,
+                     **registry},
+        "models": [{"name": "mlp", "runtime": "onnxruntime"}],
+    })
+
+
+def run(config: Config, *steps: Callable[[RegistryClient], Any]) -> list[Any]:
+    """One client through ``steps`` (each a coroutine function of it) on one loop, closed at the end."""
+    Store(config.state_dir).ensure()  # set-up off the loop, as the daemon does it
+    signers = keys.load_signers(list(config.keys.signers))
+
+    async def body() -> list[Any]:
+        client = RegistryClient(config, Store(config.state_dir), signers)
+        await client.start()
+        try:
+            return [await step(client) for step in steps]
+        finally:
+            await client.close()
+
+    return asyncio.run(body())
+
+
+async def poll(client: RegistryClient) -> Any:
+    return await client.poll()
+
+
+@pytest.fixture(params=["inferd", "nginx"])
+def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Path], AbstractContextManager[str]]:
+    if request.param == "nginx":
+        return lambda root: nginx(root, tmp_path / "nginx")
+    return inferd_serve
+
+
+def test_refusals_leave_the_box_as_it_was(tmp_path: Path, keyset: KeySet, central: Central,
+                                          serve: Callable[[Path], AbstractContextManager[str]],
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Each lie a registry can tell, told in turn over a real web server: refused with its reason, a count and a log
+    line; the next honest index is accepted, and the store only ever gains verified versions."""
+    caplog.set_level(logging.INFO, "inferd.registry")
+    central.publish("1")
+    first = central.files()
+    (tmp_path / "other").mkdir()
+    keys.generate_signing_key(tmp_path / "other" / "index.key")
+    other_key = keys.load_signing_key(tmp_path / "other" / "index.key")
+    keys.generate_kek(tmp_path / "other" / "kek", "main")
+    keys.generate_signing_key(tmp_path / "other" / "signing.key")
+    stranger = KeySet(keyset.kek_path, tmp_path / "other" / "signing.key", tmp_path / "other" / "signing.key.pub")
+    store = Store(tmp_path / "box")
+    seen: list[tuple[str, str | None, list[str]]] = []
+
+    def step(change: Callable[[], Any] | None = None) -> Callable[[RegistryClient], Any]:
+        async def go(client: RegistryClient) -> None:
+            if change is not None:
+                await asyncio.get_running_loop().run_in_executor(None, change)
+            result = await client.poll()
+            reasons = [r["reason"] for r in result.refused]
+            seen.append((result.outcome, result.reason, reasons))
+            for reason in [result.reason, *reasons]:
+                if reason is not None:
+                    assert client.failures[reason] >= 1
+                    assert any(getattr(r, "reason", None) == reason for r in caplog.records), reason
+        return go
+
+    good: dict[str, tuple[bytes, bytes]] = {}
+
+    def tamper() -> None:
+        index, sig = central.files()
+        good["now"] = (index, sig)
+        central.put(index.replace(b'"stable": "1"', b'"stable":  "1"'), sig)
+
+    def foreign_signature() -> None:
+        index, _ = good["now"]
+        central.put(index, registry_index.sign(index, other_key))
+
+    def replay() -> None:
+        good["now"] = central.files()
+        central.put(*first)
+
+    def corrupt_artifact() -> None:
+        central.put(*good["now"])  # the registry's own index again, then a new version whose bytes are damaged
+        central.publish("2")
+        path = central.root / "artifacts/mlp/2.inferd"
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 1
+        touch_write(path, bytes(data))
+
+    def truncate_artifact() -> None:
+        path = central.root / "artifacts/mlp/2.inferd"
+        data = path.read_bytes()
+        touch_write(path, data[: len(data) // 2])
+
+    with serve(central.root) as url:
+        config = box_config(tmp_path, keyset, url, [central.key_path.with_name("index.key.pub")])
+        run(config,
+            step(),                                                              # 1 installed
+            step(),                                                              # unchanged
+            step(tamper),                                                        # bad_signature
+            step(lambda: central.put(*good["now"])),                             # restored: unchanged
+            step(foreign_signature),                                             # unknown_key
+            step(lambda: registry_publish.resign(central.root, central.key, expires_s=-60)),  # expired
+            step(lambda: registry_publish.resign(central.root, central.key)),    # accepted
+            step(replay),                                                        # stale_sequence
+            step(corrupt_artifact),                                              # sha256_mismatch
+            step(truncate_artifact),                                             # truncated
+            step(lambda: central.publish("3", keyset=stranger)),                 # untrusted_signer
+            step(lambda: central.publish("4")),                                  # 4 installed
+            )
+    assert seen == [
+        ("accepted", None, []),
+        ("unchanged", None, []),
+        ("failed", "bad_signature", []),
+        ("unchanged", None, []),
+        ("failed", "unknown_key", []),
+        ("failed", "expired", []),
+        ("accepted", None, []),
+        ("failed", "stale_sequence", []),
+        ("accepted", None, ["sha256_mismatch"]),
+        ("unchanged", None, ["truncated"]),
+        ("accepted", None, ["untrusted_signer"]),
+        ("accepted", None, []),
+    ]
+    assert store.versions("mlp") == ["1", "4"]
+    assert store.state("mlp").active == "1"  # installed versions go live through the updater, never here
+    assert list((tmp_path / "box" / "tmp").iterdir()) == []  # no partial download left behind
+
+
+def test_sequence_survives_a_restart(tmp_path: Path, keyset: KeySet, central: Central) -> None:
+    central.publish("1")
+    old = central.files()
+    central.publish("2")
+    with inferd_serve(central.root) as url:
+        config = box_config(tmp_path, keyset, url, [central.key_path.with_name("index.key.pub")])
+        assert run(config, poll)[0].sequence == 2
+        central.put(*old)
+        result = run(config, poll)[0]  # a new client on the same store: a replay of sequence 1 is still refused
+    assert (result.outcome, result.reason) == ("failed", "stale_sequence")
+
+
+def test_key_rotation_through_a_successor(tmp_path: Path, keyset: KeySet, central: Central) -> None:
+    """Index 1 (old key) names the new key as successor; index 2 and 3, signed by the new key alone, are accepted by
+    a box that saw index 1, and refused by a box that never did."""
+    keys.generate_signing_key(tmp_path / "central" / "new.key")
+    new_key = keys.load_signing_key(tmp_path / "central" / "new.key")
+    central.publish("1", next_keys=[new_key.public_key()])
+    pub = central.key_path.with_name("index.key.pub")
+    with inferd_serve(central.root) as url:
+        config = box_config(tmp_path, keyset, url, [pub])
+        assert run(config, poll)[0].sequence == 1
+        registry_publish.publish(central.artifact("2"), central.root, new_key, channels=["stable"], next_keys=[])
+        results = run(config, poll)
+        registry_publish.resign(central.root, new_key, next_keys=[])
+        results += run(config, poll)
+        fresh = run(box_config(tmp_path / "fresh", keyset, url, [pub]), poll)[0]
+    assert [(r.outcome, r.sequence, r.installed) for r in results] == [("accepted", 2, ["mlp:2"]),
+                                                                       ("accepted", 3, [])]
+    assert (fresh.outcome, fresh.reason) == ("failed", "unknown_key")
+
+
+@pytest.fixture
+def registry_files(central: Central) -> dict[str, bytes]:
+    central.publish("1")
+    return {str(p.relative_to(central.root)): p.read_bytes() for p in central.root.rglob("*") if p.is_file()
+           and not p.name.startswith(".")}
+
+
+def test_download_resumes_after_a_drop(tmp_path: Path, keyset: KeySet, central: Central,
+                                       registry_files: dict[str, bytes], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "inferd.registry")
+    artifact = "artifacts/mlp/1.inferd"
+    signers = keys.load_signers([KeySource(path=keyset.public_path)])
+
+    async def scenario() -> tuple[Any, list[tuple[str, str | None]]]:
+        async with RawServer(registry_files, cut_after={artifact: 300}) as server:
+            config = box_config(tmp_path, keyset, server.url, [central.key_path.with_name("index.key.pub")])
+            client = RegistryClient(config, Store(config.state_dir), signers)
+            await client.start()
+            try:
+                return await client.poll(), server.requests
+            finally:
+                await client.close()
+
+    Store(tmp_path / "box").ensure()
+    result, requests = asyncio.run(scenario())
+    assert result.installed == ["mlp:1"], result
+    assert [r for r in requests if r[0] == artifact] == [(artifact, None), (artifact, "bytes=300-")]
+    assert any("resuming" in r.getMessage() for r in caplog.records)
+    assert Store(tmp_path / "box").artifact_path("mlp", "1").read_bytes() == registry_files[artifact]
+
+
+def test_redirects_only_to_allowed_hosts(tmp_path: Path, keyset: KeySet, central: Central,
+                                         registry_files: dict[str, bytes]) -> None:
+    """The artifact redirects from 127.0.0.1 to 127.0.0.2 (another host, served for real): refused before connecting
+    unless 127.0.0.2 is allowed, then followed."""
+    artifact = "artifacts/mlp/1.inferd"
+    index_pub = central.key_path.with_name("index.key.pub")
+    signers = keys.load_signers([KeySource(path=keyset.public_path)])
+
+    async def scenario(allowed: list[str]) -> tuple[Any, int]:
+        async with RawServer({artifact: registry_files[artifact]}, host="127.0.0.2") as mirror:
+            files = {k: v for k, v in registry_files.items() if k != artifact}
+            async with RawServer(files, redirects={artifact: mirror.url + artifact}) as origin:
+                config = box_config(tmp_path / "-".join(allowed), keyset, origin.url, [index_pub],
+                                    allowed_hosts=allowed)
+                client = RegistryClient(config, Store(config.state_dir), signers)
+                await client.start()
+                try:
+                    return await client.poll(), len(mirror.requests)
+                finally:
+                    await client.close()
+
+    for allowed in ("127.0.0.1", "127.0.0.1-127.0.0.2"):
+        Store(tmp_path / allowed / "box").ensure()
+    refused, reached = asyncio.run(scenario(["127.0.0.1"]))
+    assert [r["reason"] for r in refused.refused] == ["host_not_allowed"] and reached == 0
+    assert "127.0.0.2" in refused.refused[0]["message"]
+    followed, reached = asyncio.run(scenario(["127.0.0.1", "127.0.0.2"]))
+    assert followed.installed == ["mlp:1"] and reached == 1
+
+
+def test_the_first_url_must_be_allowed_too(tmp_path: Path, keyset: KeySet) -> None:
+    from daemon.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not in allowed_hosts"):
+        box_config(tmp_path, keyset, "http://127.0.0.1:9/", [keyset.public_path], allowed_hosts=["localhost"])
+
+
+def test_oversized_artifact_is_never_downloaded(tmp_path: Path, keyset: KeySet, central: Central) -> None:
+    central.model = build_mlp(random_mlp_weights(n_in=64, hidden=64, n_out=3, seed=1))  # ~17 KB: over 1 KiB
+    central.publish("1")
+    files = {str(p.relative_to(central.root)): p.read_bytes() for p in central.root.rglob("*") if p.is_file()}
+
+    async def scenario() -> tuple[Any, list[tuple[str, str | None]]]:
+        async with RawServer(files) as server:
+            config = box_config(tmp_path, keyset, server.url, [central.key_path.with_name("index.key.pub")],
+                                max_artifact_bytes=1024)
+            client = RegistryClient(config, Store(config.state_dir), {})
+            await client.start()
+            try:
+                return await client.poll(), server.requests
+            finally:
+                await client.close()
+
+    Store(tmp_path / "box").ensure()
+    result, requests = asyncio.run(scenario())
+    assert [r["reason"] for r in result.refused] == ["too_large"]
+    assert not any(path.startswith("artifacts/") for path, _ in requests)
+
+
+def test_a_registry_that_is_down_is_one_failure(tmp_path: Path, keyset: KeySet, central: Central) -> None:
+    central.publish("1")
+    with inferd_serve(central.root) as url:
+        pass  # the port is closed again now
+    result = run(box_config(tmp_path, keyset, url, [central.key_path.with_name("index.key.pub")]), poll)[0]
+    assert (result.outcome, result.reason) == ("failed", "unavailable")
+    shutil.rmtree(tmp_path / "box")
