@@ -213,6 +213,8 @@ class _Counting:
 #: the output formats written as the run goes, one batch at a time; .npy and .npz need every row's count (the
 #: header) or every row of one output (a zip member) first, so they are assembled from the parts at the end
 STREAMED = ("parquet", "csv", "jsonl")
+#: a streamed output is fdatasync'd whenever this much more was written (one small chunk at a time would not)
+SYNC_BYTES = 8 << 20
 
 
 def row_shapes(schema: pa.Schema) -> dict[str, tuple[int, ...]]:
@@ -233,6 +235,7 @@ class OutputStream:
         self._file: IO[bytes] | None = None
         self._writer: Any = None
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._synced = 0
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self._file is None:
@@ -250,11 +253,15 @@ class OutputStream:
                                                    | orjson.OPT_APPEND_NEWLINE) for i in range(batch.num_rows)))
 
     def sync(self) -> None:
-        """Put what was written so far on disk, so the final fsync has only the tail left to wait for (called on
-        the writer thread, where the wait overlaps the scoring)."""
-        if self._file is not None:
-            self._file.flush()
+        """Put what was written so far on disk once a few MiB have gathered, so the final fsync has only the tail
+        left to wait for (called on the writer thread, where the wait overlaps the scoring)."""
+        if self._file is None:
+            return
+        self._file.flush()
+        written = self._file.tell()
+        if written - self._synced >= SYNC_BYTES:
             os.fdatasync(self._file.fileno())
+            self._synced = written
 
     def _open(self, schema: pa.Schema) -> None:
         self._file = f = self._stack.enter_context(atomic_output(self.path))
