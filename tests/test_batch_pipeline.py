@@ -124,6 +124,29 @@ def test_a_nan_in_the_middle_of_a_npy_chunk_rejects_that_row_only(tmp_path: Path
         np.testing.assert_array_equal(z["output"], _ort(mlp_onnx, x[keep]))
 
 
+@pytest.mark.parametrize("fmt", [".parquet", ".npz"])
+def test_a_chunk_with_every_row_rejected_commits_an_empty_part(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes,
+                                                               fmt: str) -> None:
+    x = np.random.default_rng(8).normal(size=(200, 4)).astype(np.float32)
+    x[64:128] = np.nan  # the whole of chunk 1: its part holds no rows, only its rejects
+    src = tmp_path / "rows.npy"
+    np.save(src, x)
+    out = tmp_path / f"scores{fmt}"
+    assert _batch(_artifact(tmp_path, keyset, mlp_onnx), keyset, "--input", str(src), "--output", str(out),
+                  "--chunk-rows", "64") == 3
+    rejected = [json.loads(line)["row"] for line in out.with_name(out.name + ".rejects.jsonl").read_text().splitlines()]
+    assert rejected == list(range(64, 128))
+    keep = [i for i in range(200) if not 64 <= i < 128]
+    if fmt == ".npz":
+        with np.load(out) as z:
+            rows, scores = z["row"], z["output"]
+    else:
+        table = pq.read_table(out)
+        rows, scores = np.array(table.column("row")), np.array(table.column("output").to_pylist(), np.float32)
+    np.testing.assert_array_equal(rows, keep)
+    np.testing.assert_array_equal(scores, _ort(mlp_onnx, x[keep]))
+
+
 def test_a_nan_in_the_middle_of_a_parquet_list_chunk_rejects_that_row_only(tmp_path: Path, keyset: KeySet,
                                                                           mlp_onnx: bytes) -> None:
     x = np.random.default_rng(6).normal(size=(150, 4)).astype(np.float32)
