@@ -18,32 +18,22 @@ cases were tried.
 from __future__ import annotations
 
 import json
-import os
 import socket
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import REPO, DaemonProcess, KeySet, Site, mlp_reference, pack_model
-from contract import OPENAPI
+from conftest import DaemonProcess, KeySet, Site, mlp_reference, pack_model
 from httpclient import Reply, infer, request
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from support.daemon import served_daemon
+from support.fuzz import FUZZ, OPERATIONS, sane, statuses, tried
 from support.models import NP, TYPES, build_identity_all_types
 
-EXAMPLES = int(os.environ.get("INFERD_FUZZ_EXAMPLES", "60"))
 MODELS = ["mlp", "types", "broken"]
 MAX_RSS_GROWTH_KB = 200 * 1024
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-                suppress_health_check=list(HealthCheck))
-#: what a response body must never show: the server's insides
-LEAKS = ("Traceback", 'File "', str(REPO), "site-packages", ".py\"", "daemon/", "adapters/", "onnxruntime_src", ".cc:")
-
-tried: Counter[str] = Counter()
-statuses: Counter[int] = Counter()
 baseline_rss_kb: dict[int, int] = {}
 
 
@@ -92,33 +82,12 @@ def rss_kb(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def sane(reply: Reply, kind: str) -> Reply:
-    """The pass condition every case shares (the contract check already ran in the client)."""
-    tried[kind] += 1
-    statuses[reply.status] += 1
-    assert reply.status < 500 or reply.status in (503, 504), (reply.status, reply.body[:300])
-    text = reply.body.decode("utf-8", "replace")
-    for leak in LEAKS:
-        assert leak not in text, f"{leak!r} in a response body: {text[:300]}"
-    return reply
-
-
 def post(daemon: DaemonProcess, model: str, body: bytes | str | dict[str, Any], kind: str,
          headers: dict[str, str] | None = None) -> Reply:
     return sane(infer(daemon.url, model, body, headers=headers), kind)
 
 
 # --- generated from docs/openapi.yaml ----------------------------------------------------------------------------
-
-
-def _operations() -> list[Any]:
-    import schemathesis
-
-    schema = schemathesis.openapi.from_path(str(OPENAPI))
-    return [op.ok() for op in schema.get_all_operations()]
-
-
-OPERATIONS = _operations()
 
 
 @pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: f"{op.method.upper()} {op.path}")
