@@ -26,8 +26,8 @@ from adapters.base import SessionOptions
 from daemon.config_base import NAME_PATTERN, RESERVED_MODEL_NAMES, ConfigPath, KeySource, _Model, resolve_path
 from daemon.config_errors import describe
 from daemon.config_frontends import GrpcConfig, MqttConfig
-from daemon.config_security import AuditConfig, AuthConfig, ClientLimits, HttpTlsConfig
 from daemon.config_registry import RegistryConfig
+from daemon.config_security import AuditConfig, AuthConfig, ClientLimits, HttpTlsConfig
 from daemon.errors import ConfigError
 
 WarmupInputs = Union[dict[str, tuple[int, ...]], Path]  # noqa: UP007
