@@ -105,10 +105,8 @@ class RegistryClient:
         delay = self.settings.poll_interval_s
         while True:
             result = await self.poll()
-            if result.outcome == "failed":
-                delay = min(delay * 2, self.settings.backoff_max_s)
-            else:
-                delay = self.settings.poll_interval_s
+            delay = next_delay(delay, result.outcome == "failed", self.settings.poll_interval_s,
+                               self.settings.backoff_max_s)
             jitter = self.settings.jitter
             wait = delay * random.uniform(1 - jitter, 1 + jitter)  # noqa: S311 - spreading a fleet, not a secret
             self._wake.clear()
@@ -281,6 +279,12 @@ class RegistryClient:
             raise
         finally:
             await loop.run_in_executor(None, lambda: path.unlink(missing_ok=True))
+
+
+def next_delay(previous: float, failed: bool, interval: float, cap: float) -> float:
+    """The wait before the next poll, before jitter: the interval after a good poll; after a failed one, double the
+    last wait (at least the interval), at most ``cap``."""
+    return min(max(previous, interval) * 2, max(cap, interval)) if failed else interval
 
 
 def _never_tried(history: list[dict[str, Any]], version: str) -> bool:

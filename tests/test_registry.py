@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import ssl
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -14,11 +15,13 @@ from typing import Any
 import pytest
 from conftest import KeySet, build_mlp
 from support.registry import Central, RawServer, inferd_serve, nginx, touch_write
+from support.tls import make_pki
 from tflite_builder import random_mlp_weights
 
-from daemon import keys, registry_index, registry_publish
+from daemon import http_api, http_registry, keys, registry_index, registry_publish
 from daemon.config import Config, KeySource, parse_config
-from daemon.registry import RegistryClient
+from daemon.doctor import examine
+from daemon.registry import RegistryClient, next_delay
 from daemon.store import Store
 
 
@@ -288,3 +291,64 @@ def test_a_registry_that_is_down_is_one_failure(tmp_path: Path, keyset: KeySet, 
     result = run(box_config(tmp_path, keyset, url, [central.key_path.with_name("index.key.pub")]), poll)[0]
     assert (result.outcome, result.reason) == ("failed", "unavailable")
     shutil.rmtree(tmp_path / "box")
+
+
+def test_tls_is_verified_and_the_ca_can_be_pinned(tmp_path: Path, keyset: KeySet, central: Central,
+                                                  registry_files: dict[str, bytes]) -> None:
+    """HTTPS with a certificate from a test CA: refused against the system's CAs and against another pinned CA,
+    installed with its own CA pinned."""
+    pki, other = make_pki(tmp_path / "pki"), make_pki(tmp_path / "other-pki", cn="other-ca")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(pki["server"], pki["server_key"])
+    signers = keys.load_signers([KeySource(path=keyset.public_path)])
+    index_pub = central.key_path.with_name("index.key.pub")
+
+    async def scenario(name: str, ca: Path | None) -> Any:
+        async with RawServer(registry_files, tls=server_tls) as server:
+            config = box_config(tmp_path / name, keyset, server.url, [index_pub], ca_file=str(ca) if ca else None)
+            client = RegistryClient(config, Store(config.state_dir), signers)
+            await client.start()
+            try:
+                return await client.poll()
+            finally:
+                await client.close()
+
+    for name in ("system", "other", "pinned"):
+        Store(tmp_path / name / "box").ensure()
+    system = asyncio.run(scenario("system", None))
+    wrong = asyncio.run(scenario("other", other["ca"]))
+    pinned = asyncio.run(scenario("pinned", pki["ca"]))
+    for refused in (system, wrong):
+        assert (refused.outcome, refused.reason) == ("failed", "unavailable")
+        assert "certificate" in refused.message.lower()
+    assert pinned.installed == ["mlp:1"]
+
+
+def test_backoff_doubles_to_its_cap_and_resets() -> None:
+    delays, delay = [], 10.0
+    for failed in (True, True, True, True, False, True):
+        delay = next_delay(delay, failed, 10.0, 60.0)
+        delays.append(delay)
+    assert delays == [20.0, 40.0, 60.0, 60.0, 10.0, 20.0]
+
+
+def test_disk_space_is_checked_before_downloading(tmp_path: Path, keyset: KeySet, central: Central) -> None:
+    central.publish("1")
+    with inferd_serve(central.root) as url:
+        config = box_config(tmp_path, keyset, url, [central.key_path.with_name("index.key.pub")],
+                            min_free_bytes=1 << 60)
+        result = run(config, poll)[0]
+    assert [r["reason"] for r in result.refused] == ["disk_full"]
+    assert Store(tmp_path / "box").versions("mlp") == []
+
+
+def test_doctor_lists_the_registry_as_outbound(tmp_path: Path, keyset: KeySet) -> None:
+    config = box_config(tmp_path, keyset, "https://registry.example.com/", [keyset.public_path],
+                        allowed_hosts=["registry.example.com", "cdn.example.com"])
+    lines = [f.line() for f in examine(config) if f.topic == "outbound"]
+    assert any("registry https://registry.example.com/" in line and "cdn.example.com" in line for line in lines)
+    assert not any("opens no outbound connection" in line for line in lines)
+
+
+def test_the_sync_route_reads_the_caller_where_http_api_puts_it() -> None:
+    assert http_registry.CALLER == http_api.CALLER

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -104,11 +105,12 @@ class RawServer:
     cut_after: dict[str, int] = field(default_factory=dict)
     cuts: int = 1
     redirects: dict[str, str] = field(default_factory=dict)
+    tls: ssl.SSLContext | None = None
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
     _server: asyncio.base_events.Server | None = None
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, self.host, 0)
+        self._server = await asyncio.start_server(self._serve, self.host, 0, ssl=self.tls)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -119,7 +121,8 @@ class RawServer:
     @property
     def url(self) -> str:
         assert self._server is not None
-        return f"http://{self.host}:{self._server.sockets[0].getsockname()[1]}/"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self._server.sockets[0].getsockname()[1]}/"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
