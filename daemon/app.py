@@ -164,6 +164,8 @@ class Daemon:
             if self.reloader is not None and self.announcer is not None:
                 result = await self.announcer.reload(self.reloader.reload)
                 self.config = self.reloader.config
+                if self.registry_client is not None:  # the reloaded models' channels and artifact signers
+                    await self.registry_client.use(self.config)
                 if self.audit is not None:  # an operator's action (SIGHUP, systemctl reload): audited like one
                     self.audit.record("config.reload", "applied" if result.applied else "rejected", who="operator",
                                       config=str(self.config_path), changes=result.changes, reason=result.reason)

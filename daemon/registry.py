@@ -113,6 +113,17 @@ class RegistryClient:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
+    async def use(self, config: Config) -> None:
+        """After a SIGHUP reload (daemon/reload.py applies models and keys): follow the new models' channels and
+        trust the new artifact signers; the registry section itself keeps its start-up values (a restart)."""
+        try:
+            signers = await asyncio.get_running_loop().run_in_executor(None, keys.load_signers,
+                                                                       list(config.keys.signers))
+        except InferdError as exc:
+            log.warning("registry: keeping the previous artifact signers: %s", exc)
+            return
+        self.config, self.signers = config, signers
+
     def request_sync(self) -> None:
         """Poll now (MQTT's {prefix}/registry/notify); the loop's running poll, if any, finishes first."""
         self._wake.set()

@@ -352,3 +352,19 @@ def test_doctor_lists_the_registry_as_outbound(tmp_path: Path, keyset: KeySet) -
 
 def test_the_sync_route_reads_the_caller_where_http_api_puts_it() -> None:
     assert http_registry.CALLER == http_api.CALLER
+
+
+def test_a_reload_brings_new_models_under_the_registry(tmp_path: Path, keyset: KeySet, central: Central) -> None:
+    """SIGHUP applies models (daemon/reload.py): the client follows the reloaded list's channels from then on."""
+    central.publish("1")
+    with inferd_serve(central.root) as url:
+        config = box_config(tmp_path, keyset, url, [central.key_path.with_name("index.key.pub")])
+        without = config.model_copy(update={"models": []})
+
+        async def reload_then_poll(client: RegistryClient) -> Any:
+            await client.use(config)
+            return await client.poll()
+
+        Store(tmp_path / "box").ensure()
+        before, after = run(without, poll, reload_then_poll)
+    assert before.installed == [] and after.installed == ["mlp:1"]
