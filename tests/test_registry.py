@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import KeySet, build_mlp
+from conftest import KeySet, build_mlp, pack_model
 from support.registry import Central, RawServer, inferd_serve, nginx, touch_write
 from support.tls import make_pki
 from tflite_builder import random_mlp_weights
@@ -21,6 +21,7 @@ from tflite_builder import random_mlp_weights
 from daemon import http_api, http_registry, keys, registry_index, registry_publish
 from daemon.config import Config, KeySource, parse_config
 from daemon.doctor import examine
+from daemon.errors import StoreError
 from daemon.registry import RegistryClient, next_delay
 from daemon.store import Store
 
@@ -368,3 +369,24 @@ def test_a_reload_brings_new_models_under_the_registry(tmp_path: Path, keyset: K
         Store(tmp_path / "box").ensure()
         before, after = run(without, poll, reload_then_poll)
     assert before.installed == [] and after.installed == ["mlp:1"]
+
+
+def test_install_file_renames_a_staged_download_into_place(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    store = Store(tmp_path / "state")
+    store.ensure()
+    blob = pack_model(keyset, mlp_onnx, version="3")
+    outside = tmp_path / "elsewhere.inferd"
+    outside.write_bytes(blob)
+    with pytest.raises(StoreError, match="staging folder"):
+        store.install_file(outside)
+    staged = store.tmp_dir / "download.part"
+    staged.write_bytes(blob)
+    done = store.install_file(staged)
+    assert (done.name, done.version, done.fresh, done.active) == ("mlp", "3", True, True)  # the first is active
+    assert not staged.exists() and store.artifact_path("mlp", "3").read_bytes() == blob
+    staged.write_bytes(blob)
+    assert store.install_file(staged).fresh is False and not staged.exists()  # identical bytes: nothing written
+    staged.write_bytes(pack_model(keyset, mlp_onnx, version="3"))
+    with pytest.raises(StoreError, match="different content"):
+        store.install_file(staged)
+    assert not staged.exists()  # consumed either way
