@@ -363,6 +363,12 @@ def open_artifact(
     return OpenedArtifact(header, files, metadata)
 
 
+def signed_message(body_sha256: bytes) -> bytes:
+    """What the signature covers, from the SHA-256 of every byte before it: so a file can be checked streamed (the
+    registry client checks a download without holding it in memory)."""
+    return _SIG_CONTEXT + body_sha256
+
+
 def _check_signature(
     body: memoryview,
     signature: bytes,

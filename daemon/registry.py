@@ -334,7 +334,7 @@ def check_artifact_file(path: Path, name: str, version: str, signers: Mapping[st
             left -= len(block)
         signature = f.read(artifact.SIG_LEN)
     try:
-        key.verify(signature, artifact._SIG_CONTEXT + body.digest())  # the artifact format's own signing context
+        key.verify(signature, artifact.signed_message(body.digest()))
     except InvalidSignature:
         raise ArtifactRefused("bad_artifact", f"{name}:{version}: the artifact's signature by {header.signer} is "
                               "invalid") from None

@@ -4,13 +4,16 @@ packages, and a raw server that drops connections or redirects. Real keys, artif
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
 import shutil
 import ssl
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from conftest import KeySet, build_mlp, pack_model
@@ -390,3 +393,63 @@ def test_install_file_renames_a_staged_download_into_place(tmp_path: Path, keyse
     with pytest.raises(StoreError, match="different content"):
         store.install_file(staged)
     assert not staged.exists()  # consumed either way
+
+
+def _client_run(tmp_path: Path, keyset: KeySet, central: Central, server: RawServer, polls: int,
+                **registry: Any) -> list[Any]:
+    async def scenario() -> list[Any]:
+        async with server:
+            config = box_config(tmp_path, keyset, server.url, [central.key_path.with_name("index.key.pub")],
+                                **registry)
+            client = RegistryClient(config, Store(config.state_dir), signers)
+            await client.start()
+            try:
+                return [await client.poll() for _ in range(polls)]
+            finally:
+                await client.close()
+
+    signers = keys.load_signers([KeySource(path=keyset.public_path)])
+    Store(tmp_path / "box").ensure()
+    return asyncio.run(scenario())
+
+
+def test_polls_ask_with_the_etag(tmp_path: Path, keyset: KeySet, central: Central,
+                                 registry_files: dict[str, bytes]) -> None:
+    server = RawServer(registry_files, etags=True)
+    first, second = _client_run(tmp_path, keyset, central, server, 2)
+    assert (first.outcome, first.installed, second.outcome) == ("accepted", ["mlp:1"], "unchanged")
+    assert server.conditional == ["index.json"]  # the second poll; a 304 fetches nothing more
+    assert [p for p, _ in server.requests].count("index.json.sig") == 1
+
+
+def test_a_hanging_registry_is_a_timeout(tmp_path: Path, keyset: KeySet, central: Central,
+                                         registry_files: dict[str, bytes]) -> None:
+    started = time.monotonic()
+    (result,) = _client_run(tmp_path, keyset, central, RawServer(registry_files, stall=True), 1, timeout_s=0.3)
+    assert (result.outcome, result.reason) == ("failed", "unavailable")
+    assert time.monotonic() - started < 10
+
+
+def test_inferd_registry_serve_answers_etag_and_range(central: Central) -> None:
+    central.publish("1")
+    artifact = (central.root / "artifacts/mlp/1.inferd").read_bytes()
+    with inferd_serve(central.root) as url:
+        parts = urlsplit(url)
+
+        def get(path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            try:
+                conn.request("GET", path, headers=headers)
+                resp = conn.getresponse()
+                return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+            finally:
+                conn.close()
+
+        status, headers, _ = get("/index.json")
+        assert status == 200 and headers["etag"]
+        assert get("/index.json", **{"If-None-Match": headers["etag"]})[0] == 304
+        status, headers, body = get("/artifacts/mlp/1.inferd", Range="bytes=100-")
+        assert status == 206 and body == artifact[100:]
+        assert headers["content-range"] == f"bytes 100-{len(artifact) - 1}/{len(artifact)}"
+        assert get("/.publish.lock")[0] == 404
+        assert get("/../../etc/passwd")[0] == 404

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -106,6 +107,9 @@ class RawServer:
     cuts: int = 1
     redirects: dict[str, str] = field(default_factory=dict)
     tls: ssl.SSLContext | None = None
+    stall: bool = False  # accept connections and never answer (a registry that hangs)
+    etags: bool = False  # answer ETag and honour If-None-Match with 304
+    conditional: list[str] = field(default_factory=list)  # paths asked with If-None-Match
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
     _server: asyncio.base_events.Server | None = None
 
@@ -131,7 +135,15 @@ class RawServer:
             headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
             rng = headers.get("range")
             self.requests.append((path, rng))
-            if path in self.redirects:
+            if self.stall:
+                await reader.read()  # until the client gives up and closes
+                return
+            tag = f'"{hashlib.sha256(self.files[path]).hexdigest()[:16]}"' if path in self.files else ""
+            if "if-none-match" in headers:
+                self.conditional.append(path)
+            if self.etags and tag and headers.get("if-none-match") == tag:
+                writer.write(f"HTTP/1.1 304 Not Modified\r\nETag: {tag}\r\nConnection: close\r\n\r\n".encode())
+            elif path in self.redirects:
                 writer.write(f"HTTP/1.1 302 Found\r\nLocation: {self.redirects[path]}\r\nContent-Length: 0\r\n"
                              "Connection: close\r\n\r\n".encode())
             elif path not in self.files:
@@ -142,6 +154,7 @@ class RawServer:
                 body = data[start:]
                 status = "206 Partial Content" if rng else "200 OK"
                 extra = f"Content-Range: bytes {start}-{len(data) - 1}/{len(data)}\r\n" if rng else ""
+                extra += f"ETag: {tag}\r\n" if self.etags else ""
                 writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
                              .encode())
                 if path in self.cut_after and not rng and self.cuts > 0:
