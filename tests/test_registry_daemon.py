@@ -110,3 +110,13 @@ def test_sync_refusals_and_an_update(tmp_path: Path, site: Site, keyset: KeySet,
     syncs = [json.loads(line) for line in audit_log.read_text().splitlines() if '"registry.sync"' in line]
     assert [(e["who"], e["result"], e["reason"]) for e in syncs] == [("ops", "failed", "bad_signature"),
                                                                      ("ops", "failed", "unknown_key")]
+
+
+def test_sync_without_a_registry_is_409(site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                        start_daemon: Callable[..., DaemonProcess]) -> None:
+    site.install(pack_model(keyset, mlp_onnx, version="1"))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    daemon = start_daemon(site.write_config())
+    reply = request(daemon.url + "/admin/registry/sync", "POST")
+    assert reply.status == 409 and "registry.url" in reply.json()["error"]
+    assert "inferd_registry_polls_total" not in request(daemon.url + "/metrics").body.decode()
