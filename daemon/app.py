@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from adapters.cpus import usable_cpus
-from daemon import access, announce, http_api, keys, memory, metrics, protocol, sdnotify, tls_server
+from daemon import access, announce, http_api, keys, memory, metrics, protocol, sdnotify, tls_server, update_recovery
 from daemon.audit import AuditLog
 from daemon.config import Config
 from daemon.context import Activity
@@ -25,6 +25,7 @@ from daemon.models import ModelManager
 from daemon.reload import Reloader, TlsReloadable
 from daemon.store import Store
 from daemon.supervise import Supervisor
+from daemon.updater import Updater
 
 log = logging.getLogger("inferd.app")
 
@@ -45,6 +46,7 @@ class Daemon:
         self.announcer: announce.Announcer | None = None  # STATUS=/READY=1, and Announcer.reload() for SIGHUP
         self.audit: AuditLog | None = None  # daemon/audit.py, when audit.enabled
         self.registry_client: Any = None  # daemon.registry.RegistryClient when registry.url is set
+        self.updater: Updater | None = None  # daemon/updater.py: `await daemon.updater.offer(name, version, source)`
 
     def request_stop(self, signame: str) -> None:
         if not self._stop.is_set():
@@ -74,6 +76,9 @@ class Daemon:
             manager.listeners.append(lambda e: audit.record(
                 f"model.{e['event']}", "failed" if "failed" in e["event"] else "ok", who="inferd", model=e["model"],
                 version=e["version"], reason=e.get("reason")))
+        self.updater = updater = Updater(manager, self.store, self.config, audit)
+        recovered = await loop.run_in_executor(None, update_recovery.recover_journals, self.store, self.config)
+        update_recovery.report(updater, recovered)  # a crash mid-update, settled before anything loads
         server = self.config.server
         limits = protocol.Limits(server.max_tensor_elements)
         memory.PROCESS.limit = server.queue_max_bytes  # the byte budget every model's queue shares (daemon/memory.py)
@@ -85,18 +90,18 @@ class Daemon:
         if self.config.registry.url is not None:  # the registry client (aiohttp's client side) only when asked for
             from daemon.registry import RegistryClient
 
-            self.registry_client = RegistryClient(self.config, self.store, signers,
-                                                  updater=getattr(self, "updater", None))
+            self.registry_client = RegistryClient(self.config, self.store, signers, updater=self.updater)
             await self.registry_client.start()
             if self.mqtt is not None:
                 self.mqtt.registry_notify = self.registry_client.request_sync
         registry = metrics.make_registry(
             metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness, self._mqtt_metrics,
                                     queues=manager.queue_depths, http_refusals=lambda: api.observer.refusals(),
-                                    registry=self._registry_metrics)
+                                    rollbacks=updater.rollback_counts, registry=self._registry_metrics)
         )
         api = http_api.HttpApi(manager, limits, server.max_body_bytes, registry, readiness, self.activity, guard,
                                access_log=server.access_log, client_limits=server.limits)
+        api.updater, api.audit = updater, audit  # the admin and repository routes (daemon/http_admin.py)
         api.registry_client = self.registry_client  # POST /admin/registry/sync
         https = await loop.run_in_executor(None, tls_server.server_tls, server.tls)  # key files: off the loop
         http = HttpFrontend(api, server.host, server.port, self.activity, https)
@@ -131,6 +136,9 @@ class Daemon:
             supervisor.frontend(grpc_frontend)
         manager.warn_if_oversubscribed()
         await manager.load_all()
+        await update_recovery.fall_back(updater)  # an active version that does not load: the previous one serves
+        for name in list(manager.entries):
+            await updater.apply_policy(name)  # version_policy: the other versions to load beside the active one
         if self.mqtt is not None:
             await self.mqtt.start()  # after loading, so queued QoS 1 requests meet ready models
             supervisor.frontend(self.mqtt)
@@ -143,6 +151,7 @@ class Daemon:
             log.warning("serving with failures: %s", "; ".join(manager.not_ready_reasons()),
                         extra={"event_kind": "ready"})
         supervisor.loop("notify-ready", announcer.until_ready)  # READY=1 once readiness holds
+        supervisor.loop("updater", updater.run)  # probation: commit or roll back each switched-to version
         supervisor.loop("reload", self._reloads)  # after loading: a SIGHUP that came meanwhile is applied now
         if self.registry_client is not None:
             supervisor.loop("registry", self.registry_client.run)  # after loading: an update meets loaded models
@@ -166,6 +175,8 @@ class Daemon:
                 self.config = self.reloader.config
                 if self.registry_client is not None:  # the reloaded models' channels and artifact signers
                     await self.registry_client.use(self.config)
+                if self.updater is not None:
+                    self.updater.use(self.config)
                 if self.audit is not None:  # an operator's action (SIGHUP, systemctl reload): audited like one
                     self.audit.record("config.reload", "applied" if result.applied else "rejected", who="operator",
                                       config=str(self.config_path), changes=result.changes, reason=result.reason)

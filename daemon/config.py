@@ -28,6 +28,7 @@ from daemon.config_errors import describe
 from daemon.config_frontends import GrpcConfig, MqttConfig
 from daemon.config_registry import RegistryConfig
 from daemon.config_security import AuditConfig, AuthConfig, ClientLimits, HttpTlsConfig
+from daemon.config_updates import ProbationConfig, UpdatesConfig, VersionPolicy
 from daemon.errors import ConfigError
 
 WarmupInputs = Union[dict[str, tuple[int, ...]], Path]  # noqa: UP007
@@ -167,6 +168,12 @@ class _ModelBase(_Model):
         description="For a lone sequential client, runs measured faster than this execute on the event loop "
         "instead of a worker thread, saving two thread hand-offs (0: always a worker).",
     )
+    probation: ProbationConfig | None = Field(
+        None, description="This model's probation after an update (null: updates.probation).")
+    allow_breaking: bool = Field(
+        False, description="Accept an update whose inputs or outputs differ from the active version's.")
+    version_policy: VersionPolicy = Field(
+        default_factory=VersionPolicy, description="Which installed versions are loaded (default: the active one).")
     warmup: Annotated[WarmupInputs | None, PlainValidator(_check_warmup)] = Field(
         None, description="Warm-up inputs: shapes per input name (zero-filled), or a .npz of arrays by input name. "
         "Used instead of the synthetic guess; a failure fails the load (null: the smoke test, else a guess).",
@@ -257,6 +264,7 @@ class Config(_Model):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
     models: list[ModelConfig] = Field(default_factory=list, description="The models this daemon serves.")
 
     @model_validator(mode="after")

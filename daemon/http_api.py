@@ -22,7 +22,7 @@ from aiohttp import HttpVersion11, web, web_protocol, web_server
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import daemon
-from daemon import protocol, responses, service
+from daemon import http_admin, protocol, responses, service
 from daemon.access import Guard, Route
 from daemon.admission import retry_after_s
 from daemon.config_security import ClientLimits
@@ -107,6 +107,8 @@ class HttpApi:
         # error answers counted by route, and the access log when server.access_log is on (daemon/http_observe.py)
         self.observer = HttpObserver(access_log, FIXED, MODEL_ROUTES)
         self.registry_client: Any = None  # daemon.registry.RegistryClient, set by app.py when registry.url is set
+        self.updater: Any = None  # daemon.updater.Updater, set by app.py: the admin and repository routes use it
+        self.audit: Any = None  # daemon.audit.AuditLog when audit is on: admin routes record who did what
 
     def server(self) -> web_server.Server:
         """The aiohttp protocol factory; create it on the running loop."""
@@ -200,6 +202,8 @@ class HttpApi:
                     routes = MODEL_ROUTES[""]
                 elif len(rest) == 1 and rest[0]:
                     routes = MODEL_ROUTES.get(rest[0])
+            if routes is None:
+                routes, params = _prefixed(parts, params)
         if routes is None:
             raise web.HTTPNotFound()
         handler = routes.get(method)
@@ -209,6 +213,16 @@ class HttpApi:
             allowed = {*routes, "HEAD"} if "GET" in routes else set(routes)
             raise web.HTTPMethodNotAllowed(method, allowed)
         return handler, params
+
+
+def _prefixed(parts: list[str], params: list[str]) -> tuple[dict[str, Handler] | None, list[str]]:
+    """/admin/models/{model}[/action] and /v2/repository/models/{model}/action (daemon/http_admin.py)."""
+    for prefix, table in PREFIXED.items():
+        head = prefix.split("/")
+        n = len(head)
+        if parts[:n] == head and len(parts) in (n + 1, n + 2) and parts[n]:
+            return table.get(parts[n + 1] if len(parts) == n + 2 else ""), [unquote(parts[n])]
+    return None, params
 
 
 async def _expect(request: web.BaseRequest) -> None:
@@ -380,6 +394,7 @@ FIXED: dict[str, dict[str, Handler]] = {
     "/v2/openapi.json": {"GET": openapi},
     "/v2/models/stats": {"GET": model_stats},  # before /v2/models/{model}: a model cannot be named "stats" here
     "/metrics": {"GET": metrics},
+    "/v2/repository/index": {"POST": http_admin.repository_index},
     "/admin/registry/sync": {"POST": registry_sync},
 }
 #: the scope each handler needs (docs/openapi.yaml's security requirements say the same, and a test compares them)
@@ -395,6 +410,12 @@ ROUTES: dict[Handler, Route] = {
     model_ready: Route("health", "model_ready"),
     infer: Route("infer", "infer"),
     model_config: Route("read", "model_config"),
+    http_admin.admin_model: Route("admin", "admin_model"),
+    http_admin.admin_activate: Route("admin", "admin_activate"),
+    http_admin.admin_rollback: Route("admin", "admin_rollback"),
+    http_admin.repository_index: Route("admin", "repository_index"),
+    http_admin.repository_load: Route("admin", "repository_load"),
+    http_admin.repository_unload: Route("admin", "repository_unload"),
 }
 #: what follows /v2/models/{model}[/versions/{version}] -> method -> handler
 MODEL_ROUTES: dict[str, dict[str, Handler]] = {
@@ -403,4 +424,9 @@ MODEL_ROUTES: dict[str, dict[str, Handler]] = {
     "infer": {"POST": infer},
     "stats": {"GET": model_stats},
     "config": {"GET": model_config},
+}
+#: path prefix -> what follows /{model} ("" for nothing) -> method -> handler: the admin and repository routes
+PREFIXED: dict[str, dict[str, dict[str, Handler]]] = {
+    "/admin/models": http_admin.ADMIN_MODEL_ROUTES,
+    "/v2/repository/models": http_admin.REPOSITORY_MODEL_ROUTES,
 }

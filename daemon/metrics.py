@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +27,10 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: answers kept per version for probation's comparison; outcomes judged there (a caller's bad input or a shed
+#: request says nothing about the version)
+RECENT_MAX = 20_000
+JUDGED = frozenset({"success", "failed", "timeout"})
 
 # name -> (type, help); documented in docs/metrics.md, which a test keeps in step with this table.
 METRICS: dict[str, tuple[str, str]] = {
@@ -54,6 +58,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "inferd_registry_polls_total": ("counter", "Polls of the registry's index (absent without registry.url)."),
     "inferd_registry_failures_total": (
         "counter", "Registry refusals and failures by reason (bad_signature, stale_sequence, expired, ...)."),
+    "inferd_rollbacks_total": (
+        "counter", "Versions switched away from automatically or by hand, by model and reason."),
 }
 #: one HTTP error answer count: (route template, status, answers)
 RouteRefusals = tuple[str, int, int]
@@ -127,9 +133,13 @@ class VersionStats:
     last_inference_ms: int = 0
     in_flight: int = 0
     refusals: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # admission's, by reason
+    #: the latest answers as (monotonic time, error, seconds): what probation compares (daemon/updater.py)
+    recent: deque[tuple[float, bool, float]] = field(default_factory=lambda: deque(maxlen=RECENT_MAX))
 
     def request_done(self, protocol: str, outcome: str, seconds: float) -> None:
         self.requests[(protocol, outcome)] += 1
+        if outcome in JUDGED:
+            self.recent.append((time.monotonic(), outcome != "success", seconds))
         if outcome == "success":
             self.request_seconds.observe(seconds)
             self.success.add(seconds)
@@ -198,9 +208,11 @@ class InferdCollector:
         queues: Callable[[], Iterable[QueueDepth]] = lambda: (),
         http_refusals: Callable[[], Iterable[RouteRefusals]] = lambda: (),
         registry: Callable[[], tuple[int, dict[str, int]] | None] = lambda: None,
+        rollbacks: Callable[[], Iterable[tuple[str, str, int]]] = lambda: (),
     ) -> None:
         self._http_refusals = http_refusals
         self._registry = registry  # (polls, failures by reason) of daemon/registry.py; None without a registry
+        self._rollbacks = rollbacks  # (model, reason, count), from the updater
         self._stats = stats
         self._loaded = loaded
         self._readiness = readiness
@@ -298,6 +310,10 @@ class InferdCollector:
             for reason, count in sorted(polled[1].items()):
                 failures.add_metric([reason], count)
             yield failures
+        rollbacks = CounterMetricFamily("inferd_rollbacks", help_["inferd_rollbacks_total"], labels=["model", "reason"])
+        for model, reason, count in self._rollbacks():
+            rollbacks.add_metric([model, reason], count)
+        yield rollbacks
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +53,13 @@ class ModelState:
     previous: str | None = None
     quarantined: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: an update being tried and not yet switched to: {version, source, since}; daemon/updater.py writes it before
+    #: loading and clears it when it switches or gives up (a restart finding it abandons the update)
+    pending: dict[str, Any] | None = None
+    #: the version serving on probation: {version, previous, source, since}; a restart finding it rolls back
+    probation: dict[str, Any] | None = None
+    #: why each quarantined version was quarantined (version -> reason)
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def record(self, event: str, version: str, **extra: Any) -> None:
         entry = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "event": event, "version": version}
@@ -152,6 +159,9 @@ class Store:
             previous=raw.get("previous"),
             quarantined=list(raw.get("quarantined") or []),
             history=list(raw.get("history") or []),
+            pending=raw.get("pending"),
+            probation=raw.get("probation"),
+            reasons=dict(raw.get("reasons") or {}),
         )
 
     # -- writing ----------------------------------------------------------------------------------------------
@@ -172,6 +182,9 @@ class Store:
             "previous": state.previous,
             "quarantined": state.quarantined,
             "history": state.history,
+            "pending": state.pending,
+            "probation": state.probation,
+            "reasons": state.reasons,
         }
         path = self.models_dir / name / STATE_NAME
         atomic_write(path, json.dumps(data, indent=2).encode() + b"\n")
@@ -287,6 +300,73 @@ class Store:
         finally:
             path.unlink(missing_ok=True)
         return Installed(name, version, activated, fresh)
+
+
+    # -- the updater's writes (daemon/updater.py): each a whole read-modify-write of one journal under the lock --
+
+    def update_state(self, name: str, change: Callable[[ModelState], None]) -> ModelState:
+        """Apply ``change`` to the model's journal and save it, under the store lock: the CLI and the daemon never
+        lose each other's writes. Returns the saved state."""
+        with self.locked():
+            self._upgrade_format()
+            (self.models_dir / name).mkdir(parents=True, exist_ok=True, mode=0o750)
+            state = self.state(name)
+            change(state)
+            self.save_state(name, state)
+            return state
+
+    def remove_version(self, name: str, version: str) -> None:
+        """Delete an installed version's folder; refused for the active version and the rollback target (the
+        journal must never point at a version that is gone)."""
+        with self.locked():
+            state = self.state(name)
+            protected = {state.active, state.previous}
+            if state.probation:
+                protected.add(state.probation.get("previous"))
+            if version in protected:
+                role = "active" if version == state.active else "the rollback target"
+                raise StoreError(f"{name}:{version} is {role}: activate another version first")
+            target = self.models_dir / name / version
+            if not (target / ARTIFACT_NAME).is_file():
+                raise VersionNotFound(f"version {version!r} of model {name!r} is not installed")
+            self._drop(name, target)
+            state.record("removed", version)
+            self.save_state(name, state)
+
+    def prune(self, name: str, keep: int) -> list[str]:
+        """Remove the oldest installed versions beyond ``keep``: only versions older than the active one (a newer one
+        may be waiting to be tried), never the rollback target or a version being tried; returns what was removed."""
+        with self.locked():
+            state = self.state(name)
+            protected = {state.active, state.previous}
+            for step in (state.pending, state.probation):
+                if step:
+                    protected.update({step.get("version"), step.get("previous")})
+            installed = self.versions(name)
+            extra = len(installed) - max(keep, 1)
+            older = installed[:installed.index(state.active)] if state.active in installed else []
+            removed = []
+            for version in older:
+                if extra <= 0:
+                    break
+                if version in protected:
+                    continue
+                self._drop(name, self.models_dir / name / version)
+                state.record("pruned", version)
+                removed.append(version)
+                extra -= 1
+            if removed:
+                self.save_state(name, state)
+            return removed
+
+    def _drop(self, name: str, target: Path) -> None:
+        """Rename the version folder into tmp/ first (atomic: it stops being a version at once), then delete it; a
+        crash in between leaves garbage in tmp/ that the next start-up cleans."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        doomed = Path(tempfile.mkdtemp(prefix=f"removed-{name}-", dir=self.tmp_dir))
+        os.rename(target, doomed / "version")
+        fsync_dir(self.models_dir / name)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _sha256_file(path: Path) -> str:

@@ -24,6 +24,9 @@ def served_operations() -> set[tuple[str, str]]:
     for suffix, methods in http_api.MODEL_ROUTES.items():
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             ops |= {(m, base + (f"/{suffix}" if suffix else "")) for m in methods}
+    for prefix, table in http_api.PREFIXED.items():
+        for suffix, methods in table.items():
+            ops |= {(m, prefix + "/{model}" + (f"/{suffix}" if suffix else "")) for m in methods}
     return ops
 
 

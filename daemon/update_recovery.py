@@ -1,0 +1,116 @@
+"""What a start-up does with an update a crash or power cut interrupted, and with an active version that will not
+load: the daemon always comes up serving a verified version.
+
+- Before the models load (:func:`recover_journals`, off the loop): a journal on ``probation`` counts as a failed
+  probation (Mender's rule: nobody watched it, so it is not trusted): the previous version becomes active again and
+  the one on probation is quarantined. A ``pending`` update that never switched is abandoned (the version stays
+  installed, unserved). Partial files in ``tmp/`` are cleaned by ``Store.ensure()`` before this runs.
+- After they load (:func:`fall_back`): a model whose active version failed to load (tampered, unreadable, refused by
+  its runtime) falls back to its previous version when that loads and verifies; the failed one is quarantined.
+  Each is logged, counted in ``inferd_rollbacks_total`` and published as an event.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from daemon.config import Config
+from daemon.errors import InferdError
+from daemon.store import ModelState, Store
+from daemon.updater import Updater, _quarantine
+
+log = logging.getLogger("inferd.updater")
+
+
+@dataclass(frozen=True)
+class Recovered:
+    model: str
+    action: str  # "rolled_back" or "abandoned"
+    version: str
+    to: str | None = None
+
+
+def recover_journals(store: Store, config: Config) -> list[Recovered]:
+    """Settle every unpinned model's interrupted update in its journal; returns what was done (to log and count)."""
+    done: list[Recovered] = []
+    for cfg in config.models:
+        if cfg.version is not None:
+            continue
+        state = store.state(cfg.name)
+        if state.probation is None and state.pending is None:
+            continue
+        found: list[Recovered] = []
+
+        def settle(s: ModelState, found: list[Recovered] = found, name: str = cfg.name) -> None:
+            found.clear()
+            if s.probation is not None:
+                bad, prev = s.probation.get("version"), s.probation.get("previous")
+                s.probation = None
+                if bad and prev and prev in store.versions(name):
+                    s.active, s.previous = prev, None
+                    _quarantine(s, bad, "crash_during_probation: the daemon stopped while it was on probation")
+                    s.record("rolled_back", bad, to=prev, reason="crash_during_probation")
+                    found.append(Recovered(name, "rolled_back", bad, prev))
+            if s.pending is not None:
+                version = str(s.pending.get("version"))
+                s.pending = None
+                s.record("abandoned", version, reason="the daemon stopped before the switch")
+                found.append(Recovered(name, "abandoned", version))
+
+        store.update_state(cfg.name, settle)
+        done.extend(found)
+    return done
+
+
+def report(updater: Updater, recovered: list[Recovered]) -> None:
+    """Log, count and publish what :func:`recover_journals` did (once the listeners are in place)."""
+    for r in recovered:
+        if r.action == "rolled_back":
+            updater.count_rollback(r.model, "crash_during_probation")
+            log.warning("%s:%s was on probation when the daemon stopped: rolled back to %s and quarantined", r.model,
+                        r.version, r.to, extra={"event_kind": "rolled_back", "model": r.model, "version": r.to,
+                                                "from": r.version, "reason": "crash_during_probation"})
+            updater.record("update.rolled_back", "ok", None, model=r.model, version=r.to, previous=r.version,
+                           reason="crash_during_probation", quarantined=True)
+            updater.emit("rolled_back", r.model, r.to, "crash_during_probation", previous=r.version,
+                         cause="crash_during_probation", quarantined=True)
+        else:
+            log.warning("%s:%s: an update interrupted before its switch was abandoned", r.model, r.version,
+                        extra={"event_kind": "update_abandoned", "model": r.model, "version": r.version})
+            updater.record("update.abandoned", "ok", None, model=r.model, version=r.version)
+
+
+async def fall_back(updater: Updater) -> None:
+    """Every model that failed to load its active version: serve the previous one instead, if it loads."""
+    manager, store = updater.manager, updater.store
+    for name, entry in list(manager.entries.items()):
+        if entry.status != "failed" or entry.config.version is not None:
+            continue
+        state: ModelState = await updater._io(store.state, name)
+        bad, prev = state.active, state.previous
+        if bad is None or prev is None or prev in state.quarantined or bad not in entry.failures:
+            continue
+        why = entry.failures[bad]
+        try:
+            await manager.load_version(name, prev)
+        except InferdError as exc:
+            log.error("%s: neither the active version %s (%s) nor the previous %s (%s) loads", name, bad, why, prev,
+                      exc, extra={"event_kind": "fallback_failed", "model": name})
+            continue
+
+        def journal(s: ModelState, bad: str = bad, prev: str = prev, why: str = why) -> None:
+            s.active, s.previous = prev, None
+            _quarantine(s, bad, f"startup_load_failed: {why}")
+            s.record("rolled_back", bad, to=prev, reason="startup_load_failed")
+
+        await updater._journal(name, journal)
+        manager.activate(name, prev)
+        updater.count_rollback(name, "startup_load_failed")
+        log.warning("%s: the active version %s does not load (%s): serving the previous version %s", name, bad, why,
+                    prev, extra={"event_kind": "rolled_back", "model": name, "version": prev, "from": bad,
+                                 "reason": "startup_load_failed"})
+        updater.record("update.rolled_back", "ok", None, model=name, version=prev, previous=bad,
+                       reason="startup_load_failed", quarantined=True)
+        updater.emit("rolled_back", name, prev, f"startup_load_failed: {why}", previous=bad,
+                     cause="startup_load_failed", quarantined=True)

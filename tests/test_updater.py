@@ -1,0 +1,246 @@
+"""Model updates on a real daemon (issue #11, docs/operations.md "Updates and rollbacks"): a version switched to
+under load loses no request and every answer names (and is computed by) its version; a version whose smoke test
+fails never serves; one that regresses on probation is rolled back on its own and quarantined; rollbacks by hand;
+refusals (quarantined, incompatible, no memory) change nothing."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import KeySet, Site
+from httpclient import infer, request
+from support.accepted import wait_until
+from support.daemon import DaemonProcess
+from support.update_models import MODEL, body, pack_version
+
+from daemon.store import Store
+
+#: commits quickly; latency is not judged (a fresh version's first answers on a busy test machine are slow)
+FAST_PROBATION = {"seconds": 0.5, "min_requests": 20, "max_p99_ratio": 1000}
+
+
+def lookup_site(site: Site, keyset: KeySet, versions: list[str], *, probation: dict[str, Any] | None = None,
+                **model: Any) -> Site:
+    for v in versions:
+        site.install(pack_version(keyset, v), activate=(v == versions[0]))
+    site.models = [{"name": MODEL, "runtime": "onnxruntime", "threads": 1, "max_batch_size": 0,
+                    "probation": probation or FAST_PROBATION, **model}]
+    site.extra = {"audit": {"path": str(site.root / "audit.log")}}
+    return site
+
+
+def admin(d: DaemonProcess, action: str = "", doc: dict[str, Any] | None = None) -> Any:
+    path = f"/admin/models/{MODEL}" + (f"/{action}" if action else "")
+    return request(d.url + path, "POST" if action else "GET", doc if doc is not None else None)
+
+
+def metric(d: DaemonProcess, prefix: str) -> float:
+    text = request(d.url + "/metrics").body.decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def audited(site: Site) -> list[dict[str, Any]]:
+    path = site.root / "audit.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@dataclass
+class Load:
+    """Clients sending requests until stopped; each answer kept with when it was sent."""
+
+    url: str
+    indices: list[int] = field(default_factory=lambda: [0, 1])
+    clients: int = 4
+    answers: list[tuple[float, int, str | None, float | None]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    errors: list[str] = field(default_factory=list)
+
+    def __enter__(self) -> Load:
+        for i in range(self.clients):
+            t = threading.Thread(target=self._run, name=f"load-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set() and n < 20_000:
+            n += 1
+            sent = time.monotonic()
+            try:
+                reply = infer(self.url, MODEL, body(self.indices))
+            except Exception as exc:  # kept, so the test fails saying what went wrong instead of waiting out
+                with self._lock:
+                    self.errors.append(repr(exc))
+                return
+            doc = reply.json()
+            value = doc["outputs"][0]["data"][0] if reply.status == 200 else None
+            with self._lock:
+                self.answers.append((sent, reply.status, doc.get("model_version"), value))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def count(self) -> int:
+        assert not self.errors, self.errors
+        return len(self.answers)
+
+
+def test_a_switch_under_load_fails_nothing_and_every_answer_is_its_versions(
+        site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1", "2"])
+    d = start_daemon(site.write_config())
+    with Load(d.url) as load:
+        wait_until(lambda: load.count() > 50, 30, "answers from v1")
+        reply = admin(d, "activate", {"version": "2"})
+        switched = time.monotonic()
+        assert reply.status == 200, reply.body
+        assert reply.json()["serving"] == "2"
+        seen = load.count()
+        wait_until(lambda: load.count() > seen + 100, 30, "answers after the switch")
+    assert load.answers and all(status == 200 for _, status, _, _ in load.answers)
+    for sent, _, version, value in load.answers:
+        assert version is not None and value == float(version)  # computed by the version it names
+        if sent > switched:
+            assert version == "2", f"a request sent {sent - switched:.4f}s after v1 was retired was answered by v1"
+    assert {v for _, _, v, _ in load.answers} == {"1", "2"}
+    d.wait_for("retired")
+    d.wait_for("committed", timeout=30)
+    state = Store(site.state_dir).state(MODEL)
+    assert (state.active, state.previous, state.probation, state.pending) == ("2", "1", None, None)
+    assert any(r["action"] == "admin.activate" and r["result"] == "ok" for r in audited(site))
+
+
+def test_a_version_whose_smoke_test_fails_is_never_activated(site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1"])
+    site.install(pack_version(keyset, "2", smoke_ok=False), activate=False)
+    d = start_daemon(site.write_config())
+    reply = admin(d, "activate", {"version": "2"})
+    assert reply.status == 422 and "smoke test" in reply.json()["error"]
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "1"
+    doc = admin(d).json()
+    v2 = next(v for v in doc["versions"] if v["version"] == "2")
+    assert v2["states"] == ["quarantined", "failed"] and "smoke_test_failed" in v2["reason"]
+    assert metric(d, 'inferd_rollbacks_total{model="lk",reason="smoke_test_failed"}') == 1
+    again = admin(d, "activate", {"version": "2"})
+    assert again.status == 409 and "quarantined" in again.json()["error"]
+    assert Store(site.state_dir).state(MODEL).active == "1"
+
+
+@pytest.mark.parametrize(("bad", "reason"), [({"nan_from": 4}, "probation_errors"),
+                                              ({"width": 1024, "depth": 128}, "probation_latency")])
+def test_a_version_that_regresses_on_probation_is_rolled_back_and_quarantined(
+        site: Site, keyset: KeySet, start_daemon: Any, bad: dict[str, int], reason: str) -> None:
+    lookup_site(site, keyset, ["1"], probation={"seconds": 60, "min_requests": 20})
+    site.install(pack_version(keyset, "2", **bad), activate=False)
+    d = start_daemon(site.write_config())
+    with Load(d.url, indices=[0, 9]) as load:  # row 9 of the bad table is NaN: a failed inference
+        wait_until(lambda: load.count() > 60, 30, "a baseline from v1")
+        assert admin(d, "activate", {"version": "2"}).status == 200
+        rolled = d.wait_for("rolled_back", timeout=60)
+        seen = load.count()
+        wait_until(lambda: load.count() > seen + 20, 30, "answers after the rollback")
+    assert rolled["reason"] == reason and rolled["version"] == "1"
+    state = Store(site.state_dir).state(MODEL)
+    assert state.active == "1" and "2" in state.quarantined and state.probation is None
+    assert metric(d, f'inferd_rollbacks_total{{model="lk",reason="{reason}"}}') == 1
+    assert infer(d.url, MODEL, body([9])).json()["model_version"] == "1"
+    assert all(status in (200, 500) for _, status, _, _ in load.answers)
+    wait_until(lambda: any(r["action"] == "model.rolled_back" for r in audited(site)), 10, "the rollback audited")
+    assert admin(d, "activate", {"version": "2"}).status == 409
+
+
+def test_rollback_by_hand_and_to_a_named_version_then_keep_versions_prunes(
+        site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1", "2", "3", "4"])
+    site.extra["updates"] = {"keep_versions": 2}
+    d = start_daemon(site.write_config())
+    for v in ("2", "3"):
+        assert admin(d, "activate", {"version": v}).status == 200
+        d.wait_for("committed", new=True, timeout=30)
+    d.wait_for("pruned", timeout=30)
+    store = Store(site.state_dir)
+    assert store.versions(MODEL) == ["2", "3", "4"]  # 1 pruned; the rollback target 2 and the newer 4 kept
+    assert admin(d, "rollback").json()["serving"] == "2"  # the previous version
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
+    reply = admin(d, "rollback", {"to": "4"})
+    assert reply.status == 200 and reply.json()["serving"] == "4"
+    assert admin(d, "rollback", {"to": "4"}).status == 409  # already active
+    assert admin(d, "rollback", {"to": "1"}).status == 404  # pruned
+    assert metric(d, 'inferd_rollbacks_total{model="lk",reason="manual"}') == 2
+    history = [(h["event"], h["version"]) for h in store.state(MODEL).history]
+    assert ("pruned", "1") in history and ("rolled_back", "3") in history and ("rolled_back", "2") in history
+
+
+def test_refusals_change_nothing(site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1"])
+    site.install(pack_version(keyset, "2", input_name="index"), activate=False)  # a breaking change
+    site.install(pack_version(keyset, "3"), activate=False)
+    site.extra["updates"] = {"memory_headroom_bytes": 1 << 50}
+    d = start_daemon(site.write_config())
+    reply = admin(d, "activate", {"version": "3"})
+    assert reply.status == 409 and "not enough memory" in reply.json()["error"]
+    assert admin(d, "activate", {"version": "9"}).status == 404
+    assert admin(d, "activate", {}).status == 400
+    assert Store(site.state_dir).state(MODEL).pending is None
+    d.stop()
+    site.extra["updates"] = {}
+    d = start_daemon(site.write_config())
+    reply = admin(d, "activate", {"version": "2"})
+    assert reply.status == 409 and "input 'idx' is gone" in reply.json()["error"]
+    assert "allow_breaking" in reply.json()["error"]
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "1"
+    assert admin(d, "rollback").status == 409  # nothing to roll back to
+
+
+def test_version_policy_latest_loads_older_versions_for_explicit_requests(
+        site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1", "2", "3"], version_policy={"latest": 2})
+    d = start_daemon(site.write_config())  # active 1; the two latest (2, 3) are loaded beside it
+    wait_until(lambda: {"2", "3"} <= {v for v in request(d.url + f"/v2/models/{MODEL}").json()["versions"]}, 30,
+               "versions 2 and 3 loaded")
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "1"
+    assert infer(d.url, MODEL, body([0]), version="3").json()["outputs"][0]["data"][0] == 3.0
+    states = {v["version"]: v["states"] for v in admin(d).json()["versions"]}
+    assert states == {"1": ["active"], "2": ["staged"], "3": ["staged"]}
+    index = request(d.url + "/v2/repository/index", "POST", {}).json()
+    assert sorted(r["version"] for r in index) == ["1", "2", "3"]
+
+
+def test_repository_unload_and_load(site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1", "2"])
+    d = start_daemon(site.write_config())
+    assert request(d.url + f"/v2/repository/models/{MODEL}/unload", "POST", {}).status == 200
+    assert infer(d.url, MODEL, body([0])).status == 503
+    assert request(d.url + f"/v2/repository/models/{MODEL}/load", "POST", {}).status == 200
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "1"
+    reply = request(d.url + f"/v2/repository/models/{MODEL}/load", "POST", {"parameters": {"version": "2"}})
+    assert reply.status == 200
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
+
+
+def test_a_tampered_active_version_falls_back_to_the_previous_one_at_start(
+        site: Site, keyset: KeySet, start_daemon: Any, tmp_path: Path) -> None:
+    lookup_site(site, keyset, ["1", "2"])
+    Store(site.state_dir).update_state(MODEL, lambda s: setattr(s, "active", "2") or setattr(s, "previous", "1"))
+    path = Store(site.state_dir).artifact_path(MODEL, "2")
+    blob = bytearray(path.read_bytes())
+    blob[-100] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    d = start_daemon(site.write_config())
+    rolled = d.wait_for("rolled_back")
+    assert rolled["reason"] == "startup_load_failed" and rolled["version"] == "1"
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "1"
+    state = Store(site.state_dir).state(MODEL)
+    assert state.active == "1" and "2" in state.quarantined
+    assert metric(d, 'inferd_rollbacks_total{model="lk",reason="startup_load_failed"}') == 1
