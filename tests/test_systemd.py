@@ -11,11 +11,12 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, KeySet, Site, pack_model
+from conftest import REPO, DaemonProcess, KeySet, Site, pack_model
 from httpclient import infer, request
 
 UNIT = REPO / "systemd" / "inferd.service"
@@ -197,3 +198,33 @@ def test_a_credential_readable_by_others_is_refused(site: Site, keyset: KeySet, 
     kek = tmp_path / "credentials" / "inferd-kek"
     assert res.stderr.strip() == (f"inferd: error: key file {kek} is readable by group or others (mode 0444); "
                                   f"run: chmod 600 {kek}")
+
+
+def filtered_syscalls() -> list[str]:
+    """The calls the unit's ``SystemCallFilter=~...`` line denies, as systemd itself lists them."""
+    line = next(v for v in unit_values("SystemCallFilter") if v.startswith("~"))
+    out = subprocess.run(["systemd-analyze", "syscall-filter", *line[1:].split()], capture_output=True, text=True,
+                         check=True).stdout
+    return [s.strip() for s in out.splitlines() if s.startswith("    ") and not s.strip().startswith(("#", "@"))]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed "
+                    "(make deps-system installs it)")
+def test_the_daemon_serves_under_the_units_system_call_filter(site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                                               start_daemon: Callable[..., DaemonProcess]) -> None:
+    """Denied calls fail with the unit's SystemCallErrorNumber= and the daemon still serves; with systemd's default
+    action (kill) the same filter stops it at once: the reason the unit sets EPERM."""
+    assert unit_values("SystemCallErrorNumber") == ["EPERM"]
+    denied = filtered_syscalls()
+    assert {"mbind", "sched_setaffinity"} <= set(denied)
+    site.install(pack_model(keyset, mlp_onnx))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    config = site.write_config()
+    wrapper = [sys.executable, str(REPO / "tests" / "support" / "seccomp.py"), "eperm", *denied, "--"]
+    daemon = start_daemon(config, wrapper=wrapper)
+    body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    assert request(daemon.url + "/v2/models/mlp/infer", "POST", body).status == 200
+    assert daemon.stop() == 0
+    killed = subprocess.run([sys.executable, str(REPO / "tests" / "support" / "seccomp.py"), "kill", *denied, "--",
+                             sys.executable, "-m", "daemon", "--version"], capture_output=True, cwd=REPO, timeout=60)
+    assert killed.returncode < 0 or killed.returncode > 128, killed
