@@ -38,6 +38,8 @@ from daemon.store import Store
 log = logging.getLogger("inferd.registry")
 
 STATE_FILE = Path("registry") / "state.json"
+#: refusals about the artifact itself (another download would bring the same bytes); the rest are retried each poll
+PERMANENT = frozenset({"sha256_mismatch", "untrusted_signer", "bad_artifact", "runtime_mismatch", "too_large"})
 
 
 class ArtifactRefused(RegistryError):
@@ -83,6 +85,9 @@ class RegistryClient:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._fetcher: Fetcher | None = None
+        #: index entries (model, version, sha256) whose artifact was refused for what it is, not for how it came:
+        #: a lying registry is not downloaded from again and again, until the index lists other bytes
+        self._refused: dict[tuple[str, str, str], tuple[str, str]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -238,6 +243,11 @@ class RegistryClient:
             installed = await loop.run_in_executor(None, self.store.versions, model.name)
             if version in state.quarantined or version == state.active:
                 continue
+            known = self._refused.get((model.name, version, entry.sha256))
+            if known is not None and version not in installed:  # the same bytes again: not fetched again
+                result.refused.append({"model": model.name, "version": version, "reason": known[0],
+                                       "message": f"refused before (the index lists the same artifact): {known[1]}"})
+                continue
             try:
                 if version not in installed:
                     if entry.runtime and entry.runtime != model.runtime:
@@ -249,6 +259,8 @@ class RegistryClient:
                     continue  # installed and already tried (activated, rolled back): the updater's to decide
             except RegistryError as exc:
                 self._failed(exc.reason, str(exc), model=model.name, version=version)
+                if exc.reason in PERMANENT:
+                    self._refused[(model.name, version, entry.sha256)] = (exc.reason, str(exc))
                 result.refused.append({"model": model.name, "version": version, "reason": exc.reason,
                                        "message": str(exc)})
                 continue

@@ -127,13 +127,17 @@ def test_refusals_leave_the_box_as_it_was(tmp_path: Path, keyset: KeySet, centra
         touch_write(path, bytes(data))
 
     def truncate_artifact() -> None:
-        path = central.root / "artifacts/mlp/2.inferd"
+        central.publish("3")
+        path = central.root / "artifacts/mlp/3.inferd"
         data = path.read_bytes()
         touch_write(path, data[: len(data) // 2])
 
     with serve(central.root) as url:
         config = box_config(tmp_path, keyset, url, [central.key_path.with_name("index.key.pub")])
-        run(config,
+        async def counts(client: RegistryClient) -> dict[str, int]:
+            return dict(client.failures)
+
+        *_, failures = run(config,
             step(),                                                              # 1 installed
             step(),                                                              # unchanged
             step(tamper),                                                        # bad_signature
@@ -143,10 +147,11 @@ def test_refusals_leave_the_box_as_it_was(tmp_path: Path, keyset: KeySet, centra
             step(lambda: registry_publish.resign(central.root, central.key)),    # accepted
             step(replay),                                                        # stale_sequence
             step(corrupt_artifact),                                              # sha256_mismatch
+            step(),                                                              # the same bytes: not again
             step(truncate_artifact),                                             # truncated
-            step(lambda: central.publish("3", keyset=stranger)),                 # untrusted_signer
-            step(lambda: central.publish("4")),                                  # 4 installed
-            )
+            step(lambda: central.publish("4", keyset=stranger)),                 # untrusted_signer
+            step(lambda: central.publish("5")),                                  # 5 installed
+            counts)
     assert seen == [
         ("accepted", None, []),
         ("unchanged", None, []),
@@ -157,11 +162,14 @@ def test_refusals_leave_the_box_as_it_was(tmp_path: Path, keyset: KeySet, centra
         ("accepted", None, []),
         ("failed", "stale_sequence", []),
         ("accepted", None, ["sha256_mismatch"]),
-        ("unchanged", None, ["truncated"]),
+        ("unchanged", None, ["sha256_mismatch"]),
+        ("accepted", None, ["truncated"]),
         ("accepted", None, ["untrusted_signer"]),
         ("accepted", None, []),
     ]
-    assert store.versions("mlp") == ["1", "4"]
+    assert failures == {"bad_signature": 1, "unknown_key": 1, "expired": 1, "stale_sequence": 1,
+                        "sha256_mismatch": 1, "truncated": 1, "untrusted_signer": 1}  # a known lie is not re-counted
+    assert store.versions("mlp") == ["1", "5"]
     assert store.state("mlp").active == "1"  # installed versions go live through the updater, never here
     assert list((tmp_path / "box" / "tmp").iterdir()) == []  # no partial download left behind
 
