@@ -1,5 +1,11 @@
 """The HTTPS listener's TLS context: TLS 1.2 at least, modern ciphers only, optional client certificates (mTLS),
-and certificates re-read on SIGHUP into the live context, so new handshakes use them and open connections stay."""
+and certificates re-read on SIGHUP without dropping a connection.
+
+A listening socket keeps the context it was bound with, so the listener's context is only a switchboard: its
+``sni_callback`` (which OpenSSL calls for every ClientHello, with or without a server name) hands each handshake
+the context in force. A reload builds a complete new context from the files, off the loop, and switching is one
+assignment: new handshakes get the new certificate and the new client CA (an old CA is no longer trusted), open
+connections keep what they negotiated, and nothing a reload checked can differ from what then serves."""
 
 from __future__ import annotations
 
@@ -24,9 +30,11 @@ class ServerTls:
         self.config = config
         self.cert_file: Path = config.cert_file
         self.key_file = source_path(config.key)
-        self.context = self._build()
+        self.context = self._build()  # the listener's; hands each handshake ``current`` (see the module docstring)
+        self.current = self.context
+        self.context.sni_callback = self._pick
         self._fingerprint = self._read_fingerprint()
-        self._pending = self._fingerprint
+        self._pending: tuple[str, ssl.SSLContext] | None = None
 
     def _read_fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -51,22 +59,26 @@ class ServerTls:
             raise ConfigError(f"server.tls: cannot use {self.cert_file} / {self.key_file}: {exc}") from None
         return ctx
 
+    def _pick(self, sslobj: ssl.SSLObject, server_name: str | None, listening: ssl.SSLContext) -> None:
+        current = self.current
+        if current is not listening:
+            sslobj.context = current
+
     def reload(self) -> bool:
-        """Check the files again (blocking); True when they changed and a fresh context loads them. The caller then
-        runs :meth:`apply` on the loop."""
+        """Read the files again and build their context (blocking: an executor); True when they changed. A
+        certificate that does not load, or does not match its key, raises before anything changes. The caller
+        then runs :meth:`apply` on the loop."""
         fingerprint = self._read_fingerprint()
         if fingerprint == self._fingerprint:
             return False
-        self._build()  # a certificate that does not load (or match its key) is refused before anything changes
-        self._pending = fingerprint
+        self._pending = (fingerprint, self._build())
         return True
 
     def apply(self) -> str:
-        """Load the new files into the live context: handshakes from now on use them; open connections keep theirs."""
-        self.context.load_cert_chain(self.cert_file, self.key_file)
-        if self.config.client_ca_file is not None:
-            self.context.load_verify_locations(cafile=self.config.client_ca_file)
-        self._fingerprint = self._pending
+        """Switch new handshakes to the context :meth:`reload` built (one assignment: it cannot fail)."""
+        if self._pending is None:
+            return "HTTPS certificate unchanged"
+        (self._fingerprint, self.current), self._pending = self._pending, None
         return f"HTTPS certificate re-read from {self.cert_file}"
 
 

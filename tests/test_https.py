@@ -4,12 +4,13 @@ refused at the handshake, and certificates re-read on SIGHUP without dropping an
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import signal
 import ssl
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,13 +44,13 @@ class Https:
         return ctx
 
 
-@pytest.fixture(scope="module")
-def https(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet, mlp_onnx: bytes) -> Iterator[Https]:
-    root = tmp_path_factory.mktemp("https")
+def secure_site(root: Path, keyset: KeySet, mlp_onnx: bytes) -> tuple[Site, dict[str, Path], str]:
+    """HTTPS with mutual TLS and auth; the certificate, key and client CA the daemon reads are copies in
+    root/live, which a reload test replaces."""
     pki = make_pki(root / "pki")
-    live = root / "live"  # the files the daemon reads: replaced in place by the reload test
+    live = root / "live"
     live.mkdir()
-    for name in ("server", "server_key"):
+    for name in ("server", "server_key", "ca"):
         shutil.copy(pki[name], live / pki[name].name)
     (live / "server.key").chmod(0o600)
     keys_file = root / "secrets" / "api-keys.json"
@@ -60,11 +61,19 @@ def https(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet, mlp_onnx: by
     site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
     site.extra = {
         "server": {"tls": {"enabled": True, "cert_file": str(live / "server.pem"),
-                           "key": {"path": str(live / "server.key")}, "client_ca_file": str(pki["ca"])}},
+                           "key": {"path": str(live / "server.key")}, "client_ca_file": str(live / "ca.pem")}},
         "auth": {"required": True, "keys_file": {"path": str(keys_file)}, "open_probes": "none",
                  "certificates": [{"identity": "device-17", "name": "device-17", "scopes": ["infer"]}]},
     }
-    with served_daemon(site.write_config()) as proc:
+    site.write_config()
+    return site, pki, token
+
+
+@pytest.fixture(scope="module")
+def https(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet, mlp_onnx: bytes) -> Iterator[Https]:
+    root = tmp_path_factory.mktemp("https")
+    site, pki, token = secure_site(root, keyset, mlp_onnx)
+    with served_daemon(site.config_path) as proc:
         yield Https(proc, pki, root / "clients", token, site)
 
 
@@ -122,30 +131,42 @@ def plain_get(port: int, path: str) -> bytes:
         conn.close()
 
 
-def test_sighup_rereads_the_certificate_and_keeps_open_connections(https: Https, tmp_path: Path) -> None:
-    device = issue(https.pki, https.certs, "device-17")
-    kept = http.client.HTTPSConnection("127.0.0.1", https.daemon.port, timeout=10, context=https.context(device))
+def test_sighup_rereads_certificate_and_client_ca_and_keeps_open_connections(
+        tmp_path: Path, keyset: KeySet, mlp_onnx: bytes, start_daemon: Callable[..., DaemonProcess]) -> None:
+    site, pki, token = secure_site(tmp_path, keyset, mlp_onnx)
+    daemon = start_daemon(site.config_path)
+    https = Https(daemon, pki, tmp_path / "clients", token, site)
+    old_device = issue(pki, https.certs, "device-17")
+    auth = {"Authorization": f"Bearer {token}"}
+    kept = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=10, context=https.context(old_device))
     try:
-        kept.request("GET", "/v2/models/mlp/ready", headers={"Authorization": f"Bearer {https.token}"})
+        kept.request("GET", "/v2/models/mlp/ready", headers=auth)
         assert kept.getresponse().read() is not None
         before = kept.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
-        fresh = make_pki(tmp_path / "renewed", cn="renewed-ca")  # a new server certificate from another trusted CA
-        live = Path(https.site.extra["server"]["tls"]["cert_file"]).parent
+        fresh = make_pki(tmp_path / "renewed", cn="renewed-ca")  # a new server certificate and a new client CA
+        live = tmp_path / "live"
         (live / "server.pem").write_bytes(fresh["server"].read_bytes())
         (live / "server.key").write_bytes(fresh["server_key"].read_bytes())
-        os.kill(https.daemon.proc.pid, signal.SIGHUP)
-        https.daemon.wait_for_event("reload: HTTPS certificate re-read", timeout=30)
-        renewed = https.context(device)
-        renewed.load_verify_locations(cafile=str(fresh["ca"]))
-        after = http.client.HTTPSConnection("127.0.0.1", https.daemon.port, timeout=10, context=renewed)
+        (live / "ca.pem").write_bytes(fresh["ca"].read_bytes())
+        os.kill(daemon.proc.pid, signal.SIGHUP)
+        daemon.wait_for_event("reload: HTTPS certificate re-read", timeout=30)
+
+        def trusting(client: dict[str, Path]) -> ssl.SSLContext:
+            ctx = https.context(client)
+            ctx.load_verify_locations(cafile=str(fresh["ca"]))
+            return ctx
+
+        new_device = issue(fresh, tmp_path / "new-clients", "device-17")
+        after = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=10, context=trusting(new_device))
         try:
-            after.request("GET", "/v2/health/live", headers={"Authorization": f"Bearer {https.token}"})
-            after.getresponse().read()
+            after.request("POST", "/v2/models/mlp/infer", body=json.dumps(BODY), headers=auth)
+            assert after.getresponse().status == 200
             assert after.sock.getpeercert(binary_form=True) != before  # type: ignore[union-attr]
         finally:
             after.close()
-        kept.request("POST", "/v2/models/mlp/infer", body=b'{"inputs": [{"name": "input", "shape": [1, 4], '
-                     b'"datatype": "FP32", "data": [1, 2, 3, 4]}]}', headers={"Authorization": f"Bearer {https.token}"})
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # the old client CA is trusted no more
+            request(https.url + "/v2/models/mlp/infer", "POST", BODY, context=trusting(old_device), check=False)
+        kept.request("POST", "/v2/models/mlp/infer", body=json.dumps(BODY), headers=auth)
         assert kept.getresponse().status == 200  # the connection opened before the reload still serves
     finally:
         kept.close()
