@@ -140,12 +140,17 @@ class Announcer:
         reload it was told about); STATUS= afterwards says what serves, and why a rejected config was refused."""
         sdnotify.reloading()
         outcome: Outcome | None = None
+        cancelled = False
         try:
             outcome = await apply()
             return outcome
+        except asyncio.CancelledError:  # shutdown cancelled it: STOPPING=1 is sent (or about to be), not READY=1
+            cancelled = True
+            raise
         finally:
-            text = f"{'reload failed' if outcome is None else outcome.status()}; {self.serving()}"
-            if self.started.is_set():
-                sdnotify.ready(text)
-            else:
-                sdnotify.status(text)
+            if not cancelled:
+                text = f"{'reload failed' if outcome is None else outcome.status()}; {self.serving()}"
+                if self.started.is_set():
+                    sdnotify.ready(text)
+                else:
+                    sdnotify.status(text)

@@ -129,6 +129,9 @@ class Reloader:
             result = await self._apply()
         except InferdError as exc:
             result = ReloadResult(False, reason=str(exc))
+        except Exception as exc:  # a file a section could not use, or a bug: a refusal too, never a dead reload loop
+            log.exception("reload failed unexpectedly")
+            result = ReloadResult(False, reason=f"{type(exc).__name__}: {exc}")
         result.seconds = time.monotonic() - started
         if result.applied:
             log.info("reload applied in %.2fs: %s", result.seconds, result.status(),
@@ -140,7 +143,9 @@ class Reloader:
 
     async def _apply(self) -> ReloadResult:
         loop = asyncio.get_running_loop()
-        new: Config = await loop.run_in_executor(None, load_config, self.path)
+        written: Config = await loop.run_in_executor(None, load_config, self.path)
+        # state_dir needs a restart (_restart_needed says so): until then the store in force is what loads and checks
+        new = written.model_copy(update={"state_dir": self.config.state_dir})
         steps, removed = await loop.run_in_executor(None, self._plan, new)
         report = await loop.run_in_executor(
             None, lambda: run_checks(new, [s.cfg for s in steps], in_service=True))
@@ -185,7 +190,7 @@ class Reloader:
         for switch in sections:
             self._change(result, switch(), "section", None)
         self._keks, self._signers = report.keks, report.signers
-        result.restart_needed = self._restart_needed(new)
+        result.restart_needed = self._restart_needed(written)
         self.config = self.config.model_copy(update={name: getattr(new, name) for name in APPLIED})
         manager.use(self.config, self._keks, self._signers)
         manager.warn_if_oversubscribed()  # the thread budget of the models now configured
