@@ -3,20 +3,24 @@ refusals that leave the box serving, counted in /metrics, and an update taken in
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, KeySet, Site, pack_model
+from conftest import KeySet, Site, build_mlp, mlp_reference, pack_model
 from httpclient import infer, request
 from mqttclient import Broker
 from support.daemon import DaemonProcess
 from support.mqtt import PREFIX, mlp_request
 from support.registry import Central, nginx
+from tflite_builder import random_mlp_weights
 
 from daemon import keys, registry_index
 from daemon.security import add_key_to_file
@@ -24,8 +28,7 @@ from daemon.security import add_key_to_file
 pytestmark = pytest.mark.slow
 
 DEADLINE_S = 60.0
-#: daemon/updater.py (issue 11's other half) takes an installed version into service; without it the box installs only
-UPDATER = (REPO / "daemon" / "updater.py").exists()
+V2_WEIGHTS = random_mlp_weights(n_in=4, hidden=8, n_out=3, seed=7)  # v2 computes otherwise: answers show who ran
 
 
 TOKENS: dict[str, str] = {}
@@ -46,6 +49,55 @@ def sync(daemon: DaemonProcess) -> dict:
     reply = request(daemon.url + "/admin/registry/sync", "POST", headers=bearer("ops"))
     assert reply.status == 200, reply.body
     return reply.json()
+
+
+@dataclass
+class Load:
+    """Sequential clients on keep-alive connections, each checking every answer against the version it names."""
+
+    port: int
+    clients: int = 4
+    stop: threading.Event = field(default_factory=threading.Event)
+    answers: list[list[str]] = field(default_factory=list)  # per client, the versions in order
+    failures: list[str] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> Load:
+        for i in range(self.clients):
+            self.answers.append([])
+            self.threads.append(threading.Thread(target=self._client, args=(i,), name=f"load-{i}"))
+            self.threads[-1].start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def _client(self, i: int) -> None:
+        rng = np.random.default_rng(i)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            while not self.stop.is_set():
+                x = rng.normal(size=(1, 4)).astype(np.float32)
+                conn.request("POST", "/v2/models/mlp/infer", body=mlp_request(x),
+                             headers={"Content-Type": "application/json", **bearer("app")})
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status != 200:
+                    self.failures.append(f"{resp.status} {body[:200]!r}")
+                    continue
+                doc = json.loads(body)
+                version = str(doc["model_version"])
+                got = np.array(doc["outputs"][0]["data"], np.float32).reshape(1, 3)
+                want = mlp_reference(x, V2_WEIGHTS if version == "2" else None)
+                if not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+                    self.failures.append(f"version {version} answered what it does not compute")
+                self.answers[i].append(version)
+        except (OSError, http.client.HTTPException) as exc:
+            self.failures.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            conn.close()
 
 
 def test_sync_refusals_and_an_update(tmp_path: Path, site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker,
@@ -89,17 +141,23 @@ def test_sync_refusals_and_an_update(tmp_path: Path, site: Site, keyset: KeySet,
         assert served_version(daemon) == "1"
 
         central.put(index, sig)
+        central.model = build_mlp(V2_WEIGHTS)
         central.publish("2")
-        subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-t", f"{PREFIX}/registry/notify",
-                        "-m", ""], check=True, timeout=30)  # the MQTT nudge polls at once (the interval is 1 h)
-        assert daemon.wait_for("registry_installed", new=True)["version"] == "2"
-        if UPDATER:  # the registry offers it to the updater, which loads, smoke-tests and switches beside the old one
-            deadline = time.monotonic() + DEADLINE_S
-            while served_version(daemon) != "2":
-                assert time.monotonic() < deadline, "version 2 never served"
+        load = Load(daemon.port).start()
+        try:
+            subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-t", f"{PREFIX}/registry/notify",
+                            "-m", ""], check=True, timeout=30)  # the MQTT nudge polls at once (the interval is 1 h)
+            assert daemon.wait_for("registry_installed", new=True)["version"] == "2"
+            deadline = time.monotonic() + DEADLINE_S  # the updater loads, smoke-tests, switches beside version 1
+            while not all(a[-3:] == ["2"] * 3 for a in load.answers):
+                assert time.monotonic() < deadline and not load.failures, (load.failures, load.answers)
                 time.sleep(0.05)
-        else:
-            assert served_version(daemon) == "1"  # installed only: nothing takes it into service
+        finally:
+            load.close()
+        assert load.failures == []  # not one request failed through the swap
+        for answers in load.answers:  # a sequential client that met version 2 never meets version 1 again
+            assert "1" in answers and answers == sorted(answers), answers
+        assert served_version(daemon) == "2"
 
         metrics = request(daemon.url + "/metrics", headers=bearer("ops")).body.decode()
         assert 'inferd_registry_failures_total{reason="bad_signature"} 1.0' in metrics
