@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters import AdapterError
-from daemon import __version__, cli_registry, cli_security
+from daemon import __version__, cli_models, cli_registry, cli_security
 from daemon.errors import InferdError
 
 EXIT_ERROR = 1
@@ -121,12 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--kek", type=Path, action="append", default=[],
                    help="KEK file to verify with instead of the config's keys (e.g. when they are systemd credentials)")
     s.add_argument("--signer", type=Path, action="append", default=[], help="trusted public key, with --kek")
+    s.add_argument("--url", default=None, help="with --activate: the running daemon to switch (default: the "
+                   "config's listener when a daemon answers there)")
+    s.add_argument("--key", default=None, help="an API key with the admin scope, for --url")
     s.set_defaults(func=cmd_install)
 
-    s = msub.add_parser("list", help="list installed models and versions")
-    s.add_argument("--config", "-c", required=True, type=Path)
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_list)
+    cli_models.register(msub)  # activate, rollback, remove, history, unquarantine, list
     return p
 
 
@@ -270,6 +270,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
         kek=kek,
         signing_key=signing_key,
         metadata=metadata,
+        info=metadata,  # labels and description in the signed cleartext header: inspect and list show them
     )
     atomic_write(args.out, blob, mode=0o644)
     print(f"packed {args.name}:{args.version} ({args.runtime}, {len(blob)} bytes) into {args.out}")
@@ -330,47 +331,16 @@ def cmd_install(args: argparse.Namespace) -> int:
     blob = args.artifact.read_bytes()
     open_artifact(blob, keks, signers, require_signature=require)  # never install what the daemon would refuse
     store = Store(load_config(args.config).state_dir)
-    done = store.install(blob, activate=args.activate)
+    url = cli_models.daemon_url(args) if args.activate else None  # a running daemon switches through its updater
+    done = store.install(blob, activate=args.activate and url is None)
     what = "installed" if done.fresh else "already installed"
     notes = ([] if done.fresh else ["identical bytes"]) + (["active"] if done.active else [])
     print(f"{what} {done.name}:{done.version}" + (f" ({', '.join(notes)})" if notes else ""))
-    return 0
-
-
-def cmd_list(args: argparse.Namespace) -> int:
-    from daemon.artifact import read_header
-    from daemon.config import load_config
-    from daemon.store import Store
-
-    config = load_config(args.config)
-    store = Store(config.state_dir)
-    configured = {m.name: m for m in config.models}
-    rows = []
-    for name in sorted(set(store.model_names()) | set(configured)):
-        state = store.state(name)
-        cfg = configured.get(name)
-        versions: list[str | None] = list(store.versions(name)) or [None]
-        for version in versions:
-            header = read_header(store.read_artifact(name, version))[0] if version else None
-            rows.append(
-                {
-                    "model": name,
-                    "version": version,
-                    "active": version is not None and version == state.active,
-                    "runtime": header.runtime if header else (cfg.runtime if cfg else None),
-                    "device": cfg.device if cfg else None,
-                    "threads": (cfg.threads or "auto") if cfg else None,
-                    "workers": cfg.workers if cfg else None,
-                    "configured": cfg is not None,
-                    "created": header.created if header else None,
-                }
-            )
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    cols = ["model", "version", "active", "runtime", "device", "threads", "workers", "configured", "created"]
-    table = [cols] + [["-" if r[c] is None else str(r[c]) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    if url is not None and not done.active:
+        doc = cli_models.call_admin(url, f"/admin/models/{done.name}/activate", {"version": done.version}, args.key)
+        print(f"activated {done.name}:{doc.get('serving')} on the daemon at {url}" +
+              (" (on probation)" if doc.get("probation") else ""))
+    elif args.activate:
+        print("no daemon answered on the config's listener: it serves this version when it starts (a daemon that "
+              "runs elsewhere must be told: inferd model activate NAME VERSION --url URL)")
     return 0

@@ -70,6 +70,8 @@ class LoadedVersion:
             "workers": self.scheduler.workers,
             "dynamic_batching": self.scheduler.batching,
             "artifact_created": self.header.created,
+            # packed with `inferd model pack --labels/--description` (the header's signed cleartext info)
+            **{k: self.header.info[k] for k in ("labels", "description") if k in self.header.info},
         }
 
 

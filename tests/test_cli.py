@@ -63,10 +63,11 @@ def test_the_whole_cli_flow(tmp_path: Path, mlp_onnx: bytes) -> None:
     assert "installed mlp:2 (active)" in inferd("model", "install", str(out), "--config", str(config)).stdout
     rows = json.loads(inferd("model", "list", "--config", str(config), "--json").stdout)
     assert rows == [{"model": "mlp", "version": "2", "active": True, "runtime": "onnxruntime", "device": "cpu",
-                     "threads": "auto", "workers": 1, "configured": True, "created": header["created"]}]
+                     "threads": "auto", "workers": 1, "configured": True, "created": header["created"],
+                     "state": "active", "labels": 3, "description": None, "why": None}]
     table = inferd("model", "list", "--config", str(config)).stdout.splitlines()
     assert table[0].split() == ["model", "version", "active", "runtime", "device", "threads", "workers", "configured",
-                                "created"]
+                                "created", "state", "labels", "description"]
 
 
 def test_pack_refuses_a_file_the_runtime_cannot_read(tmp_path: Path, mlp_onnx: bytes) -> None:
@@ -261,4 +262,4 @@ def test_model_list_prints_the_columns_docs_store_md_describes(site: Site) -> No
     table = inferd("model", "list", "--config", str(site.write_config())).stdout.splitlines()
     bullets, example = documented_list_columns()
     assert table[0].split() == bullets == example
-    assert table[1].split() == ["planned", "-", "False", "onnxruntime", "cpu", "auto", "1", "True", "-"]
+    assert table[1].split() == ["planned", "-", "False", "onnxruntime", "cpu", "auto", "1", "True", "-", "-", "-", "-"]

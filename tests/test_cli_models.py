@@ -1,0 +1,86 @@
+"""``inferd model activate / rollback / remove / history / unquarantine / list`` (daemon/cli_models.py): through a
+running daemon's admin API (the updater's path), and on the store's journal when no daemon runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import KeySet, Site
+from httpclient import infer
+from support.daemon import REPO
+from support.update_models import MODEL, body, pack_version
+from support.updates import lookup_site
+
+from daemon.store import Store
+
+
+def inferd(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([sys.executable, "-m", "daemon", *args], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    if ok:
+        assert res.returncode == 0, res.stderr
+    else:
+        assert res.returncode == 1, res.stdout
+    return res
+
+
+def test_without_a_daemon_the_commands_change_the_journal(site: Site, keyset: KeySet) -> None:
+    lookup_site(site, keyset, ["1", "2", "3"])
+    config = str(site.write_config())  # port 0: no daemon can be found on it
+    store = Store(site.state_dir)
+    assert "in the store" in inferd("model", "activate", MODEL, "2", "--config", config).stdout
+    assert (store.state(MODEL).active, store.state(MODEL).previous) == ("2", "1")
+    inferd("model", "rollback", MODEL, "--config", config)
+    assert (store.state(MODEL).active, store.state(MODEL).previous) == ("1", "2")
+    inferd("model", "rollback", MODEL, "--to", "3", "--config", config)
+    assert store.state(MODEL).active == "3"
+    refused = inferd("model", "remove", MODEL, "3", "--config", config, ok=False)
+    assert "is active" in refused.stderr
+    assert "rollback target" in inferd("model", "remove", MODEL, "1", "--config", config, ok=False).stderr
+    inferd("model", "remove", MODEL, "2", "--config", config)
+    assert store.versions(MODEL) == ["1", "3"]
+    assert "not installed" in inferd("model", "activate", MODEL, "2", "--config", config, ok=False).stderr
+
+    store.update_state(MODEL, lambda s: (s.quarantined.append("1"), s.reasons.update({"1": "probation_errors: x"})))
+    assert "quarantined" in inferd("model", "rollback", MODEL, "--config", config, ok=False).stderr
+    rows = json.loads(inferd("model", "list", "--config", config, "--json").stdout)
+    states = {r["version"]: (r["state"], r["why"]) for r in rows}
+    assert states == {"1": ("previous,quarantined", "probation_errors: x"), "3": ("active", None)}
+    assert "1 quarantined: probation_errors: x" in inferd("model", "list", "--config", config).stdout.replace(
+        f"{MODEL}:", "")
+    inferd("model", "unquarantine", MODEL, "1", "--config", config)
+    assert "not quarantined" in inferd("model", "unquarantine", MODEL, "1", "--config", config, ok=False).stderr
+    history = inferd("model", "history", MODEL, "--config", config).stdout
+    for event in ("installed", "activated", "rolled_back", "removed", "unquarantined"):
+        assert event in history
+    events = [h["event"] for h in json.loads(inferd("model", "history", MODEL, "--config", config, "--json").stdout)]
+    assert events[-1] == "unquarantined"
+
+
+def test_with_a_daemon_the_commands_go_through_its_updater(site: Site, keyset: KeySet, start_daemon: Any,
+                                                            tmp_path: Path) -> None:
+    lookup_site(site, keyset, ["1", "2"])
+    config = str(site.write_config())
+    d = start_daemon(config)
+    out = inferd("model", "activate", MODEL, "2", "--url", d.url).stdout
+    assert f"activated {MODEL}:2 on the daemon" in out
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
+    d.wait_for("committed", timeout=30)
+    assert "back to 1 on the daemon" in inferd("model", "rollback", MODEL, "--url", d.url).stdout
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "1"
+    refused = inferd("model", "rollback", MODEL, "--to", "1", "--url", d.url, ok=False)
+    assert "refused (409)" in refused.stderr and "already the active version" in refused.stderr
+
+    artifact = tmp_path / "v3.inferd"
+    artifact.write_bytes(pack_version(keyset, "3"))
+    out = inferd("model", "install", str(artifact), "--config", config, "--activate", "--url", d.url).stdout
+    assert f"installed {MODEL}:3" in out and f"activated {MODEL}:3 on the daemon" in out
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "3"
+    assert inferd("model", "rollback", MODEL, "--to", "2", "--url", d.url).returncode == 0
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
+    state = Store(site.state_dir).state(MODEL)
+    assert state.active == "2" and state.previous == "3"

@@ -1,0 +1,81 @@
+"""SIGKILL at each step of an update (issue #11 requirement 5): the daemon is held at the step by the updater's test
+hook (INFERD_TEST_PAUSE_AT, daemon/updater.py), killed there for real, and restarted: it serves a verified version
+every time and has finished or abandoned the update cleanly (journal, history, quarantine, no staging left)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import pytest
+from conftest import KeySet, Site
+from httpclient import infer, request
+from support.update_models import MODEL, body
+from support.updates import admin, lookup_site, metric
+
+from daemon.store import Store
+
+#: step -> (the action that reaches it, the version serving after the restart, what the journal's history ends with)
+STEPS = {
+    "pending": ("activate", "1", "abandoned"),
+    "staged": ("activate", "1", "abandoned"),
+    "probation": ("activate", "1", "rolled_back"),
+    "rollback": ("rollback", "1", "rolled_back"),
+}
+
+
+def _call_in_background(url: str, doc: dict[str, Any], failures: list[str]) -> threading.Thread:
+    """A request the paused daemon will never answer: its connection dies with the daemon."""
+    def run() -> None:
+        try:
+            request(url, "POST", doc, timeout=60, check=False)
+        except OSError as exc:
+            failures.append(repr(exc))
+
+    t = threading.Thread(target=run, name="paused-call", daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", list(STEPS))
+def test_sigkill_at_each_step_restarts_on_a_verified_version(site: Site, keyset: KeySet, start_daemon: Any,
+                                                             step: str) -> None:
+    action, serving, last = STEPS[step]
+    lookup_site(site, keyset, ["1", "2"], probation={"seconds": 600, "min_requests": 20})
+    config = site.write_config()
+    gate = site.root / "never-created"
+    env = {"INFERD_TEST_PAUSE_AT": step, "INFERD_TEST_PAUSE_FILE": str(gate)}
+    d = start_daemon(config, env=env)
+    failures: list[str] = []
+    if action == "rollback":  # on probation first (not paused there), then a rollback held before its journal write
+        assert admin(d, "activate", {"version": "2"}).status == 200
+        assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
+    url = d.url + f"/admin/models/{MODEL}/{action}"
+    caller = _call_in_background(url, {"version": "2"} if action == "activate" else {}, failures)
+    paused = d.wait_for("test_paused")
+    assert paused["step"] == step
+    (Store(site.state_dir).tmp_dir / "partial-download").write_bytes(b"x" * 100)  # debris a crash leaves
+    d.stop(signal.SIGKILL)
+    caller.join(timeout=30)
+    assert not caller.is_alive()
+
+    d = start_daemon(config)  # no hook this time
+    reply = infer(d.url, MODEL, body([0]))
+    assert reply.status == 200 and reply.json()["model_version"] == serving
+    assert reply.json()["outputs"][0]["data"][0] == float(serving)
+    store = Store(site.state_dir)
+    state = store.state(MODEL)
+    assert (state.active, state.pending, state.probation) == (serving, None, None)
+    assert state.history[-1]["event"] in (last, "quarantined")
+    assert any(h["event"] == last for h in state.history[-3:])
+    assert list(store.tmp_dir.iterdir()) == []
+    if last == "rolled_back":  # a crash on probation counts as a failed probation
+        assert "2" in state.quarantined and "crash_during_probation" in state.reasons["2"]
+        assert metric(d, 'inferd_rollbacks_total{model="lk",reason="crash_during_probation"}') == 1
+        assert admin(d, "activate", {"version": "2"}).status == 409
+    else:  # never switched: abandoned, v2 installed and offerable again
+        assert state.quarantined == []
+        assert admin(d, "activate", {"version": "2"}).status == 200
+        assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
