@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from daemon.batch_score import score_rows
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -209,31 +211,7 @@ class _Run:
 
     def _score(self, chunk: Converted) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The rows scored and their outputs; rows the runtime refuses are found one by one and rejected."""
-        from adapters import InputRejected
-        from adapters.base import runtime_message
-
-        keep = np.ones(len(chunk), dtype=bool)
-        keep[list(chunk.reasons)] = False
-        good = np.flatnonzero(keep).astype(np.int64)
-        if not len(good):
-            return good, {}
-        if not self.one_row:
-            # a chunk without rejects goes to the runtime as it is (often a view of the file): no gathering copy
-            picked = chunk.inputs if not chunk.reasons else {n: a[good] for n, a in chunk.inputs.items()}
-            try:
-                return good, self.session.run(picked)
-            except InputRejected:
-                pass
-        kept, outs = [], []
-        for i in good:
-            try:
-                outs.append(self.session.run({n: a[i:i + 1] for n, a in chunk.inputs.items()}))
-                kept.append(i)
-            except InputRejected as exc:
-                chunk.reasons[int(i)] = f"the model refused the row: {runtime_message(str(exc))}"
-        if not kept:
-            return np.array(kept, dtype=np.int64), {}
-        return np.array(kept, dtype=np.int64), {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+        return score_rows(self.session, chunk.inputs, len(chunk), chunk.reasons, self.one_row, check_rows=False)
 
 
 #: the default chunk's size in model input bytes: per-chunk costs (a runtime call, a part file and its fsync, the

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from daemon.batch_score import score_rows
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -200,7 +202,7 @@ class Scorer:
             col = batch.column(name)
             columns[name] = col.cast(pa.float64()) if pa.types.is_decimal(col.type) else col
         inputs, reasons = convert(columns, n, self.plans, self.allow_nan)
-        good, results = self._run(session, inputs, n, reasons)
+        good, results = score_rows(session, inputs, n, reasons, self.one_row)
         scored = np.zeros(n, dtype=bool)
         scored[good] = True
         arrays = [batch.column(k) for k in self.keep]
@@ -209,43 +211,6 @@ class Scorer:
         arrays.append(pa.array([reasons.get(i) for i in range(n)], type=pa.string()) if reasons
                       else pa.nulls(n, pa.string()))
         return pa.RecordBatch.from_arrays(arrays, names=[*self.keep, *(s.name for s in self.outputs), REJECT_COLUMN])
-
-    def _run(self, session: Session, inputs: dict[str, np.ndarray], n: int,
-             reasons: dict[int, str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The rows scored and their outputs; when the runtime refuses a batch, its rows are run one by one and only
-        those it refuses are rejected (as `inferd batch` does)."""
-        from adapters import InputRejected
-        from adapters.base import runtime_message
-
-        keep = np.ones(n, dtype=bool)
-        keep[list(reasons)] = False
-        good = np.flatnonzero(keep)
-        if not len(good):
-            return good, {}
-        if not self.one_row:
-            try:
-                return good, _checked(session.run({k: a[good] for k, a in inputs.items()}), len(good))
-            except InputRejected:
-                pass
-        kept, outs = [], []
-        for i in good:
-            try:
-                outs.append(session.run({k: a[i:i + 1] for k, a in inputs.items()}))
-                kept.append(i)
-            except InputRejected as exc:
-                reasons[int(i)] = f"the model refused the row: {runtime_message(str(exc))}"
-        if not kept:
-            return np.array(kept, dtype=np.int64), {}
-        return np.array(kept, dtype=np.int64), _checked({k: np.concatenate([o[k] for o in outs]) for k in outs[0]},
-                                                        len(kept))
-
-
-def _checked(results: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    for name, arr in results.items():
-        if arr.shape[:1] != (rows,):
-            raise ValueError(f"output {name!r} has shape {list(arr.shape)} for {rows} rows: scoring needs one "
-                             "output row per input row")
-    return results
 
 
 def _output_column(spec: TensorSpec, values: np.ndarray | None, good: np.ndarray, scored: np.ndarray) -> pa.Array:
