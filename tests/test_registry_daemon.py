@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import subprocess
 import threading
 import time
@@ -19,7 +20,7 @@ from httpclient import infer, request
 from mqttclient import Broker
 from support.daemon import DaemonProcess
 from support.mqtt import PREFIX, mlp_request
-from support.registry import Central, nginx
+from support.registry import Central, RawServer, Threaded, nginx
 from tflite_builder import random_mlp_weights
 
 from daemon import keys, registry_index
@@ -178,3 +179,43 @@ def test_sync_without_a_registry_is_409(site: Site, keyset: KeySet, mlp_onnx: by
     reply = request(daemon.url + "/admin/registry/sync", "POST")
     assert reply.status == 409 and "registry.url" in reply.json()["error"]
     assert "inferd_registry_polls_total" not in request(daemon.url + "/metrics").body.decode()
+
+
+def test_sigkill_mid_download_leaves_a_clean_box(tmp_path: Path, site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                                 start_daemon: Callable[..., DaemonProcess]) -> None:
+    """A download stalled midway (a slow registry), the daemon SIGKILLed in it: the restart serves version 1 at once,
+    the partial file is gone, and the next poll downloads and installs version 2 from the start."""
+    (tmp_path / "central").mkdir()
+    keys.generate_signing_key(tmp_path / "central" / "index.key")
+    central = Central(tmp_path / "central" / "registry", tmp_path / "central" / "index.key", keyset, mlp_onnx)
+    central.publish("1")
+    central.model = build_mlp(V2_WEIGHTS)
+    central.publish("2")
+    files = {str(p.relative_to(central.root)): p.read_bytes() for p in central.root.rglob("*")
+             if p.is_file() and not p.name.startswith(".")}
+    site.install(pack_model(keyset, mlp_onnx, version="1"))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    partial_dir = site.state_dir / "tmp"
+    with Threaded(RawServer(files, hold_after={"artifacts/mlp/2.inferd": 400})) as server:
+        site.extra = {"registry": {"url": server.url, "poll_interval_s": 3600, "min_free_bytes": 0,
+                                   "index_keys": [{"path": str(central.key_path.with_name("index.key.pub"))}]}}
+        config = site.write_config()
+        daemon = start_daemon(config)
+        assert daemon.wait_for("registry_download")["version"] == "2"
+        deadline = time.monotonic() + DEADLINE_S
+        while ("artifacts/mlp/2.inferd", None) not in server.requests:  # the server has sent its first 400 bytes
+            assert time.monotonic() < deadline, "the artifact was never asked for"
+            time.sleep(0.02)
+        (partial,) = partial_dir.glob("registry-mlp-2-*.part")
+        daemon.stop(signal.SIGKILL)
+        assert partial.exists()  # what the crash left
+
+        server.released.set()  # the registry is fast again
+        daemon = start_daemon(config)
+        assert not partial.exists()  # cleaned at start-up, before anything else
+        assert daemon.wait_for("registry_installed")["version"] == "2"
+        deadline = time.monotonic() + DEADLINE_S
+        while served_version(daemon) != "2":
+            assert time.monotonic() < deadline, "version 2 never served after the restart"
+            time.sleep(0.05)
+    assert list(partial_dir.iterdir()) == []

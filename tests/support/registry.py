@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ class RawServer:
     stall: bool = False  # accept connections and never answer (a registry that hangs)
     etags: bool = False  # answer ETag and honour If-None-Match with 304
     conditional: list[str] = field(default_factory=list)  # paths asked with If-None-Match
+    hold_after: dict[str, int] = field(default_factory=dict)  # send this many bytes, then wait for ``released``
+    released: threading.Event = field(default_factory=threading.Event)
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
     _server: asyncio.base_events.Server | None = None
 
@@ -157,6 +160,13 @@ class RawServer:
                 extra += f"ETag: {tag}\r\n" if self.etags else ""
                 writer.write(f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n"
                              .encode())
+                if path in self.hold_after and not self.released.is_set():  # a download that stalls midway
+                    writer.write(body[: self.hold_after[path]])
+                    await writer.drain()
+                    await asyncio.get_running_loop().run_in_executor(None, self.released.wait, DEADLINE_S)
+                    writer.write(body[self.hold_after[path] :])
+                    await writer.drain()
+                    return
                 if path in self.cut_after and not rng and self.cuts > 0:
                     self.cuts -= 1
                     writer.write(body[: self.cut_after[path]])
@@ -208,3 +218,32 @@ def touch_write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
     moment = max(time.time(), before + 1.0)
     os.utime(path, (moment, moment))
+
+
+class Threaded:
+    """A RawServer on an event loop of its own thread, for a daemon subprocess to poll; stopped and joined on exit."""
+
+    def __init__(self, server: RawServer) -> None:
+        self.server = server
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="registry-server")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self.server.__aenter__())
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self.server.__aexit__(None, None, None))
+        self._loop.run_until_complete(self._loop.shutdown_default_executor())
+        self._loop.close()
+
+    def __enter__(self) -> RawServer:
+        self._thread.start()
+        assert self._started.wait(DEADLINE_S), "the registry server did not start"
+        return self.server
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.released.set()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(DEADLINE_S)
