@@ -53,14 +53,14 @@ class ConnectionLimits:
         """A request's headers are in (its handler runs): the connection no longer races the header deadline."""
         limited = self.connections.get(id(handler))
         if limited is not None:
-            limited.disarm()
+            limited.deadline = None
 
     def answered(self, handler: object) -> None:
         """An answer is on its way: the next request's headers are due within the keep-alive time plus the header
         time (an idle keep-alive connection is aiohttp's to close sooner)."""
         limited = self.connections.get(id(handler))
         if limited is not None:
-            limited.arm(self.limits.keepalive_timeout_s + self.limits.header_timeout_s)
+            limited.expect_headers(self.limits.keepalive_timeout_s + self.limits.header_timeout_s)
 
 
 class Limited(asyncio.Protocol):
@@ -73,6 +73,7 @@ class Limited(asyncio.Protocol):
         self.host: str | None = None
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None  # loop time by which the next request's headers must be in
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -83,20 +84,24 @@ class Limited(asyncio.Protocol):
             return
         self.host, self.transport = host, transport
         self.limits.connections[id(self.inner)] = self
-        self.arm(self.limits.limits.header_timeout_s)
+        self.expect_headers(self.limits.limits.header_timeout_s)
         self.inner.connection_made(transport)
 
-    def arm(self, seconds: float) -> None:
-        self.disarm()
-        self.timer = self.loop.call_later(seconds, self._too_slow)
+    def expect_headers(self, within: float) -> None:
+        """Headers are due within ``within`` seconds. One timer per connection, moved lazily: a request costs two
+        attribute writes, not a timer cancelled and scheduled (the timer, when it fires early, re-arms itself)."""
+        self.deadline = self.loop.time() + within
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.deadline, self._check)
 
-    def disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _too_slow(self) -> None:
+    def _check(self) -> None:
         self.timer = None
+        deadline = self.deadline
+        if deadline is None:  # a request is being handled: answered() sets the next deadline
+            return
+        if self.loop.time() < deadline:
+            self.timer = self.loop.call_at(deadline, self._check)
+            return
         self.limits.timed_out += 1
         log.info("closing a connection from %s: no complete request headers within the time allowed "
                  "(server.limits.header_timeout_s)", self.host, extra={"event_kind": "conn_timed_out"})
@@ -118,7 +123,9 @@ class Limited(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.host is None:
             return  # refused at connection_made: aiohttp never knew it
-        self.disarm()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.limits.connections.pop(id(self.inner), None)
         self.limits.release(self.host)
         self.host = None
