@@ -70,6 +70,7 @@ def run_checks(config: Config, models: Iterable[ModelConfig] | None = None, *, i
     read is a failure, as at start-up, rather than a skipped check. Blocking (file reads, decryption)."""
     report = Report()
     check_keys(config, report, in_service)
+    check_registry_keys(config, report, in_service)
     check_models(config, list(config.models if models is None else models), report)
     check_tls(config, report)
     check_access(config, report, in_service)
@@ -158,6 +159,22 @@ def check_keys(config: Config, report: Report, in_service: bool = False) -> None
             report.add("mqtt.password", "failed", "the MQTT password file is not UTF-8 text")
         else:
             report.add("mqtt.password", "ok", "readable, mode 0600 or stricter")
+
+
+def check_registry_keys(config: Config, report: Report, in_service: bool = False) -> None:
+    """The registry's index keys, as its client reads them at start-up (docs/registry.md)."""
+    for i, source in enumerate(config.registry.index_keys if config.registry.url is not None else ()):
+        where = f"registry.index_keys[{i}]"
+        if _needs_credentials(source) and not in_service:
+            report.add(where, "skipped", _skip_reason(source))
+            continue
+        try:
+            public = keys.load_public_key(source)
+        except InferdError as exc:
+            report.add(where, "failed", _key_problem(exc, source))
+            continue
+        report.add(where, "ok", f"{keys.source_path(source)}: Ed25519 public key, index key id "
+                   f"{keys.signer_id(public)}")
 
 
 # -- model versions -------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from support.tls import make_pki
 from tflite_builder import random_mlp_weights
 
 from daemon import http_api, http_registry, keys, registry_index, registry_publish
+from daemon.checks import run_checks
 from daemon.config import Config, KeySource, parse_config
 from daemon.doctor import examine
 from daemon.errors import StoreError
@@ -461,3 +462,12 @@ def test_inferd_registry_serve_answers_etag_and_range(central: Central) -> None:
         assert headers["content-range"] == f"bytes 100-{len(artifact) - 1}/{len(artifact)}"
         assert get("/.publish.lock")[0] == 404
         assert get("/../../etc/passwd")[0] == 404
+
+
+def test_check_config_reads_the_index_keys(tmp_path: Path, keyset: KeySet) -> None:
+    good = box_config(tmp_path, keyset, "https://registry.example.com/", [keyset.public_path])
+    lines = [f.line() for f in run_checks(good).findings if f.check.startswith("registry.")]
+    assert len(lines) == 1 and "index key id" in lines[0]
+    missing = box_config(tmp_path, keyset, "https://registry.example.com/", [tmp_path / "nowhere.pub"])
+    report = run_checks(missing)
+    assert [f.check for f in report.of("failed") if f.check.startswith("registry.")] == ["registry.index_keys[0]"]
