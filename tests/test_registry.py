@@ -26,7 +26,7 @@ from daemon.checks import run_checks
 from daemon.config import Config, KeySource, parse_config
 from daemon.doctor import examine
 from daemon.errors import StoreError
-from daemon.registry import RegistryClient, next_delay
+from daemon.registry import ArtifactRefused, RegistryClient, check_artifact_file, next_delay
 from daemon.store import Store
 
 
@@ -471,3 +471,23 @@ def test_check_config_reads_the_index_keys(tmp_path: Path, keyset: KeySet) -> No
     missing = box_config(tmp_path, keyset, "https://registry.example.com/", [tmp_path / "nowhere.pub"])
     report = run_checks(missing)
     assert [f.check for f in report.of("failed") if f.check.startswith("registry.")] == ["registry.index_keys[0]"]
+
+
+def test_the_artifact_itself_is_checked_streamed(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    """Its header must name what the index lists, and its own signature must verify by a trusted signer."""
+    signers = keys.load_signers([KeySource(path=keyset.public_path)])
+    path = tmp_path / "a.inferd"
+    blob = pack_model(keyset, mlp_onnx, version="2")
+    path.write_bytes(blob)
+    check_artifact_file(path, "mlp", "2", signers, True)
+    with pytest.raises(ArtifactRefused, match="index lists mlp:3 but the artifact is mlp:2") as caught:
+        check_artifact_file(path, "mlp", "3", signers, True)
+    assert caught.value.reason == "bad_artifact"
+    with pytest.raises(ArtifactRefused, match="not in keys.signers"):
+        check_artifact_file(path, "mlp", "2", {}, True)
+    check_artifact_file(path, "mlp", "2", {}, False)  # keys.require_signature: false lets an unknown signer pass
+    damaged = bytearray(blob)
+    damaged[-1] ^= 1
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(ArtifactRefused, match="signature by .* is invalid"):
+        check_artifact_file(path, "mlp", "2", signers, True)
