@@ -491,3 +491,16 @@ def test_the_artifact_itself_is_checked_streamed(tmp_path: Path, keyset: KeySet,
     path.write_bytes(bytes(damaged))
     with pytest.raises(ArtifactRefused, match="signature by .* is invalid"):
         check_artifact_file(path, "mlp", "2", signers, True)
+
+
+def test_a_quarantined_version_is_never_downloaded(tmp_path: Path, keyset: KeySet, central: Central) -> None:
+    central.publish("1")
+    files = {str(p.relative_to(central.root)): p.read_bytes() for p in central.root.rglob("*")
+             if p.is_file() and not p.name.startswith(".")}
+    store = Store(tmp_path / "box")
+    store.ensure()
+    store.update_state("mlp", lambda s: s.quarantined.append("1"))
+    server = RawServer(files)
+    (result,) = _client_run(tmp_path, keyset, central, server, 1)
+    assert (result.outcome, result.installed, result.refused) == ("accepted", [], [])
+    assert not any(path.startswith("artifacts/") for path, _ in server.requests)
