@@ -195,9 +195,7 @@ async def repository_unload(api: Any, request: web.BaseRequest, params: list[str
         entry = api.manager.entry(name)
         loaded = list(entry.versions.values())
         entry.active, entry.status, entry.reason = None, "unloaded", "unloaded through the repository API"
-        updater = api.updater
-        updater.probations.pop(name, None)
-        for lv in loaded:
+        for lv in loaded:  # a probation in progress ends without a verdict (the updater sees nothing serve)
             if lv.state == "ready":
                 await api.manager.discard(lv)
         return {}

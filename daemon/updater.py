@@ -260,10 +260,20 @@ class Updater:
 
     async def _judge(self, name: str, p: Probation) -> None:
         entry = self.manager.entries.get(name)
-        loaded = entry.versions.get(p.version) if entry is not None else None
-        if loaded is None or entry is None or entry.active is not loaded:
-            self.probations.pop(name, None)  # replaced meanwhile (a reload, a manual rollback)
+        loaded = entry.active if entry is not None else None
+        if loaded is None or loaded.version != p.version:  # another version serves now (a reload, an unload)
+            self.probations.pop(name, None)
+            log.info("%s:%s is no longer served: its probation ends without a verdict", name, p.version,
+                     extra={"event_kind": "probation_ended", "model": name, "version": p.version})
+
+            def ended(s: ModelState) -> None:
+                if (s.probation or {}).get("version") == p.version:
+                    s.probation = None
+                    s.record("probation_ended", p.version, reason="no longer served")
+
+            await self._journal(name, ended)
             return
+        # a reload of the same version builds a new LoadedVersion but keeps its stats: the window goes on
         now = time.monotonic()
         after = probation.window(list(loaded.stats.recent), p.since, now)
         bad = probation.verdict(p.baseline, after, p.cfg)

@@ -65,6 +65,7 @@ ROUTES = [
     ("GET", "/v2/models/mlp/config", "read", "mlp"), ("GET", "/v2/models/mlp/versions/1/config", "read", "mlp"),
     ("GET", "/v2/models/mlp/stats", "read", "mlp"), ("GET", "/v2/models/mlp/versions/1/stats", "read", "mlp"),
     ("POST", "/v2/models/mlp/infer", "infer", "mlp"), ("POST", "/v2/models/mlp/versions/1/infer", "infer", "mlp"),
+    ("GET", "/admin/models/mlp", "admin", "mlp"), ("POST", "/v2/repository/index", "admin", None),
 ]
 
 
@@ -78,9 +79,9 @@ def test_every_route_refuses_strangers_and_wrong_scopes(secured: Secured, method
     assert "needs an API key" in none.json()["error"]
     wrong = request(url, method, body, headers=bearer("ifd_0123456789ab_" + "A" * 43))
     assert wrong.status == 401 and 'error="invalid_token"' in wrong.headers["www-authenticate"]
-    holder = {"health": "all", "read": "reader", "infer": "app", "metrics": "ops"}[scope]
+    holder = {"health": "all", "read": "reader", "infer": "app", "metrics": "ops", "admin": "ops"}[scope]
     assert request(url, method, body, headers=bearer(secured.keys[holder])).status == 200
-    lacking = "ops" if scope != "metrics" else "reader"
+    lacking = "ops" if scope not in ("metrics", "admin") else "reader"
     refused = request(url, method, body, headers=bearer(secured.keys[lacking]))
     assert refused.status == 403 and f"lacks the {scope!r} scope" in refused.json()["error"]
 
