@@ -311,7 +311,10 @@ async def infer(api: HttpApi, request: web.BaseRequest, params: list[str]) -> we
     loaded = service.admit(api.manager, name, version, ctx)
     header_length = _header_length(request)
     try:
-        body = await asyncio.wait_for(read_body(request, api.max_body_bytes), api.client_limits.body_timeout_s)
+        if request.content.is_eof():  # the whole body is buffered already (the usual case): nothing to time
+            body = await read_body(request, api.max_body_bytes)
+        else:  # a task of its own, so only for bodies still on their way
+            body = await asyncio.wait_for(read_body(request, api.max_body_bytes), api.client_limits.body_timeout_s)
     except asyncio.TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {api.client_limits.body_timeout_s:g} s "
                              "(server.limits.body_timeout_s)") from None
