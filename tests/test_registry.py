@@ -504,3 +504,18 @@ def test_a_quarantined_version_is_never_downloaded(tmp_path: Path, keyset: KeySe
     (result,) = _client_run(tmp_path, keyset, central, server, 1)
     assert (result.outcome, result.installed, result.refused) == ("accepted", [], [])
     assert not any(path.startswith("artifacts/") for path, _ in server.requests)
+
+
+def test_an_index_read_during_a_publication_is_read_again(tmp_path: Path, keyset: KeySet, central: Central) -> None:
+    """The old index beside the new signature (a box polling between a publisher's two renames) is not a lie: both
+    are fetched once more, and the new index is accepted without a failure counted."""
+    central.publish("1")
+    old_index, _ = central.files()
+    central.publish("2")
+    new_index, new_sig = central.files()
+    files = {str(p.relative_to(central.root)): p.read_bytes() for p in central.root.rglob("*")
+             if p.is_file() and not p.name.startswith(".")}
+    server = RawServer(files, then={"index.json": [old_index, new_index]})
+    (result,) = _client_run(tmp_path, keyset, central, server, 1)
+    assert (result.outcome, result.sequence, result.installed) == ("accepted", 2, ["mlp:2"])
+    assert [p for p, _ in server.requests].count("index.json") == 2 and new_sig == files["index.json.sig"]

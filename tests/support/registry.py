@@ -111,6 +111,7 @@ class RawServer:
     stall: bool = False  # accept connections and never answer (a registry that hangs)
     etags: bool = False  # answer ETag and honour If-None-Match with 304
     conditional: list[str] = field(default_factory=list)  # paths asked with If-None-Match
+    then: dict[str, list[bytes]] = field(default_factory=dict)  # a path's next bodies, one per request, in order
     hold_after: dict[str, int] = field(default_factory=dict)  # send this many bytes, then wait for ``released``
     released: threading.Event = field(default_factory=threading.Event)
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
@@ -141,6 +142,8 @@ class RawServer:
             if self.stall:
                 await reader.read()  # until the client gives up and closes
                 return
+            if self.then.get(path):  # the file changed since the last request (a publication in progress)
+                self.files[path] = self.then[path].pop(0)
             tag = f'"{hashlib.sha256(self.files[path]).hexdigest()[:16]}"' if path in self.files else ""
             if "if-none-match" in headers:
                 self.conditional.append(path)
