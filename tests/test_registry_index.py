@@ -117,3 +117,15 @@ def test_cli_publish_promote(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) ->
     done = inferd("promote", "mlp", "9", "--channel", "canary", "--registry", str(tmp_path / "reg"),
                   "--signing-key", str(tmp_path / "index.key"))
     assert done.returncode == 1 and "inferd: error: mlp:9 is not published" in done.stderr
+
+
+def test_publishing_the_same_bytes_again_only_resigns(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes,
+                                                       index_key: tuple) -> None:
+    key, trusted = index_key
+    reg = published(tmp_path, keyset, mlp_onnx, key)
+    before = (reg / "artifacts/mlp/1.inferd").stat().st_mtime_ns
+    registry_publish.publish(tmp_path / "mlp-1.inferd", reg, key, now=NOW)
+    index = registry_index.verify(*read(reg), trusted, last_sequence=1, now=NOW)
+    assert index.sequence == 2 and list(index.models["mlp"].versions) == ["1"]
+    assert (reg / "artifacts/mlp/1.inferd").stat().st_mtime_ns == before  # not copied again
+    assert sorted(p.name for p in (reg / "artifacts/mlp").iterdir()) == ["1.inferd"]  # no upload left behind
