@@ -137,6 +137,7 @@ class Daemon:
         manager.warn_if_oversubscribed()
         await manager.load_all()
         await update_recovery.fall_back(updater)  # an active version that does not load: the previous one serves
+        await update_recovery.resume_probations(updater)  # probations a clean stop interrupted go on
         for name in list(manager.entries):
             await updater.apply_policy(name)  # version_policy: the other versions to load beside the active one
         if self.mqtt is not None:
@@ -211,6 +212,8 @@ class Daemon:
         budget = self.config.server.drain_timeout_s
         await asyncio.gather(*(f.stop(budget) for f in self.frontends))
         await supervisor.close()
+        if self.updater is not None:
+            await self.updater.close()  # a probation under way is resumed by the next start, not counted failed
         if self.registry_client is not None:
             await self.registry_client.close()
         if self.manager is not None:

@@ -5,6 +5,8 @@ load: the daemon always comes up serving a verified version.
   probation (Mender's rule: nobody watched it, so it is not trusted): the previous version becomes active again and
   the one on probation is quarantined. A ``pending`` update that never switched is abandoned (the version stays
   installed, unserved). Partial files in ``tmp/`` are cleaned by ``Store.ensure()`` before this runs.
+- A probation a clean stop (SIGTERM) interrupted is not a failure: it is resumed with a fresh window once the
+  models load (:func:`resume_probations`).
 - After they load (:func:`fall_back`): a model whose active version failed to load (tampered, unreadable, refused by
   its runtime) falls back to its previous version when that loads and verifies; the failed one is quarantined.
   Each is logged, counted in ``inferd_rollbacks_total`` and published as an event.
@@ -13,12 +15,14 @@ load: the daemon always comes up serving a verified version.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
+from daemon import probation
 from daemon.config import Config
 from daemon.errors import InferdError
 from daemon.store import ModelState, Store
-from daemon.updater import Updater, _quarantine
+from daemon.updater import Probation, Updater, _quarantine, now_iso
 
 log = logging.getLogger("inferd.updater")
 
@@ -44,7 +48,9 @@ def recover_journals(store: Store, config: Config) -> list[Recovered]:
 
         def settle(s: ModelState, found: list[Recovered] = found, name: str = cfg.name) -> None:
             found.clear()
-            if s.probation is not None:
+            if s.probation is not None and s.probation.get("stopped"):
+                pass  # a clean stop interrupted it: resumed once the models are loaded (resume_probations)
+            elif s.probation is not None:
                 bad, prev = s.probation.get("version"), s.probation.get("previous")
                 s.probation = None
                 if bad and prev and prev in store.versions(name):
@@ -100,7 +106,7 @@ async def fall_back(updater: Updater) -> None:
             continue
 
         def journal(s: ModelState, bad: str = bad, prev: str = prev, why: str = why) -> None:
-            s.active, s.previous = prev, None
+            s.active, s.previous, s.probation = prev, None, None
             _quarantine(s, bad, f"startup_load_failed: {why}")
             s.record("rolled_back", bad, to=prev, reason="startup_load_failed")
 
@@ -114,3 +120,30 @@ async def fall_back(updater: Updater) -> None:
                        reason="startup_load_failed", quarantined=True)
         updater.emit("rolled_back", name, prev, f"startup_load_failed: {why}", previous=bad,
                      cause="startup_load_failed", quarantined=True)
+
+
+async def resume_probations(updater: Updater) -> None:
+    """Probations a clean stop interrupted (journal ``probation.stopped``) go on with a fresh window. The previous
+    version's answers from before the stop are gone, so only the error rate is judged (against none)."""
+    for name, entry in list(updater.manager.entries.items()):
+        if entry.config.version is not None:
+            continue
+        state: ModelState = await updater._io(updater.store.state, name)
+        record = state.probation
+        if record is None or not record.get("stopped"):
+            continue
+        version = record.get("version")
+        if entry.active is None or entry.active.version != version:
+            continue  # it did not load: fall_back already served the previous version
+
+        def resumed(s: ModelState) -> None:
+            if s.probation is not None:
+                s.probation = {k: v for k, v in s.probation.items() if k != "stopped"}
+                s.probation["resumed"] = now_iso()
+
+        await updater._journal(name, resumed)
+        updater.probations[name] = Probation(str(version), str(record.get("previous")), time.monotonic(),
+                                             probation.Window(0, 0, 0.0), updater.probation_cfg(name),
+                                             str(record.get("source", "")))
+        log.info("%s:%s: probation resumed after a clean stop", name, version,
+                 extra={"event_kind": "probation_resumed", "model": name, "version": version})

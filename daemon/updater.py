@@ -249,6 +249,18 @@ class Updater:
 
     # -- probation -------------------------------------------------------------------------------------------
 
+    async def close(self) -> None:
+        """A clean stop (SIGTERM) marks each probation ``stopped`` in the journal: the next start resumes it with a
+        fresh window instead of counting it failed, as a crash (no mark) is counted."""
+        for name, p in list(self.probations.items()):
+            def stopped(s: ModelState, version: str = p.version) -> None:
+                if (s.probation or {}).get("version") == version:
+                    s.probation = {**(s.probation or {}), "stopped": now_iso()}
+                    s.record("probation_interrupted", version, reason="the daemon stopped cleanly")
+
+            await self._journal(name, stopped)
+        self.probations.clear()
+
     async def run(self) -> None:
         """Judge every probation each tick: roll back a regression, commit a version that saw its window out."""
         while True:

@@ -5,6 +5,7 @@ refusals (quarantined, incompatible, no memory) change nothing."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,32 @@ def test_a_tampered_active_version_falls_back_to_the_previous_one_at_start(
     state = Store(site.state_dir).state(MODEL)
     assert state.active == "1" and "2" in state.quarantined
     assert metric(d, 'inferd_rollbacks_total{model="lk",reason="startup_load_failed"}') == 1
+
+
+def test_update_events_reach_mqtt_events_topic(site: Site, keyset: KeySet, start_daemon: Any, broker: Any) -> None:
+    from mqttclient import Requester
+
+    lookup_site(site, keyset, ["1", "2"])
+    site.install(pack_version(keyset, "3", smoke_ok=False), activate=False)
+    site.extra["mqtt"] = {"enabled": True, "port": broker.port, "topic_prefix": "site/box", "client_id": "inferd-u",
+                          "reconnect_min_s": 0.1, "reconnect_max_s": 0.5}
+    watcher = Requester(broker.port)
+    watcher.client.subscribe("site/box/events", qos=1)
+    watcher.client.message_callback_add("site/box/#", watcher._on_message)
+    try:
+        d = start_daemon(site.write_config())
+        d.wait_for("mqtt_connected")
+        assert admin(d, "activate", {"version": "2"}).status == 200
+        assert admin(d, "rollback").status == 200
+        assert admin(d, "activate", {"version": "3"}).status == 422
+        events: list[dict[str, Any]] = []
+        while not any(e["event"] == "update_failed" for e in events):
+            r = watcher.wait(timeout=30)
+            if r.topic == "site/box/events":
+                events.append(json.loads(r.payload))
+    finally:
+        watcher.close()
+    rolled = next(e for e in events if e["event"] == "rolled_back")
+    assert (rolled["model"], rolled["version"], rolled["previous"], rolled["cause"]) == (MODEL, "1", "2", "manual")
+    failed = next(e for e in events if e["event"] == "update_failed")
+    assert failed["version"] == "3" and failed["cause"] == "smoke_test_failed"

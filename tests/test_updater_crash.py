@@ -79,3 +79,20 @@ def test_sigkill_at_each_step_restarts_on_a_verified_version(site: Site, keyset:
         assert state.quarantined == []
         assert admin(d, "activate", {"version": "2"}).status == 200
         assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
+
+
+def test_a_clean_stop_during_probation_resumes_it_instead_of_rolling_back(site: Site, keyset: KeySet,
+                                                                          start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1", "2"], probation={"seconds": 600, "min_requests": 20})
+    config = site.write_config()
+    d = start_daemon(config)
+    assert admin(d, "activate", {"version": "2"}).status == 200
+    assert d.stop(signal.SIGTERM) == 0
+    assert Store(site.state_dir).state(MODEL).probation["stopped"]  # type: ignore[index]
+    site.models[0]["probation"] = {"seconds": 0.5, "min_requests": 20}
+    d = start_daemon(site.write_config())
+    d.wait_for("probation_resumed")
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
+    d.wait_for("committed", timeout=30)
+    state = Store(site.state_dir).state(MODEL)
+    assert (state.active, state.probation, state.quarantined) == ("2", None, [])
