@@ -105,7 +105,7 @@ class HttpApi:
         self.readiness = readiness
         self.activity = activity
         # error answers counted by route, and the access log when server.access_log is on (daemon/http_observe.py)
-        self.observer = HttpObserver(access_log, FIXED, MODEL_ROUTES)
+        self.observer = HttpObserver(access_log, FIXED, MODEL_ROUTES, PREFIXED)
         self.registry_client: Any = None  # daemon.registry.RegistryClient, set by app.py when registry.url is set
         self.updater: Any = None  # daemon.updater.Updater, set by app.py: the admin and repository routes use it
         self.audit: Any = None  # daemon.audit.AuditLog when audit is on: admin routes record who did what

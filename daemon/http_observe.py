@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 
 from aiohttp import web
 
@@ -30,12 +30,14 @@ PATH_MAX = 256
 
 class HttpObserver:
     def __init__(self, access_log: bool = False, fixed: Collection[str] = (),
-                 model_tails: Collection[str] = ()) -> None:
+                 model_tails: Collection[str] = (), prefixed: Mapping[str, Collection[str]] | None = None) -> None:
         """``fixed``: the exact paths served; ``model_tails``: what may follow ``/v2/models/{model}`` (and
-        ``/versions/{version}``), both from the routing tables of :mod:`daemon.http_api`."""
+        ``/versions/{version}``); ``prefixed``: prefix -> what may follow ``{prefix}/{model}`` (the admin and
+        repository routes), all from the routing tables of :mod:`daemon.http_api`."""
         self.access_log = access_log
         self._fixed = frozenset(fixed)
         self._tails = frozenset(t for t in model_tails if t)
+        self._prefixed = {tuple(k.split("/")): frozenset(v) for k, v in (prefixed or {}).items()}
         self._refusals: defaultdict[tuple[str, int], int] = defaultdict(int)
 
     def route(self, path: str) -> str:
@@ -51,6 +53,12 @@ class HttpObserver:
                 return template
             if len(rest) == 1 and rest[0] in self._tails:
                 return f"{template}/{rest[0]}"
+        for head, tails in self._prefixed.items():
+            n = len(head)
+            if tuple(parts[:n]) == head and len(parts) in (n + 1, n + 2) and parts[n]:
+                tail = parts[n + 1] if len(parts) == n + 2 else ""
+                if tail in tails:
+                    return "/".join(head) + "/{model}" + (f"/{tail}" if tail else "")
         return UNMATCHED
 
     def done(self, request: web.BaseRequest, response: web.StreamResponse, started: float) -> None:

@@ -13,7 +13,7 @@ from conftest import KeySet, Site, pack_model
 from httpclient import infer, request
 
 import daemon
-from daemon.http_api import FIXED, MODEL_ROUTES
+from daemon.http_api import FIXED, MODEL_ROUTES, PREFIXED
 from daemon.http_observe import PATH_MAX, UNMATCHED, HttpObserver
 
 SECRET_HEADER = "Bearer do-not-log-this-token"
@@ -121,6 +121,11 @@ def test_build_info_and_error_answers_by_route(site: Site, keyset: KeySet, mlp_o
     ("/v2/models/m/bogus", UNMATCHED),
     ("/v2/models/", UNMATCHED),
     ("/", UNMATCHED),
+    ("/admin/models/m", "/admin/models/{model}"),
+    ("/admin/models/m/rollback", "/admin/models/{model}/rollback"),
+    ("/admin/models/m/bogus", UNMATCHED),
+    ("/v2/repository/models/m/unload", "/v2/repository/models/{model}/unload"),
+    ("/v2/repository/models/m", UNMATCHED),
 ])
 def test_route_templates_follow_the_router(path: str, route: str) -> None:
-    assert HttpObserver(False, FIXED, MODEL_ROUTES).route(path) == route
+    assert HttpObserver(False, FIXED, MODEL_ROUTES, PREFIXED).route(path) == route
