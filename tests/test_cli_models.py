@@ -84,3 +84,29 @@ def test_with_a_daemon_the_commands_go_through_its_updater(site: Site, keyset: K
     assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
     state = Store(site.state_dir).state(MODEL)
     assert state.active == "2" and state.previous == "3"
+
+
+def test_packed_labels_and_description_show_in_inspect_list_and_metadata(site: Site, keyset: KeySet,
+                                                                           start_daemon: Any, tmp_path: Path) -> None:
+    from support.update_models import build_lookup
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(build_lookup(1.0))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    out = tmp_path / "lk-1.inferd"
+    inferd("model", "pack", str(model), "--name", MODEL, "--version", "1", "--runtime", "onnxruntime",
+           "--kek", str(keyset.kek_path), "--signing-key", str(keyset.signing_path), "--labels", str(labels),
+           "--description", "a lookup table", "-o", str(out))
+    info = json.loads(inferd("model", "inspect", str(out)).stdout)["info"]
+    assert info == {"labels": ["cat", "dog"], "description": "a lookup table"}
+    site.install(out.read_bytes())
+    site.models = [{"name": MODEL, "runtime": "onnxruntime", "threads": 1}]
+    config = str(site.write_config())
+    rows = json.loads(inferd("model", "list", "--config", config, "--json").stdout)
+    assert (rows[0]["labels"], rows[0]["description"]) == (2, "a lookup table")
+    d = start_daemon(config)
+    from httpclient import request
+
+    parameters = request(d.url + f"/v2/models/{MODEL}").json()["parameters"]
+    assert parameters["labels"] == ["cat", "dog"] and parameters["description"] == "a lookup table"
