@@ -44,7 +44,7 @@ from daemon.store import Store
 log = logging.getLogger("inferd.reload")
 
 #: config sections a reload applies; every other change needs a restart
-APPLIED = ("models", "keys", "auth")
+APPLIED = ("models", "keys", "auth", "updates")  # updates: the updater reads it at its next decision
 
 
 class TlsReloadable(Protocol):

@@ -6,6 +6,7 @@ refusals (quarantined, incompatible, no memory) change nothing."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,16 @@ def test_update_events_reach_mqtt_events_topic(site: Site, keyset: KeySet, start
     assert (rolled["model"], rolled["version"], rolled["previous"], rolled["cause"]) == (MODEL, "1", "2", "manual")
     failed = next(e for e in events if e["event"] == "update_failed")
     assert failed["version"] == "3" and failed["cause"] == "smoke_test_failed"
+
+
+def test_a_reload_applies_the_updates_section(site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1", "2"])
+    site.extra["updates"] = {"memory_headroom_bytes": 1 << 50}
+    d = start_daemon(site.write_config())
+    assert admin(d, "activate", {"version": "2"}).status == 409  # no room with that headroom
+    site.extra["updates"] = {}
+    site.write_config()
+    d.proc.send_signal(signal.SIGHUP)
+    d.wait_for("reloaded")
+    assert not any(doc.get("event_kind") == "reload_needs_restart" for doc in d.log)
+    assert admin(d, "activate", {"version": "2"}).status == 200
