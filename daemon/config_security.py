@@ -86,9 +86,12 @@ class ClientLimits(_Model):
         128, ge=1, description="Open connections from one client address; more are closed at once (raise it "
         "behind a reverse proxy, whose connections all come from one address).",
     )
+    max_connections: int = Field(
+        4096, ge=1, description="Open connections in all; more are closed at once (many addresses, one flood).",
+    )
     header_timeout_s: float = Field(
-        10.0, gt=0, description="Time to send a request's line and headers, from connecting (or from the previous "
-        "answer plus keepalive_timeout_s); a slower connection is closed.",
+        10.0, gt=0, description="Time to finish the TLS handshake and send a request's line and headers, from "
+        "connecting (then from each request's first byte); a slower connection is closed.",
     )
     body_timeout_s: float = Field(60.0, gt=0, description="Time to send an inference request's body (408 past it).")
     keepalive_timeout_s: float = Field(75.0, gt=0, description="An idle keep-alive connection is closed after this.")

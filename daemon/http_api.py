@@ -11,6 +11,7 @@ import functools
 import importlib.resources
 import logging
 import math
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -110,8 +111,9 @@ class HttpApi:
         self.updater: Any = None  # daemon.updater.Updater, set by app.py: the admin and repository routes use it
         self.audit: Any = None  # daemon.audit.AuditLog when audit is on: admin routes record who did what
 
-    def server(self) -> web_server.Server:
-        """The aiohttp protocol factory; create it on the running loop."""
+    def server(self, tls: ssl.SSLContext | None = None) -> web_server.Server:
+        """The aiohttp protocol factory; create it on the running loop. ``tls``: the HTTPS context, whose handshake
+        each connection does inside its limits (daemon/http_limits.py), so the listener itself is plain TCP."""
         loop = asyncio.get_running_loop()
         limit = self.max_body_bytes
 
@@ -120,11 +122,14 @@ class HttpApi:
                                    loop=loop, client_max_size=limit)
 
         limits = self.client_limits
-        self.connection_limits = ConnectionLimits(limits)
+        self.connection_limits = ConnectionLimits(limits, tls)
         return LimitedServer(self.handle, request_factory=make_request, access_log=None,
                              connection_limits=self.connection_limits, max_line_size=limits.max_line_size,
                              max_field_size=limits.max_field_size, max_headers=limits.max_headers,
-                             keepalive_timeout=limits.keepalive_timeout_s)
+                             keepalive_timeout=limits.keepalive_timeout_s,
+                             # after an error answer aiohttp reads and drops what the client still sends, so the
+                             # client sees the answer rather than a reset; a stalled sender must not hold it long
+                             lingering_time=min(2.0, limits.body_timeout_s))
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -36,10 +37,12 @@ class HttpFrontend:
 
     async def start(self) -> None:
         self._stopped.clear()
-        self._runner = web.ServerRunner(self.api.server(), handle_signals=False, shutdown_timeout=CLEANUP_GRACE_S)
+        # TLS, when on, is each connection's own handshake inside its limits (daemon/http_limits.py): the socket
+        # itself listens in plain TCP, so a stalled handshake is counted and timed like slow headers
+        server = self.api.server(self.tls.context if self.tls is not None else None)
+        self._runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=CLEANUP_GRACE_S)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True,
-                                 ssl_context=self.tls.context if self.tls is not None else None)
+        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await self._site.start()
         self.port = bound_port(self._runner)
         log.info("listening on %s://%s:%d", self.scheme, self.host, self.port,
@@ -51,9 +54,17 @@ class HttpFrontend:
 
     def load_tls(self) -> Callable[[], str] | None:
         """SIGHUP: the certificate files again (daemon/reload.py); new handshakes use them, connections stay."""
-        if self.tls is None or not self.tls.reload():
+        tls = self.tls
+        if tls is None or not tls.reload():
             return None
-        return self.tls.apply
+
+        def switch() -> str:
+            line = tls.apply()
+            if self.api.connection_limits is not None:  # sessions from before now would skip the new client CA
+                self.api.connection_limits.tls_epoch = time.time()
+            return line
+
+        return switch
 
     async def run(self) -> None:
         """aiohttp serves from its own tasks; this only marks the frontend's lifetime for the supervisor."""

@@ -8,7 +8,9 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -138,23 +140,27 @@ def test_sighup_rereads_certificate_and_client_ca_and_keeps_open_connections(
     https = Https(daemon, pki, tmp_path / "clients", token, site)
     old_device = issue(pki, https.certs, "device-17")
     auth = {"Authorization": f"Bearer {token}"}
-    kept = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=10, context=https.context(old_device))
+    fresh = make_pki(tmp_path / "renewed", cn="renewed-ca")  # a new server certificate and a new client CA
+
+    def trusting(client: dict[str, Path]) -> ssl.SSLContext:
+        ctx = https.context(client)
+        ctx.load_verify_locations(cafile=str(fresh["ca"]))
+        return ctx
+
+    old_context = trusting(old_device)  # one context: a session resumes only from the context that made it
+    kept = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=10, context=old_context)
     try:
         kept.request("GET", "/v2/models/mlp/ready", headers=auth)
         assert kept.getresponse().read() is not None
         before = kept.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
-        fresh = make_pki(tmp_path / "renewed", cn="renewed-ca")  # a new server certificate and a new client CA
+        session = kept.sock.session  # type: ignore[union-attr]
+        assert session is not None
         live = tmp_path / "live"
         (live / "server.pem").write_bytes(fresh["server"].read_bytes())
         (live / "server.key").write_bytes(fresh["server_key"].read_bytes())
         (live / "ca.pem").write_bytes(fresh["ca"].read_bytes())
         os.kill(daemon.proc.pid, signal.SIGHUP)
         daemon.wait_for_event("reload: HTTPS certificate re-read", timeout=30)
-
-        def trusting(client: dict[str, Path]) -> ssl.SSLContext:
-            ctx = https.context(client)
-            ctx.load_verify_locations(cafile=str(fresh["ca"]))
-            return ctx
 
         new_device = issue(fresh, tmp_path / "new-clients", "device-17")
         after = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=10, context=trusting(new_device))
@@ -166,7 +172,54 @@ def test_sighup_rereads_certificate_and_client_ca_and_keeps_open_connections(
             after.close()
         with pytest.raises((ssl.SSLError, ConnectionError)):  # the old client CA is trusted no more
             request(https.url + "/v2/models/mlp/infer", "POST", BODY, context=trusting(old_device), check=False)
+        # nor can a session resumed from before the reload carry the old certificate in
+        assert raw_get(old_context, daemon.port, session) == b""
+        assert raw_get(trusting(new_device), daemon.port).startswith(b"HTTP/1.1 ")  # the same probe, unresumed
         kept.request("POST", "/v2/models/mlp/infer", body=json.dumps(BODY), headers=auth)
         assert kept.getresponse().status == 200  # the connection opened before the reload still serves
     finally:
         kept.close()
+
+
+def raw_get(ctx: ssl.SSLContext, port: int, session: ssl.SSLSession | None = None) -> bytes:
+    """What the daemon answers a GET over a fresh TLS connection (b"" when it closes the connection instead)."""
+    try:
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="127.0.0.1",
+                             session=session) as s:
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            return s.recv(65536)
+    except (ssl.SSLError, ConnectionError):
+        return b""
+
+
+def test_a_stalled_tls_handshake_is_counted_and_cut(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes,
+                                                     start_daemon: Callable[..., DaemonProcess]) -> None:
+    site, pki, token = secure_site(tmp_path, keyset, mlp_onnx)
+    site.extra["server"]["limits"] = {"header_timeout_s": 0.5, "max_connections_per_client": 2}
+    daemon = start_daemon(site.write_config())
+    stalled = []
+    try:
+        for _ in range(2):  # TCP connections that never send a ClientHello
+            s = socket.socket()
+            s.settimeout(10)
+            s.bind(("127.0.0.6", 0))
+            s.connect(("127.0.0.1", daemon.port))
+            stalled.append(s)
+        third = socket.socket()
+        third.settimeout(10)
+        third.bind(("127.0.0.6", 0))
+        third.connect(("127.0.0.1", daemon.port))
+        with third:
+            assert third.recv(1) == b""  # over the per-address limit: closed at once, handshakes count
+        started = time.monotonic()
+        for s in stalled:
+            assert s.recv(1) == b""  # cut by the handshake deadline
+        assert time.monotonic() - started < 5
+        device = issue(pki, tmp_path / "clients", "device-17")
+        ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+        ctx.load_cert_chain(device["cert"], device["key"])
+        url = f"https://127.0.0.1:{daemon.port}/v2/models/mlp/infer"
+        assert request(url, "POST", BODY, context=ctx).status == 200  # a well-behaved client was never affected
+    finally:
+        for s in stalled:
+            s.close()
