@@ -6,9 +6,11 @@ are relative to what the model's own runs cost on this machine."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import statistics
 import time
+import tracemalloc
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from support.models import build_slow_model, rows_for
 from support.mqtt import PREFIX
 
 from adapters import SessionOptions, get_runtime
+from daemon.app import Daemon
+from daemon.config import load_config
 
 N, DEPTH = 1024, 24
 #: one request's run on the single worker: long enough that a burst of CLIENTS is far past what it can serve
@@ -195,3 +199,75 @@ def test_mqtt_holds_back_and_answers_a_refusal_with_an_error_reply(site: Site, k
     finally:
         req.close()
     assert daemon.stop() == 0
+
+
+def test_a_queued_json_request_holds_its_tensor_not_its_body(site: Site, keyset: KeySet, model: bytes,
+                                                             sized: tuple[int, float]) -> None:
+    """JSON requests queued behind a long run, in an in-process daemon traced by tracemalloc: none of them keeps its
+    body (aiohttp's ``read()`` would keep each on its request object). RSS cannot show it: the heap's fragmentation
+    after freeing bodies is about their size too (docs/overload.md)."""
+    rows, cost = sized
+    site.install(pack_model(keyset, model, name="slow"))
+    site.models = [{"name": "slow", "runtime": "onnxruntime", "threads": 1, "workers": 1, "max_batch_size": 0,
+                    "max_queue_wait_ms": 600_000}]
+    daemon = Daemon(load_config(site.write_config()))
+    x = np.random.default_rng(5).normal(size=(16, N)).astype(np.float32)
+    body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    long = np.full((min(4096, rows * max(2, int(4 / cost))), N), 0.001, np.float32)  # seconds of work ahead
+    long_body, long_headers = body_of(long)
+    n = 8
+
+    def http(payload: bytes, headers: dict[str, str]) -> bytes:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        return (f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(payload)}\r\n{head}"
+                "\r\n").encode() + payload
+
+    async def answer(reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        return head.split(b"\r\n", 1)[0]
+
+    async def scenario() -> tuple[int, list[bytes]]:
+        task = asyncio.create_task(daemon.run())
+        while daemon.manager is None or daemon.manager.entries["slow"].status != "ready":
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        active = daemon.manager.entries["slow"].active
+        assert active is not None
+        scheduler = active.scheduler
+        port = daemon.frontends[0].port  # type: ignore[attr-defined]
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(n + 1)]
+        loop = asyncio.get_running_loop()
+        conns[0][1].write(http(long_body, long_headers))
+        deadline = loop.time() + 60
+        while scheduler.queue_depth or active.stats.in_flight == 0:  # decoded and submitted: the long one runs
+            assert loop.time() < deadline, "the long request never ran"
+            await asyncio.sleep(0.005)
+        tracemalloc.start()
+        try:
+            for _, writer in conns[1:]:
+                writer.write(http(body, {"Content-Type": "application/json"}))
+            while scheduler.queue_depth < n:  # all of them decoded and queued behind it
+                if not (loop.time() < deadline and daemon.activity.in_progress):
+                    early = [await answer(reader) for reader, _ in conns]
+                    raise AssertionError(f"the JSON requests never queued: {early}")
+                await asyncio.sleep(0.005)
+            snapshot = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        # blocks the size of a JSON body still alive (a bytes object of len(body) is one block a little larger)
+        bodies = sum(1 for t in snapshot.traces if len(body) <= t.size < len(body) + 4096)
+        statuses = [await answer(reader) for reader, _ in conns]
+        for _, writer in conns:
+            writer.close()
+        daemon.request_stop("test")
+        await asyncio.wait_for(task, 60)
+        return bodies, statuses
+
+    bodies, statuses = asyncio.run(scenario())
+    assert statuses == [b"HTTP/1.1 200 OK"] * (n + 1)
+    assert bodies == 0, f"{bodies} JSON bodies of {n} queued requests are still alive"
