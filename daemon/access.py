@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,6 +32,11 @@ from daemon.security import (
 
 log = logging.getLogger("inferd.auth")
 
+#: audit records of refused calls a second, in all (see Guard._refused)
+AUDIT_REFUSALS_PER_S = 50
+#: the longest caller-chosen text an audit record keeps
+AUDIT_FIELD_MAX = 128
+
 #: the identity of a probe let in without credentials (``auth.open_probes``)
 PROBE = Caller("anonymous-probe", frozenset({"health"}), None, "open")
 
@@ -43,6 +49,10 @@ class Route:
     scope: str
     name: str
     probe: bool = False
+
+
+def _cut(text: str | None) -> str | None:
+    return text if text is None or len(text) <= AUDIT_FIELD_MAX else text[:AUDIT_FIELD_MAX] + "..."
 
 
 def is_loopback(host: str) -> bool:
@@ -92,6 +102,10 @@ class Guard:
         self.open_probes = open_probes
         self.audit = audit
         self.refusals: dict[tuple[str, str], int] = {}  # (transport, reason) -> count, for the metrics
+        self._window = 0.0  # the audit rate limit (see _refused)
+        self._written = 0
+        self._seen: set[tuple[str | None, str, str | None]] = set()
+        self._suppressed = 0
 
     @property
     def fingerprint(self) -> tuple[object, ...]:
@@ -127,9 +141,24 @@ class Guard:
                  transport: str, who: str | None) -> None:
         key = (transport, exc.code)
         self.refusals[key] = self.refusals.get(key, 0) + 1
-        if self.audit is not None:
-            self.audit.record("auth", exc.code, who=who, peer=peer, transport=transport, route=route.name,
-                              model=model, reason=str(exc))
+        if self.audit is None:
+            return
+        # A stranger must not be able to rotate the audit trail away: refusals are written at most once a second
+        # per (peer, kind, caller) and AUDIT_REFUSALS_PER_S a second in all, the rest counted in the next record
+        # written; what the caller chose (the model name, the reply topic) is cut short.
+        now = time.monotonic()
+        if now - self._window >= 1.0:
+            self._window, self._written, self._seen = now, 0, set()
+        mark = (peer, exc.code, who)
+        if mark in self._seen or self._written >= AUDIT_REFUSALS_PER_S:
+            self._suppressed += 1
+            return
+        self._seen.add(mark)
+        self._written += 1
+        suppressed, self._suppressed = self._suppressed, 0
+        self.audit.record("auth", exc.code, who=who, peer=_cut(peer), transport=transport, route=route.name,
+                          model=_cut(model), reason=_cut(str(exc)), **({"suppressed": suppressed} if suppressed
+                                                                        else {}))
 
 
 def build_guard(config: Config, audit: AuditLog | None = None) -> Guard:

@@ -98,12 +98,14 @@ class AuditLog:
                 lines.append(json.dumps(entry, separators=(",", ":"), default=str).encode() + b"\n")
             try:
                 self._write(lines)
-            except OSError as exc:  # the disk is full or gone: say so in the main log, keep serving
+            except Exception as exc:  # the disk is full or gone (or worse): say so in the main log, keep serving
                 log.error("audit log %s: cannot write %d record(s): %s", self.path, len(lines), exc)
                 with self._lock:
                     self.dropped += len(lines)
 
     def _write(self, lines: list[bytes]) -> None:
+        if self._fd < 0:  # a rotation that failed half way (or a disk that came back): open the file again
+            self._open()
         wrote = False
         for line in lines:
             if self._size and self._size + len(line) > self.max_bytes:

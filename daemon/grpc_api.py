@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import unquote
 
 import grpc
 from google.protobuf import json_format
@@ -105,8 +106,9 @@ GRPC_ROUTES: dict[str, Route] = {
 
 
 def peer_host(peer: str) -> str | None:
-    """grpc's ``ipv4:127.0.0.1:5000`` / ``ipv6:[::1]:5000`` -> the address (``unix:...`` and others: None)."""
-    kind, _, rest = peer.partition(":")
+    """grpc's ``ipv4:127.0.0.1:5000`` / ``ipv6:[::1]:5000`` (brackets sometimes percent-encoded) -> the address
+    (``unix:...`` and others: None)."""
+    kind, _, rest = unquote(peer).partition(":")
     if kind == "ipv4":
         return rest.rpartition(":")[0]
     if kind == "ipv6":
@@ -194,11 +196,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         """The counters HTTP's stats route gives: every loaded version, or those of one model (and version)."""
-        await self._allow(context, "ModelStatistics", request.name)
+        caller = await self._allow(context, "ModelStatistics", request.name)
         manager = self.manager
         try:
-            if not request.name:
-                stats = manager.all_stats()
+            if not request.name:  # a key limited to some models sees only theirs
+                stats = [s for s in manager.all_stats()
+                         if caller is None or caller.models is None or s.model in caller.models]
             else:
                 version = _version(request.version)
                 entry = manager.entry(request.name)

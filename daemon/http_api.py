@@ -377,7 +377,9 @@ async def model_stats(api: HttpApi, request: web.BaseRequest, params: list[str])
     """Triton's statistics extension: every loaded version, or the ones of one model (and version)."""
     manager = api.manager
     if not params:
-        stats = manager.all_stats()
+        caller = request.get(CALLER)
+        stats = [s for s in manager.all_stats()  # a key limited to some models sees only theirs
+                 if caller is None or caller.models is None or s.model in caller.models]
     else:
         name, version = _name_version(params)
         entry = manager.entry(name)

@@ -232,6 +232,9 @@ def authorize(caller: Caller, scope: str, model: str | None) -> None:
         raise Forbidden(f"caller {caller.name!r} lacks the {scope!r} scope this route needs")
     if model is not None and caller.models is not None and model not in caller.models:
         raise Forbidden(f"caller {caller.name!r} may not use model {model!r}")
+    if model is None and scope == "admin" and caller.models is not None:  # e.g. the repository index, a sync
+        raise Forbidden(f"caller {caller.name!r} is limited to some models: a server-wide admin route needs a key "
+                        "for every model")
 
 
 __all__ = ["SCOPES", "ApiKey", "Authenticator", "Caller", "Forbidden", "Unauthenticated", "add_key_to_file",

@@ -43,7 +43,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet, mlp_onnx: 
     keys_file = root / "secrets" / "api-keys.json"
     keys_file.parent.mkdir(mode=0o700)
     grants = {"app": (["infer", "read"], ["mlp"]), "reader": (["read"], None), "ops": (["admin", "metrics"], None),
-              "all": (["health", "read", "infer", "metrics"], None)}
+              "all": (["health", "read", "infer", "metrics"], None), "mlp-admin": (["admin"], ["mlp"])}
     tokens = {name: add_key_to_file(keys_file, name, scopes, models) for name, (scopes, models) in grants.items()}
     site.models = [{"name": n, "runtime": "onnxruntime", "threads": 1} for n in ("mlp", "other")]
     site.extra = {"auth": {"required": True, "keys_file": {"path": str(keys_file)}},
@@ -91,6 +91,22 @@ def test_a_key_limited_to_one_model_reaches_only_that_model(secured: Secured) ->
     assert request(secured.daemon.url + "/v2/models/mlp/infer", "POST", BODY, headers=app).status == 200
     other = request(secured.daemon.url + "/v2/models/other/infer", "POST", BODY, headers=app)
     assert other.status == 403 and "may not use model 'other'" in other.json()["error"]
+
+
+def test_a_key_limited_to_one_model_sees_only_its_statistics(secured: Secured) -> None:
+    stats = request(secured.daemon.url + "/v2/models/stats", headers=bearer(secured.keys["app"])).json()
+    assert {s["name"] for s in stats["model_stats"]} == {"mlp"}
+    every = request(secured.daemon.url + "/v2/models/stats", headers=bearer(secured.keys["reader"])).json()
+    assert {s["name"] for s in every["model_stats"]} == {"mlp", "other"}
+
+
+def test_a_model_limited_admin_key_cannot_use_server_wide_admin_routes(secured: Secured) -> None:
+    limited = bearer(secured.keys["mlp-admin"])
+    for path in ("/v2/repository/index", "/admin/registry/sync"):
+        reply = request(secured.daemon.url + path, "POST", headers=limited)
+        assert reply.status == 403 and "server-wide admin route" in reply.json()["error"], path
+    assert request(secured.daemon.url + "/admin/models/mlp", headers=limited).status == 200
+    assert request(secured.daemon.url + "/admin/models/other", headers=limited).status == 403
 
 
 def test_probes_stay_open_to_loopback_and_nothing_else_does(secured: Secured) -> None:
@@ -191,3 +207,30 @@ def test_keys_added_and_removed_take_effect_on_sighup(site: Site, keyset: KeySet
         return [r["result"] for r in map(json.loads, lines) if r["action"] == "config.reload"]
 
     wait_until(lambda: reloads() == ["applied", "applied", "rejected"], 10.0, "three audited reloads")
+
+
+def test_a_flood_of_refusals_cannot_flood_the_audit_log(site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                                        tmp_path: Path,
+                                                        start_daemon: Callable[..., DaemonProcess]) -> None:
+    keys_file = tmp_path / "secrets" / "api-keys.json"
+    keys_file.parent.mkdir(mode=0o700)
+    token = add_key_to_file(keys_file, "ops", ["admin"], None)
+    site.install(pack_model(keyset, mlp_onnx))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    audit = tmp_path / "audit.log"
+    site.extra = {"auth": {"required": True, "keys_file": {"path": str(keys_file)}}, "audit": {"path": str(audit)}}
+    daemon = start_daemon(site.write_config())
+    long_name = "m" * 5000
+    for _ in range(300):
+        request(daemon.url + f"/v2/models/{long_name}/infer", "POST", BODY)
+    request(daemon.url + "/v2/models/mlp/infer", "POST", BODY, headers=bearer(token))  # forbidden: another caller
+
+    def records() -> list[dict]:
+        return [json.loads(line) for line in audit.read_text().splitlines()] if audit.exists() else []
+
+    wait_until(lambda: any(r.get("who") == "ops" for r in records()), 10.0, "the caller's refusal in the audit log")
+    refused = [r for r in records() if r["action"] == "auth" and r["who"] is None]
+    assert 1 <= len(refused) < 60, len(refused)  # 300 refusals, a record a second (and a bounded number in all)
+    assert all(len(r["model"]) <= 131 for r in refused)  # the caller's text is cut short
+    ops = next(r for r in records() if r.get("who") == "ops")
+    assert ops["result"] == "forbidden"  # a known caller's refusal is not hidden by a stranger's flood
