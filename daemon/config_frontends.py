@@ -56,7 +56,9 @@ class MqttConfig(_Model):
     )
     reply_topic_prefixes: list[str] = Field(
         default_factory=list,
-        description="Only publish replies to topics starting with one of these (empty: any); match your broker ACL.",
+        description="Only publish replies to topics starting with one of these (empty: any); match your broker ACL. "
+        "With mqtt.auth_required, '{caller}' in a prefix (e.g. 'replies/{caller}/') is the authenticated caller's "
+        "name: each caller's replies go under its own name only.",
     )
 
     @model_validator(mode="after")

@@ -35,6 +35,7 @@ from daemon.frontend import Health
 from daemon.models import ModelManager
 from daemon.mqtt_bridge import MqttBridge
 from daemon.mqtt_state import Incoming, MqttState
+from daemon.security import Forbidden, Unauthenticated
 
 log = logging.getLogger("inferd.mqtt")
 
@@ -259,6 +260,8 @@ class MqttFrontend:
             if self.guard is not None and self.config.auth_required:
                 caller = self.guard.verify(MQTT_INFER, model, _user_value(req.user, "authorization"), destination,
                                            "mqtt")
+                if not self._caller_may_reply_to(caller.name, destination):
+                    raise Forbidden(f"caller {caller.name!r} may not have replies sent to {destination!r}")
             ctx = RequestContext("mqtt", self.activity, peer=destination,
                                  identity=caller.name if caller is not None else None)
             loaded = await service.admit_waiting(self.manager, model, version, ctx)
@@ -273,6 +276,16 @@ class MqttFrontend:
             if reply_length is not None:
                 reply_props.append((HEADER_LENGTH, str(reply_length)))
         except Exception as exc:  # every request gets a reply, a bug included (HTTP would answer 500)
+            if isinstance(exc, (Unauthenticated, Forbidden)) and self._per_caller_replies:
+                # the reply topic is only known to be the caller's own once the caller is: no reply at all, or a
+                # forged request would still put an error into another device's reply stream (it is audited)
+                self._answered(req)
+                self.state.no_reply_destination += 1
+                log.warning("mqtt request on %s refused without a reply: %s", req.topic, exc,
+                            extra={"event_kind": "mqtt_unanswerable"})
+                assert self.bridge is not None
+                self.bridge.ack(req)
+                return
             if isinstance(exc, InferdError):
                 status = MQTT_STATUS.get(exc.code, "500")
                 message = str(exc)
@@ -289,6 +302,17 @@ class MqttFrontend:
         await bridge.reply(destination, body, status, req.correlation, reply_props, qos=1 if req.qos else 0)
         bridge.ack(req)
 
+    @property
+    def _per_caller_replies(self) -> bool:
+        return any("{caller}" in p for p in self.config.reply_topic_prefixes)
+
+    def _caller_may_reply_to(self, caller: str, topic: str) -> bool:
+        """With a ``{caller}`` prefix (e.g. ``replies/{caller}/``), an authenticated caller's replies go under its
+        own name only: one device cannot have its answers, or errors, delivered into another's reply topic."""
+        if not self._per_caller_replies:
+            return True
+        return any(topic.startswith(p.replace("{caller}", caller)) for p in self.config.reply_topic_prefixes)
+
     def check_reply_topic(self, topic: str | None) -> str | None:
         """Why a reply cannot go to ``topic`` (None when it can). A broker drops the connection on a bad topic name,
         and an unacknowledged request would come back after every reconnect: so check before publishing."""
@@ -298,7 +322,7 @@ class MqttFrontend:
             return "its reply topic is longer than 65,535 bytes"
         if topic.startswith("$") or _BAD_TOPIC_CHARS.search(topic):
             return "its reply topic has wildcards or control characters, or starts with '$'"
-        prefixes = self.config.reply_topic_prefixes
+        prefixes = [p.split("{caller}")[0] for p in self.config.reply_topic_prefixes]  # its fixed part, here
         if prefixes and not any(topic.startswith(p) for p in prefixes):
             return f"its reply topic {topic!r} is outside mqtt.reply_topic_prefixes"
         return None

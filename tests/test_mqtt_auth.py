@@ -103,3 +103,30 @@ def test_the_documented_broker_acl_confines_each_device(site: Site, keyset: KeyS
         for d in devices:
             d.close()
         broker.close()
+
+
+def test_a_caller_cannot_have_replies_sent_into_another_callers_topic(
+        site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker, tmp_path: Path,
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    keys_file = tmp_path / "secrets" / "api-keys.json"
+    keys_file.parent.mkdir(mode=0o700)
+    dev1 = add_key_to_file(keys_file, "dev1", ["infer"], None)
+    dev2 = add_key_to_file(keys_file, "dev2", ["infer"], None)
+    site.extra = {"auth": {"keys_file": {"path": str(keys_file)}}}
+    start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker, auth_required=True,
+                                            reply_topic_prefixes=["replies/{caller}/"]))
+    victim = Requester(broker.port, reply_topic="replies/dev1/inbox")
+    try:
+        # dev2 names dev1's reply topic: no reply is published there (not even an error), and no model runs
+        victim.request(TOPIC, mlp_request(X), correlation=b"forged", user=[("authorization", f"Bearer {dev2}")])
+        # a stranger's request naming it gets nothing there either
+        victim.request(TOPIC, mlp_request(X), correlation=b"stranger")
+        # dev1's own request is answered; the broker delivers in order, so anything published for the two before
+        # would have arrived first
+        victim.request(TOPIC, mlp_request(X), correlation=b"own", user=[("authorization", f"Bearer {dev1}")])
+        reply = victim.wait()
+        assert (reply.correlation, reply.status) == (b"own", "200")
+        np.testing.assert_allclose(outputs(reply.payload), mlp_reference(X), rtol=1e-5)
+        assert victim.replies.empty()
+    finally:
+        victim.close()
