@@ -117,7 +117,7 @@ async def _describe(api: Any, name: str) -> dict[str, Any]:
 
 
 async def admin_model(api: Any, request: web.BaseRequest, params: list[str]) -> web.Response:
-    return _json(await _describe(api, params[0]))
+    return await _audited(api, request, "admin.show", params[0], _describe(api, params[0]))
 
 
 async def admin_activate(api: Any, request: web.BaseRequest, params: list[str]) -> web.Response:
@@ -149,14 +149,18 @@ async def repository_index(api: Any, request: web.BaseRequest, params: list[str]
     ready_only = doc.get("ready", False)
     if not isinstance(ready_only, bool):
         raise InvalidInput("'ready' must be true or false")
-    out: list[dict[str, Any]] = []
-    for name, entry in sorted(api.manager.entries.items()):
-        rows = [{"name": name, "version": v, "state": "READY" if lv.state == "ready" else "UNAVAILABLE",
-                 "reason": ""} for v, lv in entry.versions.items()]
-        if not rows:
-            rows = [{"name": name, "state": "UNAVAILABLE", "reason": entry.reason or entry.status}]
-        out += [r for r in rows if not ready_only or r["state"] == "READY"]
-    return _json(out)
+
+    async def work() -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for name, entry in sorted(api.manager.entries.items()):
+            rows = [{"name": name, "version": v, "state": "READY" if lv.state == "ready" else "UNAVAILABLE",
+                     "reason": ""} for v, lv in entry.versions.items()]
+            if not rows:
+                rows = [{"name": name, "state": "UNAVAILABLE", "reason": entry.reason or entry.status}]
+            out += [r for r in rows if not ready_only or r["state"] == "READY"]
+        return out
+
+    return await _audited(api, request, "repository.index", None, work())
 
 
 async def repository_load(api: Any, request: web.BaseRequest, params: list[str]) -> web.Response:

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from daemon import probation, update_checks
+from daemon import probation, update_checks, version_policy
 from daemon.audit import AuditLog
 from daemon.config import Config, ModelConfig
 from daemon.config_updates import ProbationConfig
@@ -213,8 +213,7 @@ class Updater:
             s.record("refused", loaded.version, reason=why)
 
         await self._journal(name, refused)
-        if loaded is not self.manager.entry(name).active and not self._wanted(name, loaded.version):
-            await self.manager.retire(name, loaded.version)
+        await self.apply_policy(name)  # drains the refused version unless the version policy keeps it loaded
         log.error("update of %s to %s refused: %s", name, loaded.version, why,
                   extra={"event_kind": "update_refused", "model": name, "version": loaded.version})
 
@@ -371,34 +370,9 @@ class Updater:
 
     # -- version policy ---------------------------------------------------------------------------------------
 
-    def _wanted(self, name: str, version: str, installed: list[str] | None = None,
-                quarantined: list[str] | None = None) -> bool:
-        policy = self._cfg(name).version_policy
-        if policy.specific is not None:
-            return version in policy.specific
-        if policy.latest is not None and installed is not None:
-            usable = [v for v in installed if v not in (quarantined or [])]
-            return version in usable[-policy.latest:]
-        return False
-
     async def apply_policy(self, name: str) -> None:
         """Load what the model's version_policy wants beside the active version, drain what it does not want."""
-        entry = self.manager.entry(name)
-        state: ModelState = await self._io(self.store.state, name)
-        installed: list[str] = await self._io(self.store.versions, name)
-        for version in installed:
-            if version in state.quarantined or version in entry.versions:
-                continue
-            if self._wanted(name, version, installed, state.quarantined):
-                try:
-                    await self.manager.load_version(name, version)
-                except InferdError as exc:
-                    log.error("%s:%s (version_policy) failed to load: %s", name, version, exc)
-        for version, loaded in list(entry.versions.items()):
-            if loaded is entry.active or loaded.state != "ready":
-                continue
-            if not self._wanted(name, version, installed, state.quarantined):
-                await self.manager.retire(name, version)
+        await version_policy.apply(self.manager, self.store, name)
 
 
 def _quarantine(s: ModelState, version: str, why: str, clear_pending: bool = False) -> None:
