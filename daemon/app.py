@@ -97,7 +97,8 @@ class Daemon:
         registry = metrics.make_registry(
             metrics.InferdCollector(manager.all_stats, manager.loaded_info, manager.readiness, self._mqtt_metrics,
                                     queues=manager.queue_depths, http_refusals=lambda: api.observer.refusals(),
-                                    rollbacks=updater.rollback_counts, registry=self._registry_metrics)
+                                    rollbacks=updater.rollback_counts, registry=self._registry_metrics,
+                                    security=lambda: security_counts(api))
         )
         api = http_api.HttpApi(manager, limits, server.max_body_bytes, registry, readiness, self.activity, guard,
                                access_log=server.access_log, client_limits=server.limits)
@@ -231,3 +232,11 @@ def audit_path(config: Config) -> Path:
     if logs:
         return Path(logs.split(":")[0]) / "audit.log"
     return config.state_dir / "audit" / "audit.log"
+
+
+def security_counts(api: http_api.HttpApi) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+    """What the guard refused (every transport) and what the HTTP connection limits cut, for /metrics."""
+    refusals = dict(api.guard.refusals) if api.guard is not None else {}
+    limits = api.connection_limits
+    cut = {"over_limit": limits.refused, "too_slow": limits.timed_out} if limits is not None else {}
+    return refusals, cut

@@ -58,6 +58,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "inferd_registry_polls_total": ("counter", "Polls of the registry's index (absent without registry.url)."),
     "inferd_registry_failures_total": (
         "counter", "Registry refusals and failures by reason (bad_signature, stale_sequence, expired, ...)."),
+    "inferd_auth_refusals_total": (
+        "counter", "Calls refused by authentication (unauthenticated) or authorization (forbidden), by transport."),
+    "inferd_http_connections_cut_total": (
+        "counter", "HTTP connections closed by the hostile-client limits: over_limit (per address or in all), "
+        "too_slow (handshake or headers past server.limits.header_timeout_s)."),
     "inferd_rollbacks_total": (
         "counter", "Versions switched away from automatically or by hand, by model and reason."),
 }
@@ -209,7 +214,9 @@ class InferdCollector:
         http_refusals: Callable[[], Iterable[RouteRefusals]] = lambda: (),
         registry: Callable[[], tuple[int, dict[str, int]] | None] = lambda: None,
         rollbacks: Callable[[], Iterable[tuple[str, str, int]]] = lambda: (),
+        security: Callable[[], tuple[dict[tuple[str, str], int], dict[str, int]]] = lambda: ({}, {}),
     ) -> None:
+        self._security = security  # (auth refusals by (transport, reason), HTTP connections cut by reason)
         self._http_refusals = http_refusals
         self._registry = registry  # (polls, failures by reason) of daemon/registry.py; None without a registry
         self._rollbacks = rollbacks  # (model, reason, count), from the updater
@@ -314,6 +321,17 @@ class InferdCollector:
         for model, reason, count in self._rollbacks():
             rollbacks.add_metric([model, reason], count)
         yield rollbacks
+        auth, cut = self._security()
+        refused = CounterMetricFamily("inferd_auth_refusals", help_["inferd_auth_refusals_total"],
+                                      labels=["transport", "reason"])
+        for (transport, reason), count in sorted(auth.items()):
+            refused.add_metric([transport, reason], count)
+        yield refused
+        connections = CounterMetricFamily("inferd_http_connections_cut", help_["inferd_http_connections_cut_total"],
+                                          labels=["reason"])
+        for reason, count in sorted(cut.items()):
+            connections.add_metric([reason], count)
+        yield connections
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,14 @@ def test_refusals_are_audited_and_no_key_is_written_anywhere(secured: Secured) -
         assert token not in written and token.rsplit("_", 1)[1] not in written
 
 
+def test_refusals_are_counted_in_the_metrics(secured: Secured) -> None:
+    request(secured.daemon.url + "/v2/models/mlp/infer", "POST", BODY)
+    text = request(secured.daemon.url + "/metrics", headers=bearer(secured.keys["ops"])).body.decode()
+    line = next(x for x in text.splitlines()
+                if x.startswith('inferd_auth_refusals_total{reason="unauthenticated",transport="http"}'))
+    assert float(line.split()[-1]) >= 1
+
+
 def test_route_scopes_in_the_document_match_the_daemon() -> None:
     doc = yaml.safe_load(OPENAPI.read_text(encoding="utf-8"))
     for path, item in doc["paths"].items():

@@ -102,3 +102,10 @@ def test_an_idle_keep_alive_connection_is_closed(served: DaemonProcess) -> None:
         started = time.monotonic()
         assert closed_by_server(s) == b""
         assert time.monotonic() - started >= KEEPALIVE * 0.9
+
+
+def test_cut_connections_and_refusals_are_counted(served: DaemonProcess) -> None:
+    test_a_connection_flood_from_one_address_is_cut(served)
+    text = request(served.url + "/metrics").body.decode()
+    over = [line for line in text.splitlines() if line.startswith('inferd_http_connections_cut_total{reason="over_limit"}')]
+    assert over and float(over[0].split()[-1]) >= 1, over
