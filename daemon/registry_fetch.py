@@ -92,7 +92,11 @@ class Fetcher:
                 response.release()
                 if not location:
                     raise Unavailable(f"GET {url}: HTTP {response.status} without a Location")
-                url = urljoin(url, location)
+                target = urljoin(url, location)
+                if url.startswith("https:") and not target.startswith("https:"):
+                    raise HostNotAllowed(f"{url} redirects to {target}: from HTTPS to plain HTTP is refused, not "
+                                         "connected")
+                url = target
                 self._check(url, "a redirect to")
                 continue
             try:

@@ -337,6 +337,34 @@ def test_tls_is_verified_and_the_ca_can_be_pinned(tmp_path: Path, keyset: KeySet
     assert pinned.installed == ["mlp:1"]
 
 
+def test_a_redirect_from_https_to_plain_http_is_refused(tmp_path: Path, keyset: KeySet, central: Central,
+                                                        registry_files: dict[str, bytes]) -> None:
+    """The index comes over HTTPS; the artifact redirects to plain HTTP on an allowed host: refused, never fetched."""
+    pki = make_pki(tmp_path / "pki")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(pki["server"], pki["server_key"])
+    artifact = "artifacts/mlp/1.inferd"
+    signers = keys.load_signers([KeySource(path=keyset.public_path)])
+
+    async def scenario() -> tuple[Any, int]:
+        async with RawServer({artifact: registry_files[artifact]}) as plain:
+            files = {k: v for k, v in registry_files.items() if k != artifact}
+            async with RawServer(files, tls=server_tls, redirects={artifact: plain.url + artifact}) as origin:
+                config = box_config(tmp_path, keyset, origin.url, [central.key_path.with_name("index.key.pub")],
+                                    ca_file=str(pki["ca"]))
+                client = RegistryClient(config, Store(config.state_dir), signers)
+                await client.start()
+                try:
+                    return await client.poll(), len(plain.requests)
+                finally:
+                    await client.close()
+
+    Store(tmp_path / "box").ensure()
+    result, reached = asyncio.run(scenario())
+    assert [r["reason"] for r in result.refused] == ["host_not_allowed"] and reached == 0
+    assert "from HTTPS to plain HTTP" in result.refused[0]["message"]
+
+
 def test_backoff_doubles_to_its_cap_and_resets() -> None:
     delays, delay = [], 10.0
     for failed in (True, True, True, True, False, True):
