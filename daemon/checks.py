@@ -304,15 +304,17 @@ def check_access(config: Config, report: Report, in_service: bool = False) -> No
 
     tls = config.server.tls
     if tls.enabled and tls.key is not None:
-        if _needs_credentials(tls.key) and not in_service:
-            report.add("server.tls", "skipped", _skip_reason(tls.key))
+        credential = next((c for c in (tls.key, tls.cert) if c is not None and _needs_credentials(c)), None)
+        if credential is not None and not in_service:
+            report.add("server.tls", "skipped", _skip_reason(credential))
         else:
             try:
-                tls_server.server_tls(tls)
+                served = tls_server.server_tls(tls)
             except InferdError as exc:
                 report.add("server.tls", "failed", _key_problem(exc, tls.key).removeprefix("server.tls: "))
             else:
-                report.add("server.tls", "ok", f"{tls.cert_file}: certificate and key load and match")
+                where = served.cert_file if served is not None else tls.cert_file
+                report.add("server.tls", "ok", f"{where}: certificate and key load and match")
     auth = config.auth
     if auth.keys_file is not None and _needs_credentials(auth.keys_file) and not in_service:
         report.add("auth", "skipped", _skip_reason(auth.keys_file))

@@ -62,6 +62,9 @@ class AuditConfig(_Model):
 class HttpTlsConfig(_Model):
     enabled: bool = Field(False, description="Serve HTTPS only on server.port (no plaintext listener).")
     cert_file: ConfigPath | None = Field(None, description="Server certificate chain (PEM).")
+    cert: KeySource | None = Field(
+        None, description="The certificate chain as a systemd credential ({credential: NAME}) instead of cert_file.",
+    )
     key: KeySource | None = Field(None, description="Server private key (PEM, mode 0600), from a file or credential.")
     client_ca_file: ConfigPath | None = Field(
         None, description="Mutual TLS: clients must present a certificate signed by this CA (PEM).",
@@ -70,8 +73,10 @@ class HttpTlsConfig(_Model):
 
     @model_validator(mode="after")
     def _pair(self) -> HttpTlsConfig:
-        if self.enabled and (self.cert_file is None or self.key is None):
-            raise ValueError("TLS needs both 'cert_file' and 'key'")
+        if self.cert_file is not None and self.cert is not None:
+            raise ValueError("give the certificate as 'cert_file' or as 'cert', not both")
+        if self.enabled and ((self.cert_file is None and self.cert is None) or self.key is None):
+            raise ValueError("TLS needs a certificate ('cert_file' or 'cert') and a 'key'")
         return self
 
 

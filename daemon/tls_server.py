@@ -25,10 +25,15 @@ class ServerTls:
     """The files of ``server.tls`` and the one context the listener serves with."""
 
     def __init__(self, config: HttpTlsConfig) -> None:
-        if config.cert_file is None or config.key is None:
-            raise ConfigError("server.tls needs both 'cert_file' and 'key'")
+        if config.key is None:
+            raise ConfigError("server.tls needs a certificate ('cert_file' or 'cert') and a 'key'")
+        if config.cert_file is not None:
+            self.cert_file: Path = config.cert_file
+        elif config.cert is not None:
+            self.cert_file = source_path(config.cert)  # $CREDENTIALS_DIRECTORY/<name> under systemd
+        else:
+            raise ConfigError("server.tls needs a certificate ('cert_file' or 'cert') and a 'key'")
         self.config = config
-        self.cert_file: Path = config.cert_file
         self.key_file = source_path(config.key)
         self.context = self._build()  # the listener's; hands each handshake ``current`` (see the module docstring)
         self.current = self.context

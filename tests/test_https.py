@@ -223,3 +223,19 @@ def test_a_stalled_tls_handshake_is_counted_and_cut(tmp_path: Path, keyset: KeyS
     finally:
         for s in stalled:
             s.close()
+
+
+def test_certificate_and_key_from_systemd_credentials(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes,
+                                                      start_daemon: Callable[..., DaemonProcess]) -> None:
+    site, pki, _ = secure_site(tmp_path, keyset, mlp_onnx)
+    creds = tmp_path / "credentials"
+    creds.mkdir(mode=0o700)
+    shutil.copy(pki["server"], creds / "inferd-tls.pem")
+    shutil.copy(pki["server_key"], creds / "inferd-tls.key")
+    (creds / "inferd-tls.key").chmod(0o600)
+    tls = site.extra["server"]["tls"]
+    tls.pop("cert_file")
+    tls.update(cert={"credential": "inferd-tls.pem"}, key={"credential": "inferd-tls.key"}, client_ca_file=None)
+    daemon = start_daemon(site.write_config(), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    assert raw_get(ctx, daemon.port).startswith(b"HTTP/1.1 ")
