@@ -97,6 +97,8 @@ def test_generated_requests_with_every_kind_of_credential(secured: Secured) -> N
             assert reply.status == 403 and "lacks the 'admin' scope" in reply.json()["error"]
         elif kind == "good" and (model == "mlp" or "{model}" not in operation.path):
             assert reply.status not in (401, 403), reply.body[:200]
+        elif kind == "good":  # the key is limited to mlp
+            assert reply.status == 403 and "may not use model 'other'" in reply.json()["error"], reply.body[:200]
         elif kind in ("none", "bad"):
             assert reply.status in (400, 401), (kind, value and value[:40], reply.status, reply.body[:200])
             if reply.status == 401:

@@ -122,6 +122,14 @@ def test_old_tls_and_plaintext_are_refused(https: Https) -> None:
         request(https.url + "/v2/models/mlp/infer", "POST", BODY, context=old, check=False)
     with pytest.raises((http.client.HTTPException, ConnectionError)):
         plain_get(https.daemon.port, "/v2/health/live")
+    weak = https.context(device)  # TLS 1.2 with a cipher that has no forward secrecy and no AEAD
+    weak.maximum_version = ssl.TLSVersion.TLSv1_2
+    weak.set_ciphers("AES128-SHA256")
+    assert raw_get(weak, https.daemon.port) == b""
+    strong = https.context(device)  # the same TLS 1.2 with an ECDHE AES-GCM suite is served
+    strong.maximum_version = ssl.TLSVersion.TLSv1_2
+    strong.set_ciphers("ECDHE+AESGCM")
+    assert raw_get(strong, https.daemon.port).startswith(b"HTTP/1.1 ")
 
 
 def plain_get(port: int, path: str) -> bytes:
