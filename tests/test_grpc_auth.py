@@ -106,3 +106,43 @@ def test_a_grpc_key_file_readable_by_others_is_refused(site: Site, keyset: KeySe
     daemon = start_daemon(site.write_config(), wait=False)
     assert daemon.proc.wait(timeout=60) != 0
     assert "readable by group or others" in daemon.wait_for_event("inferd: error: ")["event"]
+
+
+def test_a_client_certificate_names_a_grpc_caller(site: Site, keyset: KeySet, mlp_onnx: bytes, tmp_path: Path,
+                                                   start_daemon: Callable[..., DaemonProcess]) -> None:
+    """Mutual TLS on gRPC with auth on: a verified certificate whose CN (or DNS SAN) is in auth.certificates is that
+    caller, with its scopes; another verified certificate still needs a key."""
+    from support.tls import issue, make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    keys_file = tmp_path / "secrets" / "api-keys.json"
+    keys_file.parent.mkdir(mode=0o700)
+    token = add_key_to_file(keys_file, "app", ["infer"], None)
+    site.install(pack_model(keyset, mlp_onnx))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    site.extra = {
+        "grpc": {"enabled": True, "port": 0, "tls": {"enabled": True, "cert_file": str(pki["server"]),
+                                                     "key_file": str(pki["server_key"]),
+                                                     "client_ca_file": str(pki["ca"])}},
+        "auth": {"required": True, "keys_file": {"path": str(keys_file)},
+                 "certificates": [{"identity": "sensor-9", "name": "sensor-9", "scopes": ["infer"]}]},
+    }
+    daemon = start_daemon(site.write_config())
+    url = f"127.0.0.1:{daemon.wait_for('grpc_listening')['port']}"
+
+    def client(cn: str) -> tgrpc.InferenceServerClient:
+        cert = issue(pki, tmp_path / "clients", cn)
+        return tgrpc.InferenceServerClient(url, ssl=True, root_certificates=str(pki["ca"]),
+                                           private_key=str(cert["key"]), certificate_chain=str(cert["cert"]))
+
+    sensor, stranger = client("sensor-9"), client("stranger")
+    try:
+        np.testing.assert_allclose(infer(sensor, {}), mlp_reference(np.array([[1, 2, 3, 4]], np.float32)), rtol=1e-5)
+        with pytest.raises(InferenceServerException, match="PERMISSION_DENIED"):  # the certificate grants infer only
+            sensor.get_server_metadata()
+        with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+            infer(stranger, {})
+        assert infer(stranger, {"authorization": f"Bearer {token}"}).shape == (1, 3)
+    finally:
+        sensor.close()
+        stranger.close()
