@@ -158,6 +158,7 @@ class Updater:
             if old is not None and old.version == version and entry.status == "ready":
                 return  # already serving: nothing to do
             await self._check_memory(name, version, old)
+
             def offered(s: ModelState) -> None:
                 s.pending = {"version": version, "source": source, "since": now_iso()}
                 s.record("offered", version, source=source)
@@ -225,8 +226,8 @@ class Updater:
         prev = old.version if old is not None else None
 
         def journal(s: ModelState) -> None:
-            if s.active != version:
-                s.previous, s.active = s.active, version
+            if s.active != version:  # the rollback target is what served (the journal may say otherwise: the CLI)
+                s.previous, s.active = prev if prev is not None else s.active, version
             s.pending = None
             s.probation = ({"version": version, "previous": prev, "source": source, "since": now_iso()}
                            if prev is not None else None)
