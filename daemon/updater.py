@@ -308,6 +308,7 @@ class Updater:
 
     async def _commit(self, name: str, version: str, who: str | None, after: probation.Window | None = None) -> None:
         self.probations.pop(name, None)
+
         def committed(s: ModelState) -> None:
             s.probation = None
             s.record("committed", version)
