@@ -26,6 +26,10 @@ from daemon.updater import Probation, Updater, _quarantine, now_iso
 
 log = logging.getLogger("inferd.updater")
 
+#: a version quarantined only because a crash cut its probation short passed its load and smoke test: when nothing
+#: else loads, it serves rather than the model staying down
+CRASH_REASON = "crash_during_probation"
+
 
 @dataclass(frozen=True)
 class Recovered:
@@ -55,7 +59,7 @@ def recover_journals(store: Store, config: Config) -> list[Recovered]:
                 s.probation = None
                 if bad and prev and prev in store.versions(name):
                     s.active, s.previous = prev, None
-                    _quarantine(s, bad, "crash_during_probation: the daemon stopped while it was on probation")
+                    _quarantine(s, bad, f"{CRASH_REASON}: the daemon stopped while it was on probation")
                     s.record("rolled_back", bad, to=prev, reason="crash_during_probation")
                     found.append(Recovered(name, "rolled_back", bad, prev))
             if s.pending is not None:
@@ -87,38 +91,59 @@ def report(updater: Updater, recovered: list[Recovered]) -> None:
             updater.record("update.abandoned", "ok", None, model=r.model, version=r.version)
 
 
+def fallback_candidates(state: ModelState, bad: str) -> list[str]:
+    """What may serve instead of ``bad``, in order: the previous version, then versions quarantined only by a crash
+    during their probation (newest first)."""
+    found = [state.previous] if state.previous and state.previous not in state.quarantined else []
+    found += [v for v in reversed(state.quarantined)
+              if v != bad and state.reasons.get(v, "").startswith(CRASH_REASON)]
+    return [v for v in found if v is not None]
+
+
 async def fall_back(updater: Updater) -> None:
-    """Every model that failed to load its active version: serve the previous one instead, if it loads."""
+    """Every model that failed to load its active version: serve the first fallback candidate that loads."""
     manager, store = updater.manager, updater.store
     for name, entry in list(manager.entries.items()):
         if entry.status != "failed" or entry.config.version is not None:
             continue
         state: ModelState = await updater._io(store.state, name)
-        bad, prev = state.active, state.previous
-        if bad is None or prev is None or prev in state.quarantined or bad not in entry.failures:
+        bad = state.active
+        if bad is None or bad not in entry.failures:
             continue
         why = entry.failures[bad]
-        try:
-            await manager.load_version(name, prev)
-        except InferdError as exc:
-            log.error("%s: neither the active version %s (%s) nor the previous %s (%s) loads", name, bad, why, prev,
-                      exc, extra={"event_kind": "fallback_failed", "model": name})
+        chosen = None
+        for candidate in fallback_candidates(state, bad):
+            try:
+                await manager.load_version(name, candidate)
+            except InferdError as exc:
+                log.error("%s: the fallback version %s does not load either: %s", name, candidate, exc,
+                          extra={"event_kind": "fallback_failed", "model": name, "version": candidate})
+                continue
+            chosen = candidate
+            break
+        if chosen is None:
+            log.error("%s: the active version %s does not load (%s) and no other version can serve", name, bad, why,
+                      extra={"event_kind": "fallback_failed", "model": name})
             continue
 
-        def journal(s: ModelState, bad: str = bad, prev: str = prev, why: str = why) -> None:
+        def journal(s: ModelState, bad: str = bad, prev: str = chosen, why: str = why) -> None:
             s.active, s.previous, s.probation = prev, None, None
             _quarantine(s, bad, f"startup_load_failed: {why}")
+            if prev in s.quarantined:  # the only version that loads: it serves, so it is no longer quarantined
+                s.quarantined.remove(prev)
+                s.reasons.pop(prev, None)
+                s.record("unquarantined", prev, reason="the only version that loads")
             s.record("rolled_back", bad, to=prev, reason="startup_load_failed")
 
         await updater._journal(name, journal)
-        manager.activate(name, prev)
+        manager.activate(name, chosen)
         updater.count_rollback(name, "startup_load_failed")
-        log.warning("%s: the active version %s does not load (%s): serving the previous version %s", name, bad, why,
-                    prev, extra={"event_kind": "rolled_back", "model": name, "version": prev, "from": bad,
-                                 "reason": "startup_load_failed"})
-        updater.record("update.rolled_back", "ok", None, model=name, version=prev, previous=bad,
+        log.warning("%s: the active version %s does not load (%s): serving %s instead", name, bad, why, chosen,
+                    extra={"event_kind": "rolled_back", "model": name, "version": chosen, "from": bad,
+                           "reason": "startup_load_failed"})
+        updater.record("update.rolled_back", "ok", None, model=name, version=chosen, previous=bad,
                        reason="startup_load_failed", quarantined=True)
-        updater.emit("rolled_back", name, prev, f"startup_load_failed: {why}", previous=bad,
+        updater.emit("rolled_back", name, chosen, f"startup_load_failed: {why}", previous=bad,
                      cause="startup_load_failed", quarantined=True)
 
 

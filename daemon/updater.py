@@ -296,10 +296,16 @@ class Updater:
                                "reason": reason, "before": p.baseline.as_dict(), "after": after.as_dict()})
             try:
                 await self.rollback(name, to=p.previous, reason=reason, why=why, quarantine=True)
-            except InferdError as exc:
+            except InferdError as exc:  # the previous version cannot serve: the one serving stays, and says so
                 log.error("rollback of %s failed: %s; %s keeps serving", name, exc, p.version,
                           extra={"event_kind": "rollback_failed", "model": name})
                 self.probations.pop(name, None)
+
+                def kept(s: ModelState, failure: str = str(exc)) -> None:
+                    s.probation = None
+                    s.record("rollback_failed", p.version, reason=f"{why}; {failure}")
+
+                await self._journal(name, kept)
             return
         if probation.finished(after, now - p.since, p.cfg):
             async with self._locks[name]:

@@ -96,3 +96,25 @@ def test_a_clean_stop_during_probation_resumes_it_instead_of_rolling_back(site: 
     d.wait_for("committed", timeout=30)
     state = Store(site.state_dir).state(MODEL)
     assert (state.active, state.probation, state.quarantined) == ("2", None, [])
+
+
+def test_a_crash_on_probation_with_a_broken_rollback_target_serves_the_version_that_loads(
+        site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1", "2"], probation={"seconds": 600, "min_requests": 20})
+    config = site.write_config()
+    env = {"INFERD_TEST_PAUSE_AT": "probation", "INFERD_TEST_PAUSE_FILE": str(site.root / "never-created")}
+    d = start_daemon(config, env=env)
+    failures: list[str] = []
+    caller = _call_in_background(d.url + f"/admin/models/{MODEL}/activate", {"version": "2"}, failures)
+    d.wait_for("test_paused")
+    d.stop(signal.SIGKILL)
+    caller.join(timeout=30)
+    path = Store(site.state_dir).artifact_path(MODEL, "1")  # the rollback target is damaged meanwhile
+    blob = bytearray(path.read_bytes())
+    blob[-100] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    d = start_daemon(config)
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"  # verified at its load; better than down
+    state = Store(site.state_dir).state(MODEL)
+    assert state.active == "2" and state.quarantined == ["1"] and "startup_load_failed" in state.reasons["1"]
+    assert [h["event"] for h in state.history[-3:]] == ["quarantined", "unquarantined", "rolled_back"]
