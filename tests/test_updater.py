@@ -41,6 +41,7 @@ def test_a_switch_under_load_fails_nothing_and_every_answer_is_its_versions(
     assert {v for _, _, v, _ in load.answers} == {"1", "2"}
     d.wait_for("retired")
     d.wait_for("committed", timeout=30)
+    assert not any(doc.get("event_kind") == "rolled_back" for doc in d.log)
     state = Store(site.state_dir).state(MODEL)
     assert (state.active, state.previous, state.probation, state.pending) == ("2", "1", None, None)
     assert any(r["action"] == "admin.activate" and r["result"] == "ok" for r in audited(site))
