@@ -31,7 +31,7 @@ from daemon.config_frontends import GrpcConfig, GrpcTlsConfig
 from daemon.context import Activity, RequestContext
 from daemon.errors import Busy, InferdError, KeyProblem, NotReady
 from daemon.frontend import Health, Readiness
-from daemon.http_api import SERVER_NAME
+from daemon.http_info import SERVER_NAME
 from daemon.keys import read_secret_file
 from daemon.model_config import triton_model_config
 from daemon.models import ModelManager

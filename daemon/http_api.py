@@ -7,8 +7,6 @@ Validation is :mod:`daemon.protocol`'s, routing :mod:`daemon.models`', running :
 from __future__ import annotations
 
 import asyncio
-import functools
-import importlib.resources
 import logging
 import math
 import ssl
@@ -17,12 +15,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
-import orjson
-import yaml
 from aiohttp import HttpVersion11, web, web_protocol, web_server
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-import daemon
 from daemon import http_admin, protocol, responses, service
 from daemon.access import Guard, Route
 from daemon.admission import retry_after_s
@@ -30,11 +24,21 @@ from daemon.config_security import ClientLimits
 from daemon.context import Activity, RequestContext
 from daemon.errors import Busy, InferdError, NotReady, RequestTimeout
 from daemon.frontend import Readiness
+from daemon.http_info import (
+    CALLER,
+    json_response,
+    metrics,
+    model_config,
+    model_metadata,
+    model_stats,
+    name_version,
+    openapi,
+    server_metadata,
+)
 from daemon.http_limits import ConnectionLimits, LimitedServer
 from daemon.http_observe import HttpObserver
 from daemon.http_registry import registry_sync
 from daemon.metrics import Registries
-from daemon.model_config import triton_model_config
 from daemon.models import ModelManager
 
 log = logging.getLogger("inferd.http")
@@ -56,19 +60,9 @@ HTTP_STATUS: dict[str, int] = {
     "internal": 500,
 }
 
-SERVER_NAME = "inferd"
-EXTENSIONS: list[str] = ["binary_tensor_data", "statistics", "model_configuration"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXPECT = "Expect"
-#: where handle() leaves the authenticated caller for the handler (aiohttp requests are mutable mappings)
-CALLER = "inferd.caller"
 Handler = Callable[["HttpApi", web.BaseRequest, list[str]], Awaitable[web.StreamResponse]]
-
-
-def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(doc), status=status, content_type="application/json", headers=headers
-    )
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -253,52 +247,8 @@ async def ready(api: HttpApi, request: web.BaseRequest, params: list[str]) -> we
     return json_response({"ready": True, **api.readiness.states()})
 
 
-async def server_metadata(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
-    return json_response({"name": SERVER_NAME, "version": daemon.__version__, "extensions": EXTENSIONS})
-
-
-def _name_version(params: list[str]) -> tuple[str, str | None]:
-    return params[0], (params[1] if len(params) > 1 else None)
-
-
-async def model_metadata(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
-    name, version = _name_version(params)
-    loaded = api.manager.lookup(name, version)
-    return json_response(
-        {
-            "name": name,
-            "versions": api.manager.serving(name),
-            "platform": loaded.platform,
-            "inputs": protocol.tensor_metadata(loaded.session.inputs),
-            "outputs": protocol.tensor_metadata(loaded.session.outputs),
-            "parameters": {"version": loaded.version, **loaded.parameters()},
-        }
-    )
-
-
-async def model_config(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
-    """Triton's model-configuration extension, so ``tritonclient``'s ``get_model_config()`` works."""
-    name, version = _name_version(params)
-    loaded = api.manager.lookup(name, version)
-    return json_response(triton_model_config(loaded, api.manager.entry(name).config))
-
-
-@functools.cache
-def openapi_body() -> bytes:
-    """docs/openapi.yaml (shipped in the package as daemon/openapi.yaml) as JSON; read on first request only, so
-    start-up does not pay for a document most deployments never fetch."""
-    text = importlib.resources.files("daemon").joinpath("openapi.yaml").read_text(encoding="utf-8")
-    doc = yaml.safe_load(text)
-    doc["info"]["version"] = daemon.__version__
-    return orjson.dumps(doc)
-
-
-async def openapi(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
-    return web.Response(body=openapi_body(), content_type="application/json")
-
-
 async def model_ready(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
-    name, version = _name_version(params)
+    name, version = name_version(params)
     try:
         loaded = api.manager.lookup(name, version)
     except NotReady as exc:
@@ -307,7 +257,7 @@ async def model_ready(api: HttpApi, request: web.BaseRequest, params: list[str])
 
 
 async def infer(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
-    name, version = _name_version(params)
+    name, version = name_version(params)
     # the peer is the connection: a keep-alive client sending one request after another is one sequential client
     caller = request.get(CALLER)
     ctx = RequestContext("http", api.activity, peer=request.transport.get_extra_info("peername")
@@ -371,28 +321,6 @@ def _header_length(request: web.BaseRequest) -> int | None:
     if raw is None:
         return None
     return protocol.parse_header_length(raw)
-
-
-async def model_stats(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
-    """Triton's statistics extension: every loaded version, or the ones of one model (and version)."""
-    manager = api.manager
-    if not params:
-        caller = request.get(CALLER)
-        stats = [s for s in manager.all_stats()  # a key limited to some models sees only theirs
-                 if caller is None or caller.models is None or s.model in caller.models]
-    else:
-        name, version = _name_version(params)
-        entry = manager.entry(name)
-        if version is not None:
-            manager.lookup(name, version)  # 404 for a version that is not loaded
-        stats = [v.stats for v in entry.versions.values() if version is None or v.version == version]
-    return json_response({"model_stats": [s.triton_stats() for s in stats]})
-
-
-async def metrics(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
-    process = await asyncio.get_running_loop().run_in_executor(None, generate_latest, api.registry.process)
-    body = generate_latest(api.registry.inferd) + process
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 #: exact paths -> method -> handler (GET routes answer HEAD too, as aiohttp's add_get does)

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-CALLER = "inferd.caller"  # the key http_api stores the authenticated caller under
+from daemon.http_info import CALLER
 
 
 async def registry_sync(api: Any, request: web.BaseRequest, params: list[str]) -> web.Response:
