@@ -80,7 +80,8 @@ class Daemon:
         recovered = await loop.run_in_executor(None, update_recovery.recover_journals, self.store, self.config)
         update_recovery.report(updater, recovered)  # a crash mid-update, settled before anything loads
         server = self.config.server
-        limits = protocol.Limits(server.max_tensor_elements)
+        limits = protocol.Limits(server.max_tensor_elements, server.limits.max_json_depth,
+                                 server.limits.max_string_bytes)
         memory.PROCESS.limit = server.queue_max_bytes  # the byte budget every model's queue shares (daemon/memory.py)
         readiness = Readiness(lambda: announce.model_reasons(manager))  # "no models configured" is not ready
         if self.config.mqtt.enabled:

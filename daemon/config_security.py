@@ -87,6 +87,12 @@ class ClientLimits(_Model):
     max_line_size: int = Field(8190, ge=1024, le=1 << 20, description="Longest request line (400 past it).")
     max_field_size: int = Field(8190, ge=1024, le=1 << 20, description="Longest header field (400 past it).")
     max_headers: int = Field(128, ge=8, le=4096, description="Most header fields in one request (400 past it).")
+    max_json_depth: int = Field(
+        32, ge=2, le=512, description="Deepest nesting of a request's parameters objects (HTTP and MQTT; 400 past it).",
+    )
+    max_string_bytes: int = Field(
+        65536, ge=64, description="Longest string in a request's id or parameters (HTTP and MQTT; 400 past it).",
+    )
     max_connections_per_client: int = Field(
         128, ge=1, description="Open connections from one client address; more are closed at once (raise it "
         "behind a reverse proxy, whose connections all come from one address).",

@@ -28,6 +28,10 @@ _ROUNDS_TO_FINITE = {2: 65520.0, 4: float(2**128 - 2**103)}
 @dataclass(frozen=True)
 class Limits:
     max_tensor_elements: int
+    #: how deep a request's ``parameters`` objects may nest, and the longest string in them or in ``id``
+    #: (server.limits; the tensors' own nesting is bounded by their shape, the body by max_body_bytes)
+    max_json_depth: int = 32
+    max_string_bytes: int = 65536
 
 
 @dataclass(slots=True)
@@ -114,7 +118,9 @@ def decode_request(
     req_id = doc.get("id")
     if req_id is not None and not isinstance(req_id, str):
         raise InvalidInput("'id' must be a string")
-    params = _parameters(doc.get("parameters"), "parameters")
+    if req_id is not None and len(req_id) > limits.max_string_bytes:
+        raise InvalidInput(f"'id' is longer than {limits.max_string_bytes} characters (server.limits.max_string_bytes)")
+    params = _parameters(doc.get("parameters"), "parameters", limits)
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
@@ -132,11 +138,7 @@ def decode_request(
             raise InvalidInput(f"unknown input {name!r}; the model's inputs are: {', '.join(specs)}")
         if name in decoded:
             raise InvalidInput(f"input {name!r} is given twice")
-        tensor_params = raw.get("parameters")
-        if tensor_params is None:
-            tensor_params = {}
-        elif not isinstance(tensor_params, dict):
-            raise InvalidInput(f"'inputs[{i}].parameters' must be an object")
+        tensor_params = _parameters(raw.get("parameters"), f"inputs[{i}].parameters", limits)
         if "binary_data_size" in tensor_params:
             if binary is None:
                 raise InvalidInput(
@@ -150,18 +152,38 @@ def decode_request(
     missing = [n for n in specs if n not in decoded]
     if missing:
         raise InvalidInput(f"missing input(s): {', '.join(missing)}")
-    return InferRequest(decoded, req_id, params, _requested_outputs(doc.get("outputs"), outputs))
+    return InferRequest(decoded, req_id, params, _requested_outputs(doc.get("outputs"), outputs, limits))
 
 
-def _parameters(value: Any, where: str) -> dict[str, Any]:
+def _parameters(value: Any, where: str, limits: Limits) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise InvalidInput(f"'{where}' must be an object")
+    if value:
+        _bounded(value, limits.max_json_depth - 1, limits.max_string_bytes, where)
     return value
 
 
-def _requested_outputs(value: Any, outputs: Sequence[TensorSpec]) -> list[RequestedOutput] | None:
+def _bounded(value: Any, depth: int, longest: int, where: str) -> None:
+    """Refuse ``parameters`` nested deeper, or holding longer strings, than server.limits allows: the parser caps
+    nesting only at 1,024 levels, and a parameter is kept (and echoed into logs and answers) as sent."""
+    if isinstance(value, str):
+        if len(value) > longest:
+            raise InvalidInput(f"'{where}' holds a string longer than {longest} characters "
+                               "(server.limits.max_string_bytes)")
+        return
+    if not isinstance(value, (dict, list)):
+        return
+    if depth < 0:
+        raise InvalidInput(f"'{where}' nests deeper than server.limits.max_json_depth allows")
+    for key, item in (value.items() if isinstance(value, dict) else enumerate(value)):
+        if isinstance(key, str) and len(key) > longest:
+            raise InvalidInput(f"'{where}' has a key longer than {longest} characters (server.limits.max_string_bytes)")
+        _bounded(item, depth - 1, longest, where)
+
+
+def _requested_outputs(value: Any, outputs: Sequence[TensorSpec], limits: Limits) -> list[RequestedOutput] | None:
     if value is None:
         return None
     if not isinstance(value, list):
@@ -175,7 +197,8 @@ def _requested_outputs(value: Any, outputs: Sequence[TensorSpec]) -> list[Reques
             raise InvalidInput(f"unknown output {raw['name']!r}; the model's outputs are: {', '.join(sorted(known))}")
         if any(o.name == raw["name"] for o in chosen):
             raise InvalidInput(f"output {raw['name']!r} is requested twice")
-        chosen.append(RequestedOutput(raw["name"], _parameters(raw.get("parameters"), f"outputs[{i}].parameters")))
+        chosen.append(RequestedOutput(raw["name"], _parameters(raw.get("parameters"), f"outputs[{i}].parameters",
+                                                               limits)))
     return chosen
 
 

@@ -96,6 +96,29 @@ def test_element_limit() -> None:
         decode_request({"inputs": [{"name": "v", "shape": [101], "datatype": "FP32", "data": [0] * 101}]}, spec, [], LIMITS)
 
 
+def test_parameters_nesting_and_string_lengths_are_bounded() -> None:
+    limits = Limits(max_tensor_elements=100, max_json_depth=4, max_string_bytes=64)
+    deep: dict = {"a": 1}
+    for _ in range(4):
+        deep = {"a": deep}
+    with pytest.raises(InvalidInput, match="'parameters' nests deeper than server.limits.max_json_depth"):
+        decode_request(doc(parameters=deep), SPECS, OUTS, limits)
+    ok = {"a": {"b": {"c": 1}}}
+    assert decode_request(doc(parameters=ok), SPECS, OUTS, limits).parameters == ok
+    with pytest.raises(InvalidInput, match="string longer than 64"):
+        decode_request(doc(parameters={"k": "x" * 65}), SPECS, OUTS, limits)
+    with pytest.raises(InvalidInput, match="key longer than 64"):
+        decode_request(doc(parameters={"k" * 65: 1}), SPECS, OUTS, limits)
+    with pytest.raises(InvalidInput, match="'id' is longer than 64"):
+        decode_request(doc(id="i" * 65), SPECS, OUTS, limits)
+    tensor = doc()
+    tensor["inputs"][0]["parameters"] = {"note": ["x" * 65]}
+    with pytest.raises(InvalidInput, match=r"'inputs\[0\].parameters' holds a string longer"):
+        decode_request(tensor, SPECS, OUTS, limits)
+    with pytest.raises(InvalidInput, match=r"'outputs\[0\].parameters' nests deeper"):
+        decode_request(doc(outputs=[{"name": "y", "parameters": deep}]), SPECS, OUTS, limits)
+
+
 def test_malformed_json() -> None:
     with pytest.raises(InvalidInput, match="malformed JSON"):
         loads(b'{"inputs": [')
