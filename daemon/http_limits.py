@@ -7,8 +7,9 @@ likes. So every TCP connection goes through :class:`Limited`, a thin protocol in
 
 - counted per address (and in all) from the moment it is accepted; over a limit it is closed at once;
 - for HTTPS, the TLS handshake runs here (``loop.start_tls``), inside the same deadline, so a handshake that never
-  ends is cut like slow headers; a resumed session from before the last certificate reload is refused, so a client
-  CA removed by a reload cannot be bypassed by resumption;
+  ends is cut like slow headers; a TLS 1.2 session resumed from before the last certificate reload is refused
+  (TLS 1.3 cannot resume: no tickets are issued, daemon/tls_server.py), so a client CA removed by a reload cannot
+  be bypassed by resumption;
 - a request's line and headers must arrive within ``header_timeout_s`` of its first byte (of the connection, for the
   first request); an idle keep-alive connection is aiohttp's to close.
 

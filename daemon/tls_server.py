@@ -55,6 +55,11 @@ class ServerTls:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if self.config.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
         ctx.set_ciphers(CIPHERS)
         ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+        # No session tickets (TLS 1.3 resumes only through them): a ticket from before a reload would let a client
+        # certificate signed by a CA the reload removed back in. TLS 1.2 session-id resumption is refused per
+        # connection instead (daemon/http_limits.py), since Python cannot turn the server's session cache off.
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
         try:
             ctx.load_cert_chain(self.cert_file, self.key_file)
             if self.config.client_ca_file is not None:

@@ -156,6 +156,14 @@ def test_sighup_rereads_certificate_and_client_ca_and_keeps_open_connections(
         return ctx
 
     old_context = trusting(old_device)  # one context: a session resumes only from the context that made it
+    old_tls12 = trusting(old_device)  # TLS 1.2 resumes by session id from the server's cache (1.3 has no tickets)
+    old_tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    with old_tls12.wrap_socket(socket.create_connection(("127.0.0.1", daemon.port), timeout=10),
+                               server_hostname="127.0.0.1") as first:
+        first.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert first.recv(65536).startswith(b"HTTP/1.1 ")
+        session12 = first.session
+    assert raw_get(old_tls12, daemon.port, session12).startswith(b"HTTP/1.1 ")  # it resumes before the reload
     kept = http.client.HTTPSConnection("127.0.0.1", daemon.port, timeout=10, context=old_context)
     try:
         kept.request("GET", "/v2/models/mlp/ready", headers=auth)
@@ -182,6 +190,7 @@ def test_sighup_rereads_certificate_and_client_ca_and_keeps_open_connections(
             request(https.url + "/v2/models/mlp/infer", "POST", BODY, context=trusting(old_device), check=False)
         # nor can a session resumed from before the reload carry the old certificate in
         assert raw_get(old_context, daemon.port, session) == b""
+        assert raw_get(old_tls12, daemon.port, session12) == b""
         assert raw_get(trusting(new_device), daemon.port).startswith(b"HTTP/1.1 ")  # the same probe, unresumed
         kept.request("POST", "/v2/models/mlp/infer", body=json.dumps(BODY), headers=auth)
         assert kept.getresponse().status == 200  # the connection opened before the reload still serves

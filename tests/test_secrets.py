@@ -71,7 +71,7 @@ def test_no_secret_is_written_anywhere(site: Site, keyset: KeySet, mlp_onnx: byt
 
     kek = keys.load_kek(KeySource(path=keyset.kek_path))
     secrets = {
-        "API key": token, "API key secret": token.rsplit("_", 1)[1], "a wrong key": wrong.rsplit("_", 1)[1],
+        "API key": token, "API key secret": token.split("_", 2)[2], "a wrong key": wrong.split("_", 2)[2],
         "broker password": password, "KEK (base64, as in its file)": keyset.kek_path.read_text().split()[-1],
         "TLS key": pki["server_key"].read_text().splitlines()[1],
     }
