@@ -109,12 +109,12 @@ class RegistryClient:
         (HTTP, MQTT) cuts the wait short."""
         delay = self.settings.poll_interval_s
         while True:
+            self._wake.clear()  # before the poll: a sync asked for while it runs is one more poll, not lost
             result = await self.poll()
             delay = next_delay(delay, result.outcome == "failed", self.settings.poll_interval_s,
                                self.settings.backoff_max_s)
             jitter = self.settings.jitter
             wait = delay * random.uniform(1 - jitter, 1 + jitter)  # noqa: S311 - spreading a fleet, not a secret
-            self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 

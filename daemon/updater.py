@@ -295,7 +295,7 @@ class Updater:
                         extra={"event_kind": "probation_failed", "model": name, "version": p.version,
                                "reason": reason, "before": p.baseline.as_dict(), "after": after.as_dict()})
             try:
-                await self.rollback(name, to=p.previous, reason=reason, why=why, quarantine=True)
+                await self.rollback(name, to=p.previous, reason=reason, why=why, quarantine=True, expect=p.version)
             except InferdError as exc:  # the previous version cannot serve: the one serving stays, and says so
                 log.error("rollback of %s failed: %s; %s keeps serving", name, exc, p.version,
                           extra={"event_kind": "rollback_failed", "model": name})
@@ -333,12 +333,17 @@ class Updater:
     # -- rollback --------------------------------------------------------------------------------------------
 
     async def rollback(self, name: str, to: str | None = None, *, reason: str = "manual", why: str | None = None,
-                       quarantine: bool = False, who: str | None = None) -> str:
+                       quarantine: bool = False, who: str | None = None, expect: str | None = None) -> str:
         """Switch ``name`` back to ``to`` (default: the rollback target, the version before the current one): load
         it beside, journal, switch, drain the one it replaces (quarantined when ``quarantine``). Returns the version
-        now serving."""
+        now serving. ``expect``: only if that version still serves once the lock is held (an automatic rollback
+        whose verdict waited behind a manual one must not quarantine the version that one put in place)."""
         async with self._locks[name]:
             entry = self.manager.entry(name)
+            if expect is not None and (entry.active is None or entry.active.version != expect):
+                log.info("%s: %s no longer serves; the rollback its probation asked for is moot", name, expect,
+                         extra={"event_kind": "rollback_moot", "model": name, "version": expect})
+                return entry.active.version if entry.active is not None else expect
             if entry.config.version is not None:
                 raise UpdateRefused(f"model {name!r} is pinned to version {entry.config.version} by its config")
             state: ModelState = await self._io(self.store.state, name)
@@ -352,7 +357,10 @@ class Updater:
                 raise UpdateRefused(f"{name}:{target} is quarantined; unquarantine it first")
             if target not in await self._io(self.store.versions, name):
                 raise VersionNotFound(f"version {target!r} of model {name!r} is not installed")
-            loaded = await self.manager.load_version(name, target)  # verified before anything is persisted
+            try:
+                loaded = await self.manager.load_version(name, target)  # verified before anything is persisted
+            except InferdError as exc:  # the operator's target cannot serve: their request's fault, not a 500
+                raise BadVersion(f"{name}:{target} cannot serve: {exc}") from None
             await self.pause("rollback", name, target)
             text = why or reason
 
