@@ -127,7 +127,7 @@ class Daemon:
             if self.mqtt is not None:
                 holders.append(self.mqtt)
             self.reloader = Reloader(self.config_path, self.config, manager, keks, signers, tls,
-                                     sections=[access.reload_section(guard, audit, holders)])
+                                     sections=[access.reload_section(guard, audit, holders)], locks=updater.lock)
         supervisor.loop("watchdog", self._watchdog)  # pinged while the models load too: loading is off the loop
         self.announcer = announcer = announce.Announcer(manager, readiness, lambda: self.frontends,
                                                              self.config_path)

@@ -179,12 +179,13 @@ async def repository_load(api: Any, request: web.BaseRequest, params: list[str])
         if version is not None:
             await updater.offer(name, version, "repository", who=_who(request))
         elif entry.active is None:
-            state = await asyncio.get_running_loop().run_in_executor(None, updater.store.state, name)
-            wanted = entry.config.version or state.active
-            if wanted is None:
-                raise NotReady(f"model {name!r} has no active version in the store")
-            await api.manager.load_version(name, wanted)
-            api.manager.activate(name, wanted)
+            async with updater.lock(name):  # not between an update's or a reload's steps
+                state = await asyncio.get_running_loop().run_in_executor(None, updater.store.state, name)
+                wanted = entry.config.version or state.active
+                if wanted is None:
+                    raise NotReady(f"model {name!r} has no active version in the store")
+                await api.manager.load_version(name, wanted)
+                api.manager.activate(name, wanted)
             await updater.apply_policy(name)
         return {}
 
@@ -196,9 +197,10 @@ async def repository_unload(api: Any, request: web.BaseRequest, params: list[str
     name = params[0]
 
     async def work() -> dict[str, Any]:
-        entry = api.manager.entry(name)
-        loaded = list(entry.versions.values())
-        entry.active, entry.status, entry.reason = None, "unloaded", "unloaded through the repository API"
+        async with api.updater.lock(name):  # not between an update's or a reload's steps
+            entry = api.manager.entry(name)
+            loaded = list(entry.versions.values())
+            entry.active, entry.status, entry.reason = None, "unloaded", "unloaded through the repository API"
         for lv in loaded:  # a probation in progress ends without a verdict (the updater sees nothing serve)
             if lv.state == "ready":
                 await api.manager.discard(lv)

@@ -25,6 +25,7 @@ The result (:class:`ReloadResult`) is what the caller turns into a STATUS= line 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -87,8 +88,10 @@ class _Step:
 class Reloader:
     def __init__(self, path: Path, config: Config, manager: ModelManager, keks: Mapping[str, Kek],
                  signers: Mapping[str, Ed25519PublicKey], tls: Sequence[TlsReloadable] = (),
-                 sections: Sequence[Callable[[Config], Callable[[], str] | None]] = ()) -> None:
+                 sections: Sequence[Callable[[Config], Callable[[], str] | None]] = (),
+                 locks: Callable[[str], asyncio.Lock] | None = None) -> None:
         self.path = path
+        self._locks = locks  # the updater's per-model locks (Updater.lock): a reload and an update never interleave
         #: other parts a reload re-reads (the API keys, daemon/access.py): each is called in an executor with the new
         #: config, raises InferdError to reject it, and returns what switches to it on commit (None: unchanged)
         self._sections = list(sections)
@@ -144,6 +147,18 @@ class Reloader:
     async def _apply(self) -> ReloadResult:
         loop = asyncio.get_running_loop()
         written: Config = await loop.run_in_executor(None, load_config, self.path)
+        # Every model the old or the new config names is held from the plan to the last switch: an update or a
+        # rollback (daemon/updater.py) of one of them waits, rather than switching between our plan and commit
+        # and being undone by it. Sorted: the updater takes one lock at a time, so no order can deadlock.
+        names = sorted({m.name for m in self.config.models} | {m.name for m in written.models})
+        async with contextlib.AsyncExitStack() as held:
+            if self._locks is not None:
+                for name in names:
+                    await held.enter_async_context(self._locks(name))
+            return await self._apply_held(written)
+
+    async def _apply_held(self, written: Config) -> ReloadResult:
+        loop = asyncio.get_running_loop()
         # state_dir needs a restart (_restart_needed says so): until then the store in force is what loads and checks
         new = written.model_copy(update={"state_dir": self.config.state_dir})
         steps, removed = await loop.run_in_executor(None, self._plan, new)

@@ -84,6 +84,10 @@ class Updater:
         self._costs: dict[tuple[str, str], int] = {}  # measured RSS growth of a load
         self._wake = asyncio.Event()
 
+    def lock(self, name: str) -> asyncio.Lock:
+        """The lock every switch of ``name`` holds (updates, rollbacks, reloads, repository load/unload)."""
+        return self._locks[name]
+
     def use(self, config: Config) -> None:
         """A reload's new config (thresholds, policies, keep_versions) applies from the next decision on."""
         self.config = config
