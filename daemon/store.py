@@ -323,6 +323,10 @@ class Store:
             protected = {state.active, state.previous}
             if state.probation:
                 protected.add(state.probation.get("previous"))
+            if state.pending:  # the version an update is loading right now
+                protected.add(state.pending.get("version"))
+            if version in protected and version == (state.pending or {}).get("version") and version != state.active:
+                raise StoreError(f"{name}:{version} is being tried by an update: wait for it to end")
             if version in protected:
                 role = "active" if version == state.active else "the rollback target"
                 raise StoreError(f"{name}:{version} is {role}: activate another version first")

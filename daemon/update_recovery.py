@@ -34,7 +34,7 @@ CRASH_REASON = "crash_during_probation"
 @dataclass(frozen=True)
 class Recovered:
     model: str
-    action: str  # "rolled_back" or "abandoned"
+    action: str  # "rolled_back", "abandoned", or "kept" (on probation with nothing to go back to)
     version: str
     to: str | None = None
 
@@ -62,6 +62,10 @@ def recover_journals(store: Store, config: Config) -> list[Recovered]:
                     _quarantine(s, bad, f"{CRASH_REASON}: the daemon stopped while it was on probation")
                     s.record("rolled_back", bad, to=prev, reason="crash_during_probation")
                     found.append(Recovered(name, "rolled_back", bad, prev))
+                elif bad:  # nothing to go back to: it keeps serving, and the journal and the log say so
+                    s.record("probation_unjudged", bad, reason="the daemon stopped while it was on probation and "
+                             "no previous version is installed")
+                    found.append(Recovered(name, "kept", bad))
             if s.pending is not None:
                 version = str(s.pending.get("version"))
                 s.pending = None
@@ -85,6 +89,11 @@ def report(updater: Updater, recovered: list[Recovered]) -> None:
                            reason="crash_during_probation", quarantined=True)
             updater.emit("rolled_back", r.model, r.to, "crash_during_probation", previous=r.version,
                          cause="crash_during_probation", quarantined=True)
+        elif r.action == "kept":
+            log.warning("%s:%s was on probation when the daemon stopped, and no previous version is installed: it "
+                        "keeps serving unjudged", r.model, r.version,
+                        extra={"event_kind": "probation_unjudged", "model": r.model, "version": r.version})
+            updater.record("update.probation_unjudged", "kept", None, model=r.model, version=r.version)
         else:
             log.warning("%s:%s: an update interrupted before its switch was abandoned", r.model, r.version,
                         extra={"event_kind": "update_abandoned", "model": r.model, "version": r.version})
