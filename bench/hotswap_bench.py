@@ -124,7 +124,7 @@ def run_load(port: int, bodies: list[bytes], seconds: float) -> loadgen.Result:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=30.0, help="each phase (steady, then swapping)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="each phase (steady, then swapping: a minute)")
     parser.add_argument("--interval", type=float, default=3.0, help="seconds between swaps")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
