@@ -71,7 +71,7 @@ fuzz: $(STAMP_DEV)
 	INFERD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz.py tests/test_fuzz_auth.py
 
 # Every bench script runs (each exits 1 when it misses a target); the status says whether any did.
-BENCHES ?= run mqtt_bench grpc_bench batch_bench spark_bench security_bench hotswap_bench
+BENCHES ?= run mqtt_bench grpc_bench batch_bench spark_bench security_bench overload_bench hotswap_bench
 bench: $(STAMP_DEV) deps-system
 	@status=0; for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py || status=1; done; exit $$status
 
