@@ -51,6 +51,15 @@ class Route:
     probe: bool = False
 
 
+#: the caller's address, or what computes it (only a probe or a refusal needs it: an HTTP peer costs a lookup)
+Peer = str | None | Callable[[], str | None]
+
+
+def _loopback_peer(peer: Peer) -> bool:
+    address = peer() if callable(peer) else peer
+    return address is not None and is_loopback(address)
+
+
 def _cut(text: str | None) -> str | None:
     return text if text is None or len(text) <= AUDIT_FIELD_MAX else text[:AUDIT_FIELD_MAX] + "..."
 
@@ -112,17 +121,17 @@ class Guard:
         """What decides every answer: equal fingerprints, equal guards (a reload that changed none keeps this one)."""
         return (self.required, self.open_probes, self.authenticator.fingerprint)
 
-    def check(self, route: Route, model: str | None, authorization: str | None, peer: str | None,
+    def check(self, route: Route, model: str | None, authorization: str | None, peer: Peer,
               transport: str, certificate_ids: Iterable[str] = ()) -> Caller | None:
         """The caller, or None when auth is off; raises Unauthenticated / Forbidden with the reason."""
         if not self.required:
             return None
-        if route.probe and (self.open_probes == "any" or (self.open_probes == "loopback" and peer is not None
-                                                          and is_loopback(peer))):
+        if route.probe and (self.open_probes == "any" or (self.open_probes == "loopback"
+                                                          and _loopback_peer(peer))):
             return PROBE
         return self.verify(route, model, authorization, peer, transport, certificate_ids)
 
-    def verify(self, route: Route, model: str | None, authorization: str | None, peer: str | None,
+    def verify(self, route: Route, model: str | None, authorization: str | None, peer: Peer,
                transport: str, certificate_ids: Iterable[str] = ()) -> Caller:
         """Authenticate and authorize whatever ``required`` says (MQTT's ``mqtt.auth_required`` asks for it on
         its own, since the broker authenticates devices already)."""
@@ -133,7 +142,8 @@ class Guard:
                 caller = self.authenticator.from_header(authorization)
             authorize(caller, route.scope, model)
         except (Unauthenticated, Forbidden) as exc:
-            self._refused(exc, route, model, peer, transport, caller.name if caller is not None else None)
+            self._refused(exc, route, model, peer() if callable(peer) else peer, transport,
+                          caller.name if caller is not None else None)
             raise
         return caller
 

@@ -142,10 +142,12 @@ class HttpApi:
         self.activity.enter()
         try:
             handler, params = self._route(request.method, request.rel_url.raw_path)
-            if self.guard is not None and self.guard.required:  # before Expect: no body is asked of a stranger
-                request[CALLER] = self.guard.check(ROUTES[handler], params[0] if params else None,
-                                                   request.headers.get("Authorization"), request.remote, "http",
-                                                   certificate_ids(request))
+            guard = self.guard
+            if guard is not None and guard.required:  # before Expect: no body is asked of a stranger
+                request[CALLER] = guard.check(
+                    ROUTES[handler], params[0] if params else None, request.headers.get("Authorization"),
+                    lambda: request.remote, "http",
+                    certificate_ids(request) if guard.authenticator.has_certificates else ())
             if EXPECT in request.headers:
                 await _expect(request)
             response = await handler(self, request, params)

@@ -193,7 +193,7 @@ class Updater:
             raise UpdateRefused(f"{name}:{version}: {why}")
 
     async def _load(self, name: str, version: str, source: str, who: str | None) -> LoadedVersion:
-        before = update_checks.rss_bytes()
+        before = await self._io(update_checks.rss_bytes)  # a /proc read: off the loop
         try:
             loaded = await self.manager.load_version(name, version)
         except (ModelNotFound, StoreError):
@@ -209,7 +209,7 @@ class Updater:
             self.record("update.failed", "failed", who, model=name, version=version, source=source, reason=str(exc))
             self.emit("update_failed", name, version, str(exc), cause=reason)
             raise BadVersion(f"{name}:{version} failed to load and was quarantined: {exc}") from exc
-        self._costs[(name, version)] = max(0, update_checks.rss_bytes() - before)
+        self._costs[(name, version)] = max(0, await self._io(update_checks.rss_bytes) - before)
         return loaded
 
     async def _abandon(self, name: str, loaded: LoadedVersion, why: str) -> None:
