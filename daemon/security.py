@@ -11,7 +11,6 @@ The key itself is shown once, by ``inferd auth add-key``, and never stored, logg
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import re
@@ -87,7 +86,7 @@ class Caller:
 
 
 def _digest(salt: bytes, secret: str) -> bytes:
-    return hmac.new(salt, secret.encode("ascii"), hashlib.sha256).digest()
+    return hmac.digest(salt, secret.encode("ascii"), "sha256")  # one C call: hmac.new costs several in Python
 
 
 def check_scopes(scopes: Iterable[str], origin: str) -> frozenset[str]:
@@ -213,10 +212,10 @@ class Authenticator:
         if authorization is None:
             raise Unauthenticated("this route needs an API key: send 'Authorization: Bearer <key>'")
         if len(authorization) == TOKEN_HEADER_LENGTH and authorization.startswith("Bearer ifd_") \
-                and authorization[22] == "_":
+                and authorization[23] == "_":
             # the form every client sends: no parsing beyond slicing (the HMAC decides, whatever the characters)
-            key = self._by_id.get(authorization[10:22])
-            secret = authorization[23:]
+            key = self._by_id.get(authorization[11:23])
+            secret = authorization[24:]
             if secret.isascii():
                 digest = _digest(key.salt if key is not None else self._decoy, secret)
                 if key is not None and hmac.compare_digest(digest, key.digest):

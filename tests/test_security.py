@@ -58,6 +58,16 @@ def test_a_key_with_one_wrong_character_is_refused() -> None:
     assert Authenticator([key]).from_header(f"bearer  {token} ").name == "a"  # scheme case and spaces are fine
 
 
+def test_headers_of_the_usual_length_are_checked_whatever_their_characters() -> None:
+    token, key = new_key("a", ["infer"])
+    auth = Authenticator([key])
+    for forged in (token[:-1] + "\u00e9", token[:10] + "zz" + token[12:], token[:-2] + "!!"):
+        assert len(forged) == len(token)
+        with pytest.raises(Unauthenticated):
+            auth.from_header(f"Bearer {forged}")
+    assert auth.from_header(f"Bearer {token}").name == "a"
+
+
 def test_authorize_names_the_missing_scope_and_the_model() -> None:
     caller = Caller("c", frozenset({"infer"}), frozenset({"m1"}), "key")
     authorize(caller, "infer", "m1")
