@@ -88,6 +88,9 @@ class RegistryClient:
         #: index entries (model, version, sha256) whose artifact was refused for what it is, not for how it came:
         #: a lying registry is not downloaded from again and again, until the index lists other bytes
         self._refused: dict[tuple[str, str, str], tuple[str, str]] = {}
+        #: per model, the channel's version last offered to the updater (persisted): a channel moved back to a
+        #: version still installed (a promote after a bad release) is a new target and offered again
+        self._targets: dict[str, str] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -202,14 +205,19 @@ class RegistryClient:
         successors[index.signed_by] = self._trusted()[index.signed_by]  # the key in use stays trusted
         for kid in self._configured:
             successors.pop(kid, None)
-        state = {"sequence": index.sequence, "successor_keys": {
-            kid: registry_index.public_pem(k) for kid, k in sorted(successors.items())}}
-        path = self.store.root / STATE_FILE
-        await asyncio.get_running_loop().run_in_executor(None, _write_state, path, state)
+        self._successors = successors
+        await self._save_state(index.sequence)
         if index.sequence != self.sequence:
             log.info("registry index %d accepted (signed by %s)", index.sequence, index.signed_by,
                      extra={"event_kind": "registry_index", "sequence": index.sequence})
-        self.sequence, self._successors, self._index, self._etag = index.sequence, successors, index, etag
+        self.sequence, self._index, self._etag = index.sequence, index, etag
+
+    async def _save_state(self, sequence: int) -> None:
+        state = {"sequence": sequence, "successor_keys": {
+            kid: registry_index.public_pem(k) for kid, k in sorted(self._successors.items())},
+            "targets": dict(sorted(self._targets.items()))}
+        path = self.store.root / STATE_FILE
+        await asyncio.get_running_loop().run_in_executor(None, _write_state, path, state)
 
     def _load_state(self) -> None:
         path = self.store.root / STATE_FILE
@@ -220,10 +228,16 @@ class RegistryClient:
         except (OSError, ValueError) as exc:
             raise InferdError(f"registry state {path} is unreadable: {exc}") from None
         self.sequence = int(raw.get("sequence", 0))
+        self._targets = {str(k): str(v) for k, v in (raw.get("targets") or {}).items()}
         for kid, pem in (raw.get("successor_keys") or {}).items():
             key = serialization.load_pem_public_key(pem.encode())
             if isinstance(key, Ed25519PublicKey):
                 self._successors[kid] = key
+
+    async def _target(self, name: str, version: str) -> None:
+        if self._targets.get(name) != version:
+            self._targets[name] = version
+            await self._save_state(self.sequence)
 
     # -- installs -----------------------------------------------------------------------------------------------
 
@@ -241,7 +255,10 @@ class RegistryClient:
             version, entry = found
             state = await loop.run_in_executor(None, self.store.state, model.name)
             installed = await loop.run_in_executor(None, self.store.versions, model.name)
-            if version in state.quarantined or version == state.active:
+            if version in state.quarantined:
+                continue
+            if version == state.active:
+                await self._target(model.name, version)
                 continue
             known = self._refused.get((model.name, version, entry.sha256))
             if known is not None and version not in installed:  # the same bytes again: not fetched again
@@ -255,8 +272,8 @@ class RegistryClient:
                                               f"the model is configured for {model.runtime}")
                     await self._download_install(model.name, version, entry)
                     result.installed.append(f"{model.name}:{version}")
-                elif not _never_tried(state.history, version):
-                    continue  # installed and already tried (activated, rolled back): the updater's to decide
+                elif self._targets.get(model.name) == version:
+                    continue  # offered before (and rolled back or refused): the updater's to decide, not retried
             except RegistryError as exc:
                 self._failed(exc.reason, str(exc), model=model.name, version=version)
                 if exc.reason in PERMANENT:
@@ -267,7 +284,9 @@ class RegistryClient:
             if self.updater is not None:
                 try:
                     await self.updater.offer(model.name, version, source="registry")
+                    await self._target(model.name, version)
                 except InferdError as exc:  # the updater logged and journaled why; the registry counts it too
+                    await self._target(model.name, version)  # acted on: a refused one is not offered each poll
                     self._failed("update_refused", f"{model.name}:{version} was installed but not taken into "
                                  f"service: {exc}", model=model.name, version=version)
                     result.refused.append({"model": model.name, "version": version, "reason": "update_refused",
@@ -308,11 +327,6 @@ def next_delay(previous: float, failed: bool, interval: float, cap: float) -> fl
     """The wait before the next poll, before jitter: the interval after a good poll; after a failed one, double the
     last wait (at least the interval), at most ``cap``."""
     return min(max(previous, interval) * 2, max(cap, interval)) if failed else interval
-
-
-def _never_tried(history: list[dict[str, Any]], version: str) -> bool:
-    """Installed (a crash may have come between install and offer) and nothing else happened to it since."""
-    return all(e.get("event") == "installed" for e in history if e.get("version") == version)
 
 
 def check_artifact_file(path: Path, name: str, version: str, signers: Mapping[str, Ed25519PublicKey],
