@@ -40,7 +40,7 @@ def register(msub: Any) -> None:
     s = msub.add_parser("remove", help="delete an installed version (not the active one or the rollback target)")
     s.add_argument("name")
     s.add_argument("version")
-    s.add_argument("--config", "-c", required=True, type=Path)
+    _target_args(s)
     s.set_defaults(func=cmd_remove)
 
     s = msub.add_parser("history", help="a model's journal: installs, activations, rollbacks, quarantines")
@@ -171,6 +171,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
+    url = daemon_url(args)
+    if url is not None:  # the daemon drains the version first if its version policy has it loaded
+        call_admin(url, f"/admin/models/{args.name}/remove", {"version": args.version}, args.key)
+        print(f"removed {args.name}:{args.version} on the daemon at {url}")
+        return 0
     _store(args.config).remove_version(args.name, args.version)
     print(f"removed {args.name}:{args.version}")
     return 0

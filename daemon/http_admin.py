@@ -14,13 +14,19 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from daemon.errors import InferdError, InvalidInput, NotReady
+from daemon.errors import InferdError, InvalidInput, NotReady, StoreError, VersionNotFound
 from daemon.store import ModelState
 
 #: where http_api leaves the authenticated caller
 CALLER = "inferd.caller"
 #: updater refusals and bad versions are the caller's problem, not a server fault
 STATUS = {"conflict": 409, "bad_version": 422}
+
+
+class Conflict(InferdError):
+    """Refused as asked, nothing changed (the message says what would make it possible)."""
+
+    code = "conflict"
 
 
 def _json(doc: Any, status: int = 200) -> web.Response:
@@ -143,6 +149,41 @@ async def admin_rollback(api: Any, request: web.BaseRequest, params: list[str]) 
     return await _audited(api, request, "admin.rollback", name, work(), to=to)
 
 
+async def admin_remove(api: Any, request: web.BaseRequest, params: list[str]) -> web.Response:
+    """Delete an installed version: a version the version policy loaded is drained first, so nothing keeps
+    answering from files that are gone. Refused for the version serving, the rollback target and a version an
+    update is trying."""
+    name = params[0]
+    version = _version_field(await _body(request), "version", True)
+    assert version is not None
+    updater = api.updater
+
+    async def work() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        async with updater.lock(name):  # not between an update's or a reload's steps
+            entry = api.manager.entry(name)
+            state = await loop.run_in_executor(None, updater.store.state, name)
+            serving = entry.active.version if entry.active is not None else None
+            if version in (serving, state.active):
+                raise Conflict(f"{name}:{version} is active: activate another version first")
+            if version in (state.previous, (state.probation or {}).get("previous")):
+                raise Conflict(f"{name}:{version} is the rollback target: activate another version first")
+            if version == (state.pending or {}).get("version"):
+                raise Conflict(f"{name}:{version} is being tried by an update: wait for it to end")
+            if version not in await loop.run_in_executor(None, updater.store.versions, name):
+                raise VersionNotFound(f"version {version!r} of model {name!r} is not installed")
+            loaded = entry.versions.get(version)
+            if loaded is not None and loaded.state == "ready":
+                await api.manager.retire(name, version)
+            try:
+                await loop.run_in_executor(None, updater.store.remove_version, name, version)
+            except StoreError as exc:  # the journal's own refusal (it protects the same versions)
+                raise Conflict(str(exc)) from None
+        return await _describe(api, name)
+
+    return await _audited(api, request, "admin.remove", name, work(), version=version)
+
+
 async def repository_index(api: Any, request: web.BaseRequest, params: list[str]) -> web.Response:
     """Triton's index: one entry per model and loaded version (a model with none loaded: one entry, no version)."""
     doc = await _body(request)
@@ -214,6 +255,7 @@ ADMIN_MODEL_ROUTES: dict[str, dict[str, Any]] = {
     "": {"GET": admin_model},
     "rollback": {"POST": admin_rollback},
     "activate": {"POST": admin_activate},
+    "remove": {"POST": admin_remove},
 }
 #: /v2/repository/models/{model}/ACTION -> method -> handler
 REPOSITORY_MODEL_ROUTES: dict[str, dict[str, Any]] = {

@@ -353,6 +353,7 @@ ROUTES: dict[Handler, Route] = {
     http_admin.admin_model: Route("admin", "admin_model"),
     http_admin.admin_activate: Route("admin", "admin_activate"),
     http_admin.admin_rollback: Route("admin", "admin_rollback"),
+    http_admin.admin_remove: Route("admin", "admin_remove"),
     http_admin.repository_index: Route("admin", "repository_index"),
     http_admin.repository_load: Route("admin", "repository_load"),
     http_admin.repository_unload: Route("admin", "repository_unload"),

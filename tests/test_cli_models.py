@@ -84,6 +84,10 @@ def test_with_a_daemon_the_commands_go_through_its_updater(site: Site, keyset: K
     assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
     state = Store(site.state_dir).state(MODEL)
     assert state.active == "2" and state.previous == "3"
+    refused = inferd("model", "remove", MODEL, "3", "--url", d.url, ok=False)
+    assert "refused (409)" in refused.stderr and "rollback target" in refused.stderr
+    assert "on the daemon" in inferd("model", "remove", MODEL, "1", "--url", d.url).stdout
+    assert Store(site.state_dir).versions(MODEL) == ["2", "3"]
 
 
 def test_packed_labels_and_description_show_in_inspect_list_and_metadata(site: Site, keyset: KeySet,

@@ -143,6 +143,29 @@ def test_version_policy_latest_loads_older_versions_for_explicit_requests(
     assert sorted(r["version"] for r in index) == ["1", "2", "3"]
 
 
+def test_removing_a_version_the_policy_loaded_drains_it_first(
+        site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1", "2", "3"], version_policy={"latest": 2})
+    d = start_daemon(site.write_config())  # active 1; 2 and 3 loaded beside it
+    wait_until(lambda: {"2", "3"} <= {v for v in request(d.url + f"/v2/models/{MODEL}").json()["versions"]}, 30,
+               "versions 2 and 3 loaded")
+    assert infer(d.url, MODEL, body([0]), version="3").status == 200
+    reply = admin(d, "remove", {"version": "3"})
+    assert reply.status == 200, reply.body
+    assert "3" not in {v["version"] for v in reply.json()["versions"]}
+    assert infer(d.url, MODEL, body([0]), version="3").status == 404  # not answered from files that are gone
+    assert Store(site.state_dir).versions(MODEL) == ["1", "2"]
+    refused = admin(d, "remove", {"version": "1"})
+    assert refused.status == 409 and "is active" in refused.json()["error"]
+    assert admin(d, "remove", {"version": "3"}).status == 404
+    assert admin(d, "activate", {"version": "2"}).status == 200
+    refused = admin(d, "remove", {"version": "1"})
+    assert refused.status == 409 and "rollback target" in refused.json()["error"]
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
+    assert [r["result"] for r in audited(site) if r["action"] == "admin.remove"] == ["ok", "refused", "refused",
+                                                                                   "refused"]
+
+
 def test_repository_unload_and_load(site: Site, keyset: KeySet, start_daemon: Any) -> None:
     lookup_site(site, keyset, ["1", "2"])
     d = start_daemon(site.write_config())
