@@ -244,7 +244,9 @@ class Store:
 
     def install_file(self, path: Path, *, activate: bool = False) -> Installed:
         """Install an artifact file that already lies in ``<state_dir>/tmp`` (a registry download the caller has
-        verified): renamed into place, never read whole into memory. The file is consumed either way."""
+        verified): renamed into place, never read whole into memory. The file is consumed either way. It goes live
+        only with ``activate=True``: a registry install, even a model's first, waits for the updater's switch, which
+        journals it active once it has loaded and passed its smoke test."""
         path = Path(path)
         if path.parent.resolve() != self.tmp_dir.resolve():
             raise StoreError(f"{path} is not in the store's staging folder {self.tmp_dir}")
@@ -288,14 +290,13 @@ class Store:
                     os.rename(staging, target)
                     fsync_dir(model_dir)
                     state.record("installed", version, sha256=digest, source="file")
-                activated = False
-                if (activate or state.active is None) and state.active != version:
+                activated = state.active == version
+                changed = fresh
+                if activate and not activated:  # never by default, even the first: the updater's switch does it
                     state.previous, state.active = state.active, version
                     state.record("activated", version)
-                    activated = True
-                elif state.active == version:
-                    activated = True
-                if fresh or activated:
+                    activated = changed = True
+                if changed:
                     self.save_state(name, state)
         finally:
             path.unlink(missing_ok=True)

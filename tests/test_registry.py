@@ -171,7 +171,7 @@ def test_refusals_leave_the_box_as_it_was(tmp_path: Path, keyset: KeySet, centra
     assert failures == {"bad_signature": 1, "unknown_key": 1, "expired": 1, "stale_sequence": 1,
                         "sha256_mismatch": 1, "truncated": 1, "untrusted_signer": 1}  # a known lie is not re-counted
     assert store.versions("mlp") == ["1", "5"]
-    assert store.state("mlp").active == "1"  # installed versions go live through the updater, never here
+    assert store.state("mlp").active is None  # installed versions go live through the updater, never here
     assert list((tmp_path / "box" / "tmp").iterdir()) == []  # no partial download left behind
 
 
@@ -422,7 +422,8 @@ def test_install_file_renames_a_staged_download_into_place(tmp_path: Path, keyse
     staged = store.tmp_dir / "download.part"
     staged.write_bytes(blob)
     done = store.install_file(staged)
-    assert (done.name, done.version, done.fresh, done.active) == ("mlp", "3", True, True)  # the first is active
+    assert (done.name, done.version, done.fresh, done.active) == ("mlp", "3", True, False)  # not even the first
+    assert store.state("mlp").active is None  # the updater's switch journals it active, after its checks
     assert not staged.exists() and store.artifact_path("mlp", "3").read_bytes() == blob
     staged.write_bytes(blob)
     assert store.install_file(staged).fresh is False and not staged.exists()  # identical bytes: nothing written

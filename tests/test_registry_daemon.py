@@ -25,6 +25,7 @@ from tflite_builder import random_mlp_weights
 
 from daemon import keys, registry_index
 from daemon.security import add_key_to_file
+from daemon.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -219,3 +220,31 @@ def test_sigkill_mid_download_leaves_a_clean_box(tmp_path: Path, site: Site, key
             assert time.monotonic() < deadline, "version 2 never served after the restart"
             time.sleep(0.05)
     assert list(partial_dir.iterdir()) == []
+
+
+def test_a_first_version_from_the_registry_is_served(tmp_path: Path, site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                                      start_daemon: Callable[..., DaemonProcess]) -> None:
+    """A box with no version at all: the registry's first one is installed without going live by the install
+    itself, then the updater loads, smoke-tests and switches to it, and the box serves it."""
+    (tmp_path / "central").mkdir()
+    keys.generate_signing_key(tmp_path / "central" / "index.key")
+    central = Central(tmp_path / "central" / "registry", tmp_path / "central" / "index.key", keyset, mlp_onnx)
+    central.publish("1")
+    files = {str(p.relative_to(central.root)): p.read_bytes() for p in central.root.rglob("*")
+             if p.is_file() and not p.name.startswith(".")}
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    with Threaded(RawServer(files)) as server:
+        site.extra = {"registry": {"url": server.url, "poll_interval_s": 3600, "min_free_bytes": 0,
+                                   "index_keys": [{"path": str(central.key_path.with_name("index.key.pub"))}]}}
+        daemon = start_daemon(site.write_config())
+        assert daemon.wait_for("registry_installed")["version"] == "1"
+        x = np.ones((1, 4), np.float32)
+        deadline = time.monotonic() + DEADLINE_S
+        while (reply := infer(daemon.url, "mlp", mlp_request(x).decode())).status != 200:
+            assert time.monotonic() < deadline, f"version 1 never served: {reply.status} {reply.body!r}"
+            time.sleep(0.05)
+        assert str(reply.json()["model_version"]) == "1"
+        np.testing.assert_allclose(np.asarray(reply.json()["outputs"][0]["data"]).reshape(1, 3),
+                                   mlp_reference(x), rtol=1e-4)
+    events = [e["event"] for e in Store(site.state_dir).state("mlp").history if e.get("version") == "1"]
+    assert events.index("offered") < events.index("activated"), events  # live by the updater, not by the install
