@@ -70,7 +70,7 @@ class UpdatesConfig(_Model):
 
     keep_versions: int = Field(
         3, ge=2, le=100, description="Installed versions kept per model; older ones are pruned after a commit "
-        "(never the active version or the rollback target)."
+        "or a rollback (never the active version or the rollback target)."
     )
     memory_headroom_bytes: int = Field(
         64 * 1024 * 1024, ge=0, description="Memory that must stay free after loading a new version beside the "

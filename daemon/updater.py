@@ -329,6 +329,10 @@ class Updater:
                                                                                 if after else {})})
         self.record("update.committed", "ok", who, model=name, version=version)
         self.emit("committed", name, version)
+        await self._prune(name)
+
+    async def _prune(self, name: str) -> None:
+        """After a commit and after a rollback: a box whose updates keep rolling back must not pile up versions."""
         removed = await self._io(self.store.prune, name, self.config.updates.keep_versions)
         if removed:
             log.info("%s: pruned versions %s (updates.keep_versions %d)", name, ", ".join(removed),
@@ -386,6 +390,7 @@ class Updater:
                         reason=text, quarantined=quarantine)
             self.emit("rolled_back", name, target, text, previous=current, cause=reason, quarantined=quarantine)
             await self.apply_policy(name)
+            await self._prune(name)
             return target
 
     # -- version policy ---------------------------------------------------------------------------------------

@@ -108,6 +108,20 @@ def test_rollback_by_hand_and_to_a_named_version_then_keep_versions_prunes(
     assert ("pruned", "1") in history and ("rolled_back", "3") in history and ("rolled_back", "2") in history
 
 
+def test_a_rollback_prunes_too(site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1", "2", "3"])
+    site.extra["updates"] = {"keep_versions": 2}
+
+    def on_3(s: Any) -> None:
+        s.active, s.previous = "3", "2"
+
+    Store(site.state_dir).update_state(MODEL, on_3)
+    d = start_daemon(site.write_config())
+    assert admin(d, "rollback").json()["serving"] == "2"  # never committed: only the rollback can prune
+    d.wait_for("pruned", timeout=30)
+    assert Store(site.state_dir).versions(MODEL) == ["2", "3"]  # 1 pruned; the rollback target 3 kept
+
+
 def test_refusals_change_nothing(site: Site, keyset: KeySet, start_daemon: Any) -> None:
     lookup_site(site, keyset, ["1"])
     site.install(pack_version(keyset, "2", input_name="index"), activate=False)  # a breaking change
