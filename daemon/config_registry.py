@@ -41,6 +41,14 @@ class RegistryConfig(_Model):
     timeout_s: float = Field(
         30.0, gt=0, description="A connection, or a read that brings no byte for this long, is a failure.",
     )
+    index_timeout_s: float = Field(
+        30.0, gt=0, description="The whole GET of index.json, or of index.json.sig, must end within this many "
+        "seconds, however steadily the bytes come.",
+    )
+    min_download_bytes_per_s: int = Field(
+        65536, ge=1, description="A download must end within timeout_s plus its listed size over this rate "
+        "(resumes included), or it is given up and retried at the next poll.",
+    )
     max_artifact_bytes: int = Field(
         1 << 30, ge=1024, description="Largest artifact downloaded; a bigger one (as listed or as sent) is refused.",
     )

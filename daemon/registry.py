@@ -100,7 +100,8 @@ class RegistryClient:
         self._configured = await loop.run_in_executor(None, keys.load_signers, list(self.settings.index_keys))
         await loop.run_in_executor(None, self._load_state)
         tls = await loop.run_in_executor(None, tls_context, self.settings.ca_file)
-        self._fetcher = Fetcher(self.settings.hosts(), self.settings.timeout_s, tls)
+        self._fetcher = Fetcher(self.settings.hosts(), self.settings.timeout_s, tls, self.settings.index_timeout_s,
+                                self.settings.min_download_bytes_per_s)
 
     async def close(self) -> None:
         if self._fetcher is not None:

@@ -61,8 +61,10 @@ def tls_context(ca_file: Path | None) -> ssl.SSLContext:
 
 
 class Fetcher:
-    def __init__(self, allowed: list[str], timeout_s: float, tls: ssl.SSLContext) -> None:
+    def __init__(self, allowed: list[str], timeout_s: float, tls: ssl.SSLContext, index_timeout_s: float = 30.0,
+                 min_bytes_per_s: int = 65536) -> None:
         self.allowed = allowed
+        self.timeout_s, self.index_timeout_s, self.min_bytes_per_s = timeout_s, index_timeout_s, min_bytes_per_s
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=tls, limit=4),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s),
@@ -107,7 +109,15 @@ class Fetcher:
         raise Unavailable(f"more than {MAX_REDIRECTS} redirects from {url}")
 
     async def get_small(self, url: str, etag: str | None = None) -> tuple[int, bytes, str | None]:
-        """(status, body, ETag) of a small file (the index, its signature); 304 when ``etag`` still matches."""
+        """(status, body, ETag) of a small file (the index, its signature); 304 when ``etag`` still matches. Bounded
+        as a whole: a registry sending a byte just inside each read timeout would hold the poll lock for ever."""
+        try:
+            return await asyncio.wait_for(self._get_small(url, etag), self.index_timeout_s)
+        except asyncio.TimeoutError:  # the inner reads turn theirs into Unavailable: this one is the deadline
+            raise Unavailable(f"GET {url} took longer than registry.index_timeout_s ({self.index_timeout_s:g} s): "
+                              "given up") from None
+
+    async def _get_small(self, url: str, etag: str | None) -> tuple[int, bytes, str | None]:
         headers = {"If-None-Match": etag} if etag else {}
         async with self._get(url, headers) as response:
             if response.status == 304:
@@ -135,8 +145,12 @@ class Fetcher:
             raise NoSpace(f"downloading {size} bytes would leave {max(free - size, 0)} bytes free in {dest.parent}, "
                           f"under registry.min_free_bytes ({min_free})")
         f: BinaryIO = await loop.run_in_executor(None, dest.open, "wb")
+        deadline = self.timeout_s + size / self.min_bytes_per_s
         try:
-            return await self._fill(url, f, size)
+            return await asyncio.wait_for(self._fill(url, f, size), deadline)
+        except asyncio.TimeoutError:  # _fill takes its reads' timeouts as drops: this one is the deadline
+            raise Unavailable(f"GET {url}: {size} bytes did not arrive within {deadline:.0f} s (registry.timeout_s "
+                              "plus the size at registry.min_download_bytes_per_s): given up") from None
         finally:
             await loop.run_in_executor(None, f.close)
 

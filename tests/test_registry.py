@@ -599,3 +599,22 @@ def test_a_promote_back_to_an_installed_version_is_offered(tmp_path: Path, keyse
         assert updater.offers == ["1", "2", "1"] and store.state("mlp").active == "1"
         asyncio.run(body(url, [poll]))  # a restart: the channel still names 1, which is live: nothing offered
     assert updater.offers == ["1", "2", "1"]
+
+
+def test_a_trickling_registry_is_given_up(tmp_path: Path, keyset: KeySet, central: Central,
+                                         registry_files: dict[str, bytes]) -> None:
+    """A byte every 50 ms never trips the 0.5 s read timeout; the index's total deadline, and the download's
+    deadline from its size and the minimum rate, still end each poll within seconds."""
+    started = time.monotonic()
+    (slow_index,) = _client_run(tmp_path, keyset, central, RawServer(dict(registry_files),
+                                                                     trickle={"index.json": 0.05}), 1,
+                                timeout_s=0.5, index_timeout_s=0.5)
+    assert (slow_index.outcome, slow_index.reason) == ("failed", "unavailable")
+    assert "index_timeout_s" in slow_index.message and time.monotonic() - started < 10
+    started = time.monotonic()
+    (slow_artifact,) = _client_run(tmp_path, keyset, central, RawServer(dict(registry_files),
+                                                                        trickle={"artifacts/mlp/1.inferd": 0.05}),
+                                   1, timeout_s=0.5, min_download_bytes_per_s=1 << 20)
+    assert (slow_artifact.installed, [r["reason"] for r in slow_artifact.refused]) == ([], ["unavailable"])
+    assert "min_download_bytes_per_s" in slow_artifact.refused[0]["message"] and time.monotonic() - started < 10
+    assert list((tmp_path / "box" / "tmp").iterdir()) == []  # the partial download is removed

@@ -114,6 +114,7 @@ class RawServer:
     then: dict[str, list[bytes]] = field(default_factory=dict)  # a path's next bodies, one per request, in order
     hold_after: dict[str, int] = field(default_factory=dict)  # send this many bytes, then wait for ``released``
     released: threading.Event = field(default_factory=threading.Event)
+    trickle: dict[str, float] = field(default_factory=dict)  # send a path one byte each this many seconds
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
     _server: asyncio.base_events.Server | None = None
 
@@ -169,6 +170,12 @@ class RawServer:
                     await asyncio.get_running_loop().run_in_executor(None, self.released.wait, DEADLINE_S)
                     writer.write(body[self.hold_after[path] :])
                     await writer.drain()
+                    return
+                if path in self.trickle:  # a registry that is slow, never silent long enough to time a read out
+                    for i in range(len(body)):
+                        writer.write(body[i : i + 1])
+                        await writer.drain()
+                        await asyncio.sleep(self.trickle[path])
                     return
                 if path in self.cut_after and not rng and self.cuts > 0:
                     self.cuts -= 1
