@@ -234,15 +234,20 @@ async def repository_load(api: Any, request: web.BaseRequest, params: list[str])
 
 
 async def repository_unload(api: Any, request: web.BaseRequest, params: list[str]) -> web.Response:
-    """Unload every version of a model: it answers 503 (not ready) until loaded again; the store is untouched."""
+    """Unload every version of a model: it answers 503 (not ready) until loaded again; the store is untouched.
+    Refused during a probation: a load after it would serve the version on trial with no probation watching it."""
     name = params[0]
 
     async def work() -> dict[str, Any]:
         async with api.updater.lock(name):  # not between an update's or a reload's steps
             entry = api.manager.entry(name)
+            on_trial = api.updater.probations.get(name)
+            if on_trial is not None:
+                raise Conflict(f"{name}:{on_trial.version} is on probation: a probation is in progress: roll back "
+                               "or wait for its verdict, then unload")
             loaded = list(entry.versions.values())
             entry.active, entry.status, entry.reason = None, "unloaded", "unloaded through the repository API"
-        for lv in loaded:  # a probation in progress ends without a verdict (the updater sees nothing serve)
+        for lv in loaded:
             if lv.state == "ready":
                 await api.manager.discard(lv)
         return {}

@@ -176,8 +176,8 @@ def test_removing_a_version_the_policy_loaded_drains_it_first(
     refused = admin(d, "remove", {"version": "1"})
     assert refused.status == 409 and "rollback target" in refused.json()["error"]
     assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
-    assert [r["result"] for r in audited(site) if r["action"] == "admin.remove"] == ["ok", "refused", "refused",
-                                                                                   "refused"]
+    wait_until(lambda: [r["result"] for r in audited(site) if r["action"] == "admin.remove"] == [
+        "ok", "refused", "refused", "refused"], 10, "every removal audited")
 
 
 def test_repository_unload_and_load(site: Site, keyset: KeySet, start_daemon: Any) -> None:
@@ -190,6 +190,20 @@ def test_repository_unload_and_load(site: Site, keyset: KeySet, start_daemon: An
     reply = request(d.url + f"/v2/repository/models/{MODEL}/load", "POST", {"parameters": {"version": "2"}})
     assert reply.status == 200
     assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
+
+
+def test_repository_unload_is_refused_during_a_probation(site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1", "2"], probation={"seconds": 60, "min_requests": 20})
+    d = start_daemon(site.write_config())
+    assert admin(d, "activate", {"version": "2"}).json()["probation"]["version"] == "2"
+    reply = request(d.url + f"/v2/repository/models/{MODEL}/unload", "POST", {})
+    assert reply.status == 409 and "a probation is in progress: roll back or wait" in reply.json()["error"]
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
+    assert admin(d).json()["probation"]["version"] == "2"  # still watched
+    assert admin(d, "rollback").json()["serving"] == "1"
+    assert request(d.url + f"/v2/repository/models/{MODEL}/unload", "POST", {}).status == 200
+    wait_until(lambda: [r["result"] for r in audited(site) if r["action"] == "repository.unload"] == ["refused", "ok"],
+               10, "both unloads audited")
 
 
 def test_a_tampered_active_version_falls_back_to_the_previous_one_at_start(
