@@ -287,7 +287,8 @@ class RegistryClient:
                     await self.updater.offer(model.name, version, source="registry")
                     await self._target(model.name, version)
                 except InferdError as exc:  # the updater logged and journaled why; the registry counts it too
-                    await self._target(model.name, version)  # acted on: a refused one is not offered each poll
+                    if exc.code != "conflict":  # a bad version is not offered each poll; a refusal for now
+                        await self._target(model.name, version)  # (a probation running, no memory) is retried
                     self._failed("update_refused", f"{model.name}:{version} was installed but not taken into "
                                  f"service: {exc}", model=model.name, version=version)
                     result.refused.append({"model": model.name, "version": version, "reason": "update_refused",

@@ -550,57 +550,6 @@ def test_an_index_read_during_a_publication_is_read_again(tmp_path: Path, keyset
     assert [p for p, _ in server.requests].count("index.json") == 2 and new_sig == files["index.json.sig"]
 
 
-class JournalingUpdater:
-    """The updater's part the client sees: offer() takes the version live by journaling it active (the real one
-    loads, smoke-tests and switches first; the daemon tests drive it)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.offers: list[str] = []
-
-    async def offer(self, name: str, version: str, source: str) -> None:
-        self.offers.append(version)
-
-        def live(s: Any) -> None:
-            s.previous, s.active = s.active, version
-            s.record("activated", version)
-
-        await asyncio.get_running_loop().run_in_executor(None, self.store.update_state, name, live)
-
-
-def test_a_promote_back_to_an_installed_version_is_offered(tmp_path: Path, keyset: KeySet, central: Central) -> None:
-    """v2 went live, then the channel is promoted back to v1, still installed: v1 is a new target and is offered
-    (once; the target persists across a restart)."""
-    store = Store(tmp_path / "box")
-    store.ensure()
-    signers = keys.load_signers([KeySource(path=keyset.public_path)])
-    updater = JournalingUpdater(store)
-
-    def move(step: Callable[[], Any]) -> Callable[[RegistryClient], Any]:
-        async def act(client: RegistryClient) -> Any:
-            await asyncio.get_running_loop().run_in_executor(None, step)
-            return await client.poll()
-        return act
-
-    async def body(url: str, steps: list[Callable[[RegistryClient], Any]]) -> list[Any]:
-        config = box_config(tmp_path, keyset, url, [central.key_path.with_name("index.key.pub")])
-        client = RegistryClient(config, Store(config.state_dir), signers, updater=updater)
-        await client.start()
-        try:
-            return [await step(client) for step in steps]
-        finally:
-            await client.close()
-
-    central.publish("1")
-    with inferd_serve(central.root) as url:
-        asyncio.run(body(url, [poll, move(lambda: central.publish("2")),
-                               move(lambda: registry_publish.promote(central.root, "mlp", "1", "stable",
-                                                                     central.key))]))
-        assert updater.offers == ["1", "2", "1"] and store.state("mlp").active == "1"
-        asyncio.run(body(url, [poll]))  # a restart: the channel still names 1, which is live: nothing offered
-    assert updater.offers == ["1", "2", "1"]
-
-
 def test_a_trickling_registry_is_given_up(tmp_path: Path, keyset: KeySet, central: Central,
                                          registry_files: dict[str, bytes]) -> None:
     """A byte every 50 ms never trips the 0.5 s read timeout; the index's total deadline, and the download's

@@ -248,3 +248,43 @@ def test_a_first_version_from_the_registry_is_served(tmp_path: Path, site: Site,
                                    mlp_reference(x), rtol=1e-4)
     events = [e["event"] for e in Store(site.state_dir).state("mlp").history if e.get("version") == "1"]
     assert events.index("offered") < events.index("activated"), events  # live by the updater, not by the install
+
+
+def test_a_channel_moved_back_to_an_installed_version_is_served_again(
+        tmp_path: Path, site: Site, keyset: KeySet, mlp_onnx: bytes,
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    """v1 then v2 from the registry, v2 committed after its probation; the channel is promoted back to v1, which is
+    still installed (the rollback target): the next sync takes the box back to v1 through the updater."""
+    from support.registry import inferd_serve
+
+    from daemon import registry_publish
+
+    (tmp_path / "central").mkdir()
+    keys.generate_signing_key(tmp_path / "central" / "index.key")
+    central = Central(tmp_path / "central" / "registry", tmp_path / "central" / "index.key", keyset, mlp_onnx)
+    central.publish("1")
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    with inferd_serve(central.root) as url:
+        site.extra = {"registry": {"url": url, "poll_interval_s": 3600, "min_free_bytes": 0,
+                                   "index_keys": [{"path": str(central.key_path.with_name("index.key.pub"))}]},
+                      "updates": {"probation": {"seconds": 0.5}}}
+        daemon = start_daemon(site.write_config())
+
+        def serving(version: str) -> None:
+            deadline = time.monotonic() + DEADLINE_S
+            while True:
+                reply = infer(daemon.url, "mlp", mlp_request(np.ones((1, 4), np.float32)).decode())
+                if reply.status == 200 and str(reply.json()["model_version"]) == version:
+                    return
+                assert time.monotonic() < deadline, f"version {version} never served: {reply.status}"
+                time.sleep(0.05)
+
+        serving("1")
+        daemon.wait_for("committed", timeout=DEADLINE_S)
+        central.publish("2")
+        assert request(daemon.url + "/admin/registry/sync", "POST").status == 200
+        serving("2")
+        daemon.wait_for("committed", timeout=DEADLINE_S, new=True)
+        registry_publish.promote(central.root, "mlp", "1", "stable", central.key)
+        assert request(daemon.url + "/admin/registry/sync", "POST").status == 200
+        serving("1")
