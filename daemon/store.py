@@ -340,7 +340,8 @@ class Store:
 
     def prune(self, name: str, keep: int) -> list[str]:
         """Remove the oldest installed versions beyond ``keep``: only versions older than the active one (a newer one
-        may be waiting to be tried), never the rollback target or a version being tried; returns what was removed."""
+        may be waiting to be tried) or quarantined ones (never tried again: the pile a box whose updates keep
+        rolling back leaves), never the rollback target or a version being tried; returns what was removed."""
         with self.locked():
             state = self.state(name)
             protected = {state.active, state.previous}
@@ -351,7 +352,7 @@ class Store:
             extra = len(installed) - max(keep, 1)
             older = installed[:installed.index(state.active)] if state.active in installed else []
             removed = []
-            for version in older:
+            for version in [v for v in installed if v in older or v in state.quarantined]:
                 if extra <= 0:
                     break
                 if version in protected:

@@ -208,6 +208,7 @@ class Updater:
                       exc, extra={"event_kind": "update_failed", "model": name, "version": version, "reason": reason})
             self.record("update.failed", "failed", who, model=name, version=version, source=source, reason=str(exc))
             self.emit("update_failed", name, version, str(exc), cause=reason)
+            await self._prune(name)
             raise BadVersion(f"{name}:{version} failed to load and was quarantined: {exc}") from exc
         self._costs[(name, version)] = max(0, await self._io(update_checks.rss_bytes) - before)
         return loaded

@@ -122,6 +122,21 @@ def test_a_rollback_prunes_too(site: Site, keyset: KeySet, start_daemon: Any) ->
     assert Store(site.state_dir).versions(MODEL) == ["2", "3"]  # 1 pruned; the rollback target 3 kept
 
 
+def test_quarantined_versions_are_pruned_so_failed_updates_do_not_pile_up(
+        site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1", "2", "3"])
+    site.install(pack_version(keyset, "4", smoke_ok=False), activate=False)
+    site.extra["updates"] = {"keep_versions": 2}
+    Store(site.state_dir).update_state(MODEL, lambda s: (s.quarantined.extend(["2", "3"]),
+                                                         s.reasons.update({"2": "probation_errors", "3": "x"})))
+    d = start_daemon(site.write_config())
+    assert admin(d, "activate", {"version": "4"}).status == 422  # quarantined too; the oldest two go
+    d.wait_for("pruned", timeout=30)
+    state = Store(site.state_dir).state(MODEL)
+    assert Store(site.state_dir).versions(MODEL) == ["1", "4"] and state.quarantined == ["2", "3", "4"]
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "1"
+
+
 def test_refusals_change_nothing(site: Site, keyset: KeySet, start_daemon: Any) -> None:
     lookup_site(site, keyset, ["1"])
     site.install(pack_version(keyset, "2", input_name="index"), activate=False)  # a breaking change
