@@ -19,15 +19,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from adapters import AdapterError, Session, get_runtime
+from adapters import AdapterError, get_runtime
 from adapters.cpus import usable_cpus
-from daemon.artifact import Header
 from daemon.checks import open_version
 from daemon.config import Config, ModelConfig
 from daemon.context import RequestContext
@@ -36,53 +34,13 @@ from daemon.keys import Kek
 from daemon.metrics import LoadedInfo, VersionStats
 from daemon.scheduler import BatchPolicy, Scheduler
 from daemon.store import Store
+from daemon.versions import LoadedVersion, ModelEntry
 from daemon.warmup import warm_up
 
 log = logging.getLogger("inferd.models")
 
 #: how long retiring a version after a switch waits for its accepted work (the drain budget of a swap)
 RETIRE_TIMEOUT_S = 30.0
-
-
-@dataclass
-class LoadedVersion:
-    name: str
-    version: str
-    runtime: str
-    session: Session
-    scheduler: Scheduler
-    stats: VersionStats
-    header: Header
-    threads: int
-    load_seconds: float
-    state: str = "ready"
-
-    @property
-    def platform(self) -> str:
-        return self.session.platform
-
-    def parameters(self) -> dict[str, Any]:
-        """What V2 metadata reports under ``parameters``: how this version actually runs."""
-        return {
-            "runtime": self.runtime,
-            "device": self.session.device,
-            "threads": self.threads,
-            "workers": self.scheduler.workers,
-            "dynamic_batching": self.scheduler.batching,
-            "artifact_created": self.header.created,
-            # packed with `inferd model pack --labels/--description` (the header's signed cleartext info)
-            **{k: self.header.info[k] for k in ("labels", "description") if k in self.header.info},
-        }
-
-
-@dataclass
-class ModelEntry:
-    config: ModelConfig
-    status: str = "loading"
-    reason: str | None = None
-    active: LoadedVersion | None = None
-    versions: dict[str, LoadedVersion] = field(default_factory=dict)  # loaded: the active one and any staged
-    failures: dict[str, str] = field(default_factory=dict)  # version -> why its last load failed
 
 
 class ModelManager:

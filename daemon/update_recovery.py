@@ -22,7 +22,8 @@ from daemon import probation
 from daemon.config import Config
 from daemon.errors import InferdError
 from daemon.store import ModelState, Store
-from daemon.updater import Probation, Updater, _quarantine, now_iso
+from daemon.update_records import Probation, now_iso, quarantine_version
+from daemon.updater import Updater
 
 log = logging.getLogger("inferd.updater")
 
@@ -59,7 +60,7 @@ def recover_journals(store: Store, config: Config) -> list[Recovered]:
                 s.probation = None
                 if bad and prev and prev in store.versions(name):
                     s.active, s.previous = prev, None
-                    _quarantine(s, bad, f"{CRASH_REASON}: the daemon stopped while it was on probation")
+                    quarantine_version(s, bad, f"{CRASH_REASON}: the daemon stopped while it was on probation")
                     s.record("rolled_back", bad, to=prev, reason="crash_during_probation")
                     found.append(Recovered(name, "rolled_back", bad, prev))
                 elif bad:  # nothing to go back to: it keeps serving, and the journal and the log say so
@@ -137,7 +138,7 @@ async def fall_back(updater: Updater) -> None:
 
         def journal(s: ModelState, bad: str = bad, prev: str = chosen, why: str = why) -> None:
             s.active, s.previous, s.probation = prev, None, None
-            _quarantine(s, bad, f"startup_load_failed: {why}")
+            quarantine_version(s, bad, f"startup_load_failed: {why}")
             if prev in s.quarantined:  # the only version that loads: it serves, so it is no longer quarantined
                 s.quarantined.remove(prev)
                 s.reasons.pop(prev, None)

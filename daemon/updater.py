@@ -25,8 +25,6 @@ import logging
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,39 +35,13 @@ from daemon.config_updates import ProbationConfig
 from daemon.errors import InferdError, IntegrityError, ModelNotFound, SmokeTestFailed, StoreError, VersionNotFound
 from daemon.models import LoadedVersion, ModelManager
 from daemon.store import ModelState, Store
+from daemon.update_records import BadVersion, Probation, UpdateRefused, now_iso, quarantine_version
 
 log = logging.getLogger("inferd.updater")
 
 #: how often a probation is judged
 TICK_S = 0.2
 PAUSE_ENV, PAUSE_FILE_ENV = "INFERD_TEST_PAUSE_AT", "INFERD_TEST_PAUSE_FILE"
-
-
-class UpdateRefused(InferdError):
-    """The update cannot be tried as asked (quarantined, pinned, on probation, incompatible, no room): nothing
-    changed; the message says what would make it possible."""
-
-    code = "conflict"
-
-
-class BadVersion(InferdError):
-    """The offered version failed to load, verify or pass its smoke test: it was quarantined and never served."""
-
-    code = "bad_version"
-
-
-@dataclass
-class Probation:
-    version: str
-    previous: str
-    since: float  # monotonic
-    baseline: probation.Window
-    cfg: ProbationConfig
-    source: str
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class Updater:
@@ -202,7 +174,7 @@ class Updater:
         except InferdError as exc:  # the version itself is bad (tampered, wrong key, smoke test, runtime refusal)
             reason = exc.code if isinstance(exc, (SmokeTestFailed, IntegrityError)) else "load_failed"
             why = f"{reason}: {exc}"
-            await self._journal(name, lambda s: _quarantine(s, version, why, clear_pending=True))
+            await self._journal(name, lambda s: quarantine_version(s, version, why, clear_pending=True))
             self.count_rollback(name, reason)
             log.error("update of %s to %s failed (%s): quarantined, the active version keeps serving", name, version,
                       exc, extra={"event_kind": "update_failed", "model": name, "version": version, "reason": reason})
@@ -377,7 +349,7 @@ class Updater:
                 s.active, s.pending, s.probation = target, None, None
                 s.previous = None if quarantine else current
                 if quarantine and current is not None:
-                    _quarantine(s, current, f"{reason}: {text}")
+                    quarantine_version(s, current, f"{reason}: {text}")
                 s.record("rolled_back", current or "-", to=target, reason=text)
 
             await self._journal(name, journal)
@@ -399,12 +371,3 @@ class Updater:
     async def apply_policy(self, name: str) -> None:
         """Load what the model's version_policy wants beside the active version, drain what it does not want."""
         await version_policy.apply(self.manager, self.store, name)
-
-
-def _quarantine(s: ModelState, version: str, why: str, clear_pending: bool = False) -> None:
-    if version not in s.quarantined:
-        s.quarantined.append(version)
-    s.reasons[version] = why
-    if clear_pending:
-        s.pending = None
-    s.record("quarantined", version, reason=why)
