@@ -11,6 +11,7 @@ The key itself is shown once, by ``inferd auth add-key``, and never stored, logg
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import re
@@ -86,7 +87,27 @@ class Caller:
 
 
 def _digest(salt: bytes, secret: str) -> bytes:
-    return hmac.digest(salt, secret.encode("ascii"), "sha256")  # one C call: hmac.new costs several in Python
+    return hmac.digest(salt, secret.encode("ascii"), "sha256")
+
+
+class _Hmac:
+    """HMAC-SHA256 under one salt with its two padded key blocks hashed once (RFC 2104): a request then costs two
+    small SHA-256 continuations. hmac.digest() sets OpenSSL 3's whole MAC machinery up again on every call, which
+    profiling showed at a few per cent of a small request's time; the result is the same bytes."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, salt: bytes) -> None:
+        block = salt.ljust(64, b"\0")  # SHA-256's block; a 16-byte salt is never longer
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def digest(self, secret: str) -> bytes:
+        inner = self._inner.copy()
+        inner.update(secret.encode("ascii"))
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 def check_scopes(scopes: Iterable[str], origin: str) -> frozenset[str]:
@@ -187,7 +208,8 @@ class Authenticator:
                                   f"{key.key_id}")
             self._by_id[key.key_id] = key
         self._mtls = dict(mtls or {})
-        self._decoy = secrets.token_bytes(16)
+        self._decoy = _Hmac(secrets.token_bytes(16))
+        self._macs = {k.key_id: _Hmac(k.salt) for k in self._by_id.values()}
         #: one immutable Caller per key, made once: a request that passes costs no allocation here
         self._callers = {k.key_id: Caller(k.name, k.scopes, k.models, "key") for k in self._by_id.values()}
 
@@ -214,10 +236,11 @@ class Authenticator:
         if len(authorization) == TOKEN_HEADER_LENGTH and authorization.startswith("Bearer ifd_") \
                 and authorization[23] == "_":
             # the form every client sends: no parsing beyond slicing (the HMAC decides, whatever the characters)
-            key = self._by_id.get(authorization[11:23])
+            key_id = authorization[11:23]
+            key = self._by_id.get(key_id)
             secret = authorization[24:]
             if secret.isascii():
-                digest = _digest(key.salt if key is not None else self._decoy, secret)
+                digest = (self._macs[key_id] if key is not None else self._decoy).digest(secret)
                 if key is not None and hmac.compare_digest(digest, key.digest):
                     return self._callers[key.key_id]
                 raise Unauthenticated("the API key is not valid")
@@ -230,7 +253,7 @@ class Authenticator:
         if match is None:
             raise Unauthenticated("the bearer token is not an inferd API key (ifd_<id>_<secret>)")
         key = self._by_id.get(match[1])
-        digest = _digest(key.salt if key is not None else self._decoy, match[2])
+        digest = (self._macs[match[1]] if key is not None else self._decoy).digest(match[2])
         if key is None or not hmac.compare_digest(digest, key.digest):
             raise Unauthenticated("the API key is not valid")
         return self._callers[key.key_id]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hmac
 import json
+import secrets
 import stat
 from pathlib import Path
 
@@ -21,6 +23,16 @@ from daemon.security import (
     parse_keys_file,
     parse_record,
 )
+from daemon.security import _Hmac as Hmac
+
+
+def test_the_precomputed_hmac_is_rfc_4231s() -> None:
+    # RFC 4231 test case 2, then random salts of the stored length against the standard library's HMAC
+    assert Hmac(b"Jefe").digest("what do ya want for nothing?").hex() == \
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    for _ in range(20):
+        salt, secret = secrets.token_bytes(16), secrets.token_urlsafe(32)
+        assert Hmac(salt).digest(secret) == hmac.digest(salt, secret.encode(), "sha256")
 
 
 def test_a_new_key_verifies_and_only_its_hash_is_stored() -> None:
