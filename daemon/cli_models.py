@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import InferdError, StoreError, VersionNotFound
+from daemon.errors import InferdError, StoreError
 
 #: how long to wait for the config's listener to answer before deciding no daemon runs there
 PROBE_TIMEOUT_S = 1.0
@@ -111,12 +111,20 @@ def call_admin(url: str, path: str, doc: dict[str, Any], key: str | None) -> dic
 
 
 def _store(config: Path | None) -> Any:
+    return _store_and_pin(config, None)[0]
+
+
+def _store_and_pin(config: Path | None, name: str | None) -> tuple[Any, str | None]:
+    """The config's store, and the version the config pins model ``name`` to (its ``version:``), if any: the daemon
+    serves a pinned version whatever the journal says, so the journal's rules refuse changing it."""
     from daemon.config import load_config
     from daemon.store import Store
 
     if config is None:
         raise ValueError("give --config (the store to change) or --url (a running daemon)")
-    return Store(load_config(config).state_dir)
+    loaded = load_config(config)
+    pins = {m.name: m.version for m in loaded.models}
+    return Store(loaded.state_dir), pins.get(name) if name is not None else None
 
 
 def cmd_activate(args: argparse.Namespace) -> int:
@@ -126,13 +134,18 @@ def cmd_activate(args: argparse.Namespace) -> int:
         note = " (on probation)" if doc.get("probation") else ""
         print(f"activated {args.name}:{doc.get('serving')} on the daemon at {url}{note}")
         return 0
-    store = _store(args.config)
-    if args.version not in store.versions(args.name):
-        raise VersionNotFound(f"version {args.version!r} of model {args.name!r} is not installed")
+    from daemon.update_records import check_activation
+
+    store, pinned = _store_and_pin(args.config, args.name)
+
+    def check(s: Any) -> None:  # the updater's rules (a journaled probation: a restart would undo the activation)
+        check_activation(args.name, args.version, s, store.versions(args.name), pinned=pinned,
+                         on_probation=(s.probation or {}).get("version"))
+
+    check(store.state(args.name))  # before the locked change, which would create a mistyped model's folder
 
     def change(s: Any) -> None:
-        if args.version in s.quarantined:
-            raise StoreError(f"{args.name}:{args.version} is quarantined; 'inferd model unquarantine' it first")
+        check(s)
         if s.active != args.version:
             s.previous, s.active = s.active, args.version
             s.record("activated", args.version, source="cli")
@@ -148,22 +161,21 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         doc = call_admin(url, f"/admin/models/{args.name}/rollback", {"to": args.to} if args.to else {}, args.key)
         print(f"rolled {args.name} back to {doc.get('serving')} on the daemon at {url}")
         return 0
-    store = _store(args.config)
+    from daemon.update_records import rollback_target
+
+    store, pinned = _store_and_pin(args.config, args.name)
     done: dict[str, str] = {}
 
+    def target(s: Any) -> str:
+        return rollback_target(args.name, args.to, s, s.active, store.versions(args.name), pinned=pinned)
+
+    target(store.state(args.name))  # before the locked change, which would create a mistyped model's folder
+
     def change(s: Any) -> None:
-        target = args.to or (s.probation or {}).get("previous") or s.previous
-        if target is None:
-            raise StoreError(f"model {args.name!r} has no previous version to roll back to (name one with --to)")
-        if target == s.active:
-            raise StoreError(f"{args.name}:{target} is already the active version")
-        if target in s.quarantined:
-            raise StoreError(f"{args.name}:{target} is quarantined; 'inferd model unquarantine' it first")
-        if target not in store.versions(args.name):
-            raise VersionNotFound(f"version {target!r} of model {args.name!r} is not installed")
-        s.record("rolled_back", s.active or "-", to=target, reason="manual (cli)")
-        s.previous, s.active, s.probation, s.pending = s.active, target, None, None
-        done["to"] = target
+        to = target(s)
+        s.record("rolled_back", s.active or "-", to=to, reason="manual (cli)")
+        s.previous, s.active, s.probation, s.pending = s.active, to, None, None
+        done["to"] = to
 
     store.update_state(args.name, change)
     print(f"rolled {args.name} back to {done['to']} in the store (no daemon answered: it serves it when it starts)")

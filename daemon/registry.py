@@ -34,6 +34,7 @@ from daemon.fsutil import atomic_write
 from daemon.registry_fetch import Fetcher, tls_context
 from daemon.registry_index import Index, RegistryError
 from daemon.store import Store
+from daemon.updater import pause
 
 log = logging.getLogger("inferd.registry")
 
@@ -283,6 +284,7 @@ class RegistryClient:
                                        "message": str(exc)})
                 continue
             if self.updater is not None:
+                await pause("installed", model.name, version)  # test hook (daemon/updater.py)
                 try:
                     await self.updater.offer(model.name, version, source="registry")
                     await self._target(model.name, version)
@@ -314,6 +316,7 @@ class RegistryClient:
                                       f"index lists {entry.sha256}: refused")
             await loop.run_in_executor(None, check_artifact_file, path, name, version, self.signers,
                                        self.config.keys.require_signature)
+            await pause("downloaded", name, version)  # test hook (daemon/updater.py)
             done = await loop.run_in_executor(None, lambda: self.store.install_file(path, activate=False))
             log.info("registry: installed %s:%s", done.name, done.version,
                      extra={"event_kind": "registry_installed", "model": name, "version": version})

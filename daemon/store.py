@@ -68,6 +68,30 @@ class ModelState:
         del self.history[:-HISTORY_LIMIT]
 
 
+def held_versions(state: ModelState) -> dict[str, str]:
+    """The versions the journal points at, each with why it must stay installed (a journal pointing at a version
+    that is gone could not serve it): the one rule for removal and pruning, by the CLI, the admin API and the
+    updater alike. A version in several roles gets the first: active, being tried, on probation, rollback target."""
+    probation, pending = state.probation or {}, state.pending or {}
+    held: dict[str, str] = {}
+    for version, role in ((state.active, "active"), (pending.get("version"), "being tried by an update"),
+                          (probation.get("version"), "on probation"), (state.previous, "the rollback target"),
+                          (probation.get("previous"), "the rollback target")):
+        if version is not None:
+            held.setdefault(str(version), role)
+    return held
+
+
+def removal_refusal(name: str, version: str, state: ModelState) -> str | None:
+    """Why ``version`` may not be removed now, or None when it may."""
+    role = held_versions(state).get(version)
+    if role is None:
+        return None
+    if role in ("being tried by an update", "on probation"):
+        return f"{name}:{version} is {role}: wait for it to end"
+    return f"{name}:{version} is {role}: activate another version first"
+
+
 class Store:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir
@@ -191,19 +215,46 @@ class Store:
         self._own(path)
 
     def install(self, blob: bytes, *, activate: bool = False) -> Installed:
-        """Install an artifact that the caller has already verified; says whether it is active and was new.
+        """Install an artifact that the caller has already verified; says whether it is active and was new. A model's
+        first version goes live (a local install on a box with nothing to serve yet).
 
         Versions are immutable: re-installing identical bytes is a no-op, different bytes under an installed version
         are refused.
         """
-        header, _ = read_header(blob)
-        name, version = header.name, header.version
-        for label, value in (("model name", name), ("version", version)):
-            try:
-                check_name(label, value)
-            except ValueError as exc:
-                raise StoreError(f"artifact {name!r}:{version!r} has an {exc}") from None
-        digest = hashlib.sha256(blob).hexdigest()
+        name, version = _identity(blob)
+        return self._place(name, version, hashlib.sha256(blob).hexdigest(),
+                           lambda dest: atomic_write(dest, blob), activate=activate, first_goes_live=True)
+
+    def install_file(self, path: Path, *, activate: bool = False) -> Installed:
+        """Install an artifact file that already lies in ``<state_dir>/tmp`` (a registry download the caller has
+        verified): renamed into place, never read whole into memory. The file is consumed either way. It goes live
+        only with ``activate=True``: a registry install, even a model's first, waits for the updater's switch, which
+        journals it active once it has loaded and passed its smoke test."""
+        path = Path(path)
+        if path.parent.resolve() != self.tmp_dir.resolve():
+            raise StoreError(f"{path} is not in the store's staging folder {self.tmp_dir}")
+
+        def move(dest: Path) -> None:
+            os.chmod(path, 0o640)
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+            os.rename(path, dest)
+            fsync_dir(dest.parent)
+
+        try:
+            with path.open("rb") as f:
+                head = f.read(1 << 21)  # the header is at most 1 MiB (artifact.MAX_HEADER)
+            name, version = _identity(head)
+            return self._place(name, version, _sha256_file(path), move, activate=activate, first_goes_live=False,
+                               source="file")
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _place(self, name: str, version: str, digest: str, write: Callable[[Path], None], *, activate: bool,
+               first_goes_live: bool, **facts: Any) -> Installed:
+        """The one install path, under the lock: refuse a quarantined version and different bytes under an installed
+        one, stage (``write`` puts the artifact at the path it is given), rename into place, journal. The journal is
+        saved only when something changed, so identical bytes again leave it as it was."""
         with self.locked():
             self._upgrade_format()
             for d in (self.models_dir, self.tmp_dir):
@@ -221,7 +272,7 @@ class Store:
             if fresh:
                 staging = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self.tmp_dir))
                 os.chmod(staging, 0o750)  # noqa: S103 - the service group reads what root installs
-                atomic_write(staging / ARTIFACT_NAME, blob)
+                write(staging / ARTIFACT_NAME)
                 self._own(staging, staging / ARTIFACT_NAME)
                 model_dir = self.models_dir / name
                 if not model_dir.exists():
@@ -230,78 +281,16 @@ class Store:
                     fsync_dir(self.models_dir)
                 os.rename(staging, target)
                 fsync_dir(model_dir)
-                state.record("installed", version, sha256=digest)
-            activated = False
-            if (activate or state.active is None) and state.active != version:
+                state.record("installed", version, sha256=digest, **facts)
+            activated = state.active == version
+            changed = fresh
+            if not activated and (activate or (first_goes_live and state.active is None)):
                 state.previous, state.active = state.active, version
                 state.record("activated", version)
-                activated = True
-            elif state.active == version:
-                activated = True
-            if fresh or activated:
+                activated = changed = True
+            if changed:
                 self.save_state(name, state)
         return Installed(name, version, activated, fresh)
-
-    def install_file(self, path: Path, *, activate: bool = False) -> Installed:
-        """Install an artifact file that already lies in ``<state_dir>/tmp`` (a registry download the caller has
-        verified): renamed into place, never read whole into memory. The file is consumed either way. It goes live
-        only with ``activate=True``: a registry install, even a model's first, waits for the updater's switch, which
-        journals it active once it has loaded and passed its smoke test."""
-        path = Path(path)
-        if path.parent.resolve() != self.tmp_dir.resolve():
-            raise StoreError(f"{path} is not in the store's staging folder {self.tmp_dir}")
-        try:
-            with path.open("rb") as f:
-                head = f.read(1 << 21)  # the header is at most 1 MiB (artifact.MAX_HEADER)
-            header, _ = read_header(head)
-            name, version = header.name, header.version
-            for label, value in (("model name", name), ("version", version)):
-                try:
-                    check_name(label, value)
-                except ValueError as exc:
-                    raise StoreError(f"artifact {name!r}:{version!r} has an {exc}") from None
-            digest = _sha256_file(path)
-            with self.locked():
-                self._upgrade_format()
-                state = self.state(name)
-                if version in state.quarantined:
-                    raise StoreError(f"{name}:{version} is quarantined: it failed its checks before and is not "
-                                     "installed")
-                target = self.models_dir / name / version
-                existing = target / ARTIFACT_NAME
-                fresh = not existing.exists()
-                if not fresh and _sha256_file(existing) != digest:
-                    raise StoreError(
-                        f"{name}:{version} is already installed with different content; versions are immutable")
-                if fresh:
-                    staging = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=self.tmp_dir))
-                    os.chmod(staging, 0o750)  # noqa: S103 - the service group reads what root installs
-                    os.chmod(path, 0o640)
-                    with path.open("rb") as f:
-                        os.fsync(f.fileno())
-                    os.rename(path, staging / ARTIFACT_NAME)
-                    fsync_dir(staging)
-                    self._own(staging, staging / ARTIFACT_NAME)
-                    model_dir = self.models_dir / name
-                    if not model_dir.exists():
-                        model_dir.mkdir(mode=0o750, parents=True)
-                        self._own(model_dir)
-                        fsync_dir(self.models_dir)
-                    os.rename(staging, target)
-                    fsync_dir(model_dir)
-                    state.record("installed", version, sha256=digest, source="file")
-                activated = state.active == version
-                changed = fresh
-                if activate and not activated:  # never by default, even the first: the updater's switch does it
-                    state.previous, state.active = state.active, version
-                    state.record("activated", version)
-                    activated = changed = True
-                if changed:
-                    self.save_state(name, state)
-        finally:
-            path.unlink(missing_ok=True)
-        return Installed(name, version, activated, fresh)
-
 
     # -- the updater's writes (daemon/updater.py): each a whole read-modify-write of one journal under the lock --
 
@@ -321,16 +310,9 @@ class Store:
         journal must never point at a version that is gone)."""
         with self.locked():
             state = self.state(name)
-            protected = {state.active, state.previous}
-            if state.probation:
-                protected.add(state.probation.get("previous"))
-            if state.pending:  # the version an update is loading right now
-                protected.add(state.pending.get("version"))
-            if version in protected and version == (state.pending or {}).get("version") and version != state.active:
-                raise StoreError(f"{name}:{version} is being tried by an update: wait for it to end")
-            if version in protected:
-                role = "active" if version == state.active else "the rollback target"
-                raise StoreError(f"{name}:{version} is {role}: activate another version first")
+            why = removal_refusal(name, version, state)
+            if why is not None:
+                raise StoreError(why)
             target = self.models_dir / name / version
             if not (target / ARTIFACT_NAME).is_file():
                 raise VersionNotFound(f"version {version!r} of model {name!r} is not installed")
@@ -344,10 +326,7 @@ class Store:
         rolling back leaves), never the rollback target or a version being tried; returns what was removed."""
         with self.locked():
             state = self.state(name)
-            protected = {state.active, state.previous}
-            for step in (state.pending, state.probation):
-                if step:
-                    protected.update({step.get("version"), step.get("previous")})
+            protected = held_versions(state)
             installed = self.versions(name)
             extra = len(installed) - max(keep, 1)
             older = installed[:installed.index(state.active)] if state.active in installed else []
@@ -373,6 +352,19 @@ class Store:
         os.rename(target, doomed / "version")
         fsync_dir(self.models_dir / name)
         shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _identity(head: bytes) -> tuple[str, str]:
+    """The model name and version from an artifact's header, refused before anything is written when the config's
+    name rule could not name them."""
+    header, _ = read_header(head)
+    name, version = header.name, header.version
+    for label, value in (("model name", name), ("version", version)):
+        try:
+            check_name(label, value)
+        except ValueError as exc:
+            raise StoreError(f"artifact {name!r}:{version!r} has an {exc}") from None
+    return name, version
 
 
 def _sha256_file(path: Path) -> str:

@@ -1,5 +1,6 @@
-"""What an update is made of, shared by the updater and its restart recovery: the typed refusals, the record of a
-version on probation, and the journal's quarantine step."""
+"""What an update is made of, shared by the updater, its restart recovery and the CLI's journal changes when no
+daemon runs: the typed refusals, the rules for what may be activated and what a rollback goes back to, the record
+of a version on probation, and the journal's quarantine step."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from datetime import datetime, timezone
 
 from daemon import probation
 from daemon.config_updates import ProbationConfig
-from daemon.errors import InferdError
+from daemon.errors import InferdError, VersionNotFound
 from daemon.store import ModelState
 
 
@@ -48,4 +49,43 @@ def quarantine_version(s: ModelState, version: str, why: str, clear_pending: boo
     s.record("quarantined", version, reason=why)
 
 
-__all__ = ["BadVersion", "Probation", "UpdateRefused", "now_iso", "quarantine_version"]
+def check_activation(name: str, version: str, state: ModelState, installed: list[str], *, pinned: str | None,
+                     on_probation: str | None) -> None:
+    """Refuse an activation of ``version`` the daemon would refuse: a pinned model, a quarantined or missing version,
+    or while a probation waits for its verdict (``on_probation``: the version being watched, or
+    journaled as such when no daemon runs: a restart judges it and would undo the activation)."""
+    if pinned is not None:
+        raise UpdateRefused(f"model {name!r} is pinned to version {pinned} by its config ('version:'); remove the "
+                            "pin to update it")
+    if version in state.quarantined:
+        why = state.reasons.get(version)
+        raise UpdateRefused(f"{name}:{version} is quarantined" + (f" ({why})" if why else "") +
+                            f"; clear it with 'inferd model unquarantine {name} {version}' to try it again")
+    if version not in installed:
+        raise VersionNotFound(f"version {version!r} of model {name!r} is not installed")
+    if on_probation is not None:
+        raise UpdateRefused(f"{name}:{on_probation} is on probation; wait for its commit or roll it back first")
+
+
+def rollback_target(name: str, to: str | None, state: ModelState, current: str | None, installed: list[str], *,
+                    pinned: str | None) -> str:
+    """The version a rollback goes back to: ``to``, else the version before the one on probation, else the
+    journal's previous; refused when pinned, already active, quarantined or not installed."""
+    if pinned is not None:
+        raise UpdateRefused(f"model {name!r} is pinned to version {pinned} by its config")
+    target = to or (state.probation or {}).get("previous") or state.previous
+    if target is None:
+        raise UpdateRefused(f"model {name!r} has no previous version to roll back to (name one: --to, or 'to' "
+                            "through the admin API)")
+    if target == current:
+        raise UpdateRefused(f"{name}:{target} is already the active version")
+    if target in state.quarantined:
+        raise UpdateRefused(f"{name}:{target} is quarantined; clear it with 'inferd model unquarantine {name} "
+                            f"{target}' first")
+    if target not in installed:
+        raise VersionNotFound(f"version {target!r} of model {name!r} is not installed")
+    return str(target)
+
+
+__all__ = ["BadVersion", "Probation", "UpdateRefused", "check_activation", "now_iso", "quarantine_version",
+           "rollback_target"]

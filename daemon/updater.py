@@ -12,9 +12,13 @@ probation against the previous version's answers over the same-length window bef
 says so (the bad version quarantined), then the switch. Every step is persisted before its side effect and verified
 before it is persisted; what a restart finds is handled by :mod:`daemon.update_recovery`.
 
-Test hook: with ``INFERD_TEST_PAUSE_AT=<step>`` (``pending``, ``staged``, ``probation``, ``rollback``) and
-``INFERD_TEST_PAUSE_FILE=<path>`` in its environment the daemon logs ``event_kind: test_paused`` at that step and
-waits until the file exists, so a test can SIGKILL it there. Without the variable nothing waits.
+Test hook: with ``INFERD_TEST_PAUSE_AT=<step>`` and ``INFERD_TEST_PAUSE_FILE=<path>`` in its environment the daemon
+logs ``event_kind: test_paused`` at that step and waits until the file exists, so a test can SIGKILL it there. The
+steps, in an update's order: ``downloaded`` (the registry client holds a verified artifact in ``tmp/``, not yet
+installed), ``installed`` (installed in the store, not yet offered), ``pending`` (offer journaled, nothing loaded),
+``staged`` (loaded and smoke-tested beside the active version), ``switching`` (the switch journaled, the old version
+still serving), ``probation`` (switched), ``rollback`` (the target loaded, nothing journaled). Without the variable
+nothing waits.
 """
 
 from __future__ import annotations
@@ -32,16 +36,37 @@ from daemon import probation, update_checks, version_policy
 from daemon.audit import AuditLog
 from daemon.config import Config, ModelConfig
 from daemon.config_updates import ProbationConfig
-from daemon.errors import InferdError, IntegrityError, ModelNotFound, SmokeTestFailed, StoreError, VersionNotFound
+from daemon.errors import InferdError, IntegrityError, ModelNotFound, SmokeTestFailed, StoreError
 from daemon.models import LoadedVersion, ModelManager
 from daemon.store import ModelState, Store
-from daemon.update_records import BadVersion, Probation, UpdateRefused, now_iso, quarantine_version
+from daemon.update_records import (
+    BadVersion,
+    Probation,
+    UpdateRefused,
+    check_activation,
+    now_iso,
+    quarantine_version,
+    rollback_target,
+)
 
 log = logging.getLogger("inferd.updater")
 
 #: how often a probation is judged
 TICK_S = 0.2
 PAUSE_ENV, PAUSE_FILE_ENV = "INFERD_TEST_PAUSE_AT", "INFERD_TEST_PAUSE_FILE"
+
+
+async def pause(step: str, name: str, version: str) -> None:
+    """The test hook (module docstring), also called by the registry client; returns at once unless
+    INFERD_TEST_PAUSE_AT names this step."""
+    if os.environ.get(PAUSE_ENV) != step:
+        return
+    gate = Path(os.environ.get(PAUSE_FILE_ENV, "/nonexistent"))
+    log.warning("test hook: paused at %s for %s:%s until %s exists", step, name, version, gate,
+                extra={"event_kind": "test_paused", "step": step, "model": name, "version": version})
+    loop = asyncio.get_running_loop()
+    while not await loop.run_in_executor(None, gate.exists):  # noqa: ASYNC110 - another process creates it
+        await asyncio.sleep(0.05)
 
 
 class Updater:
@@ -100,14 +125,7 @@ class Updater:
         self.rollbacks[(model, reason)] += 1
 
     async def pause(self, step: str, name: str, version: str) -> None:
-        """The test hook (module docstring); returns at once unless INFERD_TEST_PAUSE_AT names this step."""
-        if os.environ.get(PAUSE_ENV) != step:
-            return
-        gate = Path(os.environ.get(PAUSE_FILE_ENV, "/nonexistent"))
-        log.warning("test hook: paused at %s for %s:%s until %s exists", step, name, version, gate,
-                    extra={"event_kind": "test_paused", "step": step, "model": name, "version": version})
-        while not await self._io(gate.exists):  # noqa: ASYNC110 - a file another process creates: nothing to await
-            await asyncio.sleep(0.05)
+        await pause(step, name, version)
 
     # -- the update ------------------------------------------------------------------------------------------
 
@@ -117,19 +135,10 @@ class Updater:
         async with self._locks[name]:
             entry = self.manager.entry(name)
             cfg = entry.config
-            if cfg.version is not None:
-                raise UpdateRefused(f"model {name!r} is pinned to version {cfg.version} by its config ('version:'); "
-                                    "remove the pin to update it")
             state: ModelState = await self._io(self.store.state, name)
-            if version in state.quarantined:
-                why = state.reasons.get(version)
-                raise UpdateRefused(f"{name}:{version} is quarantined" + (f" ({why})" if why else "") +
-                                    f"; clear it with 'inferd model unquarantine {name} {version}' to try it again")
-            if version not in await self._io(self.store.versions, name):
-                raise VersionNotFound(f"version {version!r} of model {name!r} is not installed")
-            if name in self.probations:
-                p = self.probations[name]
-                raise UpdateRefused(f"{name}:{p.version} is on probation; wait for its commit or roll it back first")
+            watched = self.probations.get(name)
+            check_activation(name, version, state, await self._io(self.store.versions, name), pinned=cfg.version,
+                             on_probation=watched.version if watched is not None else None)
             old = entry.active
             if old is not None and old.version == version and entry.status == "ready":
                 return  # already serving: nothing to do
@@ -211,6 +220,7 @@ class Updater:
             s.record("activated", version, source=source, previous=prev)
 
         await self._journal(name, journal)
+        await self.pause("switching", name, version)  # before the probation record: run() must not judge it yet
         now = time.monotonic()
         if old is not None:
             span = cfg.seconds or 3600.0
@@ -325,19 +335,10 @@ class Updater:
                 log.info("%s: %s no longer serves; the rollback its probation asked for is moot", name, expect,
                          extra={"event_kind": "rollback_moot", "model": name, "version": expect})
                 return entry.active.version if entry.active is not None else expect
-            if entry.config.version is not None:
-                raise UpdateRefused(f"model {name!r} is pinned to version {entry.config.version} by its config")
             state: ModelState = await self._io(self.store.state, name)
             current = entry.active.version if entry.active is not None else state.active
-            target = to or (state.probation or {}).get("previous") or state.previous
-            if target is None:
-                raise UpdateRefused(f"model {name!r} has no previous version to roll back to (name one with 'to')")
-            if target == current:
-                raise UpdateRefused(f"{name}:{target} is already the active version")
-            if target in state.quarantined:
-                raise UpdateRefused(f"{name}:{target} is quarantined; unquarantine it first")
-            if target not in await self._io(self.store.versions, name):
-                raise VersionNotFound(f"version {target!r} of model {name!r} is not installed")
+            target = rollback_target(name, to, state, current, await self._io(self.store.versions, name),
+                                     pinned=entry.config.version)
             try:
                 loaded = await self.manager.load_version(name, target)  # verified before anything is persisted
             except InferdError as exc:  # the operator's target cannot serve: their request's fault, not a 500

@@ -114,3 +114,37 @@ def test_packed_labels_and_description_show_in_inspect_list_and_metadata(site: S
 
     parameters = request(d.url + f"/v2/models/{MODEL}").json()["parameters"]
     assert parameters["labels"] == ["cat", "dog"] and parameters["description"] == "a lookup table"
+
+
+def test_without_a_daemon_the_journal_keeps_the_updaters_rules(site: Site, keyset: KeySet) -> None:
+    """The refusals the updater makes hold in the journal too: an activation while a probation is journaled would be
+    undone by the next start (it judges the probation as failed and goes back to its previous version), and a pinned
+    model serves its pin whatever the journal says."""
+    lookup_site(site, keyset, ["1", "2", "3"])
+    config = str(site.write_config())
+    store = Store(site.state_dir)
+
+    def on_probation(s: Any) -> None:
+        s.active, s.previous = "2", "1"
+        s.probation = {"version": "2", "previous": "1", "source": "registry", "since": "2026-01-01T00:00:00+00:00"}
+
+    store.update_state(MODEL, on_probation)
+    before = store.state(MODEL)
+    refused = inferd("model", "activate", MODEL, "3", "--config", config, ok=False)
+    assert f"{MODEL}:2 is on probation" in refused.stderr
+    assert store.state(MODEL) == before
+    inferd("model", "rollback", MODEL, "--config", config)  # ends the probation: back to its previous version
+    state = store.state(MODEL)
+    assert (state.active, state.previous, state.probation) == ("1", "2", None)
+    inferd("model", "activate", MODEL, "3", "--config", config)
+
+    assert "not installed" in inferd("model", "activate", "nope", "1", "--config", config, ok=False).stderr
+    assert "no previous version" in inferd("model", "rollback", "nope", "--config", config, ok=False).stderr
+    assert store.model_names() == [MODEL]  # a mistyped name leaves no folder behind
+
+    site.models[0]["version"] = "1"
+    config = str(site.write_config())
+    before = store.state(MODEL)
+    for command in (["activate", MODEL, "2"], ["rollback", MODEL]):
+        assert "pinned to version 1" in inferd("model", *command, "--config", config, ok=False).stderr
+    assert store.state(MODEL) == before

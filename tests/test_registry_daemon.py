@@ -222,6 +222,73 @@ def test_sigkill_mid_download_leaves_a_clean_box(tmp_path: Path, site: Site, key
     assert list(partial_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("step", ["downloaded", "installed"])
+def test_sigkill_between_a_verified_download_and_its_offer(tmp_path: Path, site: Site, keyset: KeySet,
+                                                           mlp_onnx: bytes, step: str,
+                                                           start_daemon: Callable[..., DaemonProcess]) -> None:
+    """Killed with version 2 verified in tmp/ (``downloaded``) or installed in the store (``installed``) but not yet
+    offered: the restart serves version 1 before the registry has answered anything, tmp/ is empty, nothing was
+    journaled as pending, and the next poll finishes the update as if the crash had not happened (the verified file
+    downloaded again, the installed version offered without a second download: its offer was never recorded)."""
+    (tmp_path / "central").mkdir()
+    keys.generate_signing_key(tmp_path / "central" / "index.key")
+    central = Central(tmp_path / "central" / "registry", tmp_path / "central" / "index.key", keyset, mlp_onnx)
+    central.publish("1")
+    central.model = build_mlp(V2_WEIGHTS)
+    central.publish("2")
+    files = {str(p.relative_to(central.root)): p.read_bytes() for p in central.root.rglob("*")
+             if p.is_file() and not p.name.startswith(".")}
+    v2_path = "artifacts/mlp/2.inferd"
+    site.install(pack_model(keyset, mlp_onnx, version="1"))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    store = Store(site.state_dir)
+
+    def serving() -> str:
+        reply = infer(daemon.url, "mlp", mlp_request(np.ones((1, 4), np.float32)).decode())
+        assert reply.status == 200, reply.body
+        return str(reply.json()["model_version"])
+
+    with Threaded(RawServer(files)) as server:
+        site.extra = {"registry": {"url": server.url, "poll_interval_s": 3600, "min_free_bytes": 0,
+                                   "index_keys": [{"path": str(central.key_path.with_name("index.key.pub"))}]}}
+        config = site.write_config()
+        gate = tmp_path / "never-created"
+        daemon = start_daemon(config, env={"INFERD_TEST_PAUSE_AT": step, "INFERD_TEST_PAUSE_FILE": str(gate)})
+        paused = daemon.wait_for("test_paused")
+        assert (paused["step"], paused["version"]) == (step, "2")
+        verified = list(store.tmp_dir.glob("registry-mlp-2-*.part"))
+        if step == "downloaded":  # the whole, verified artifact, not yet renamed into the store
+            assert [p.read_bytes() == files[v2_path] for p in verified] == [True]
+            assert store.versions("mlp") == ["1"]
+        else:
+            assert verified == [] and store.versions("mlp") == ["1", "2"]
+        daemon.stop(signal.SIGKILL)
+
+        server.hold_after["index.json"] = 0  # the restart's first poll gets no index until released
+        asked = sum(p == "index.json" for p, _ in server.requests)
+        daemon = start_daemon(config)  # no hook this time
+        deadline = time.monotonic() + DEADLINE_S
+        while sum(p == "index.json" for p, _ in server.requests) == asked:
+            assert time.monotonic() < deadline, "the restarted daemon never polled"
+            time.sleep(0.02)
+        assert serving() == "1"  # at once, from the store alone
+        assert list(store.tmp_dir.iterdir()) == []
+        state = store.state("mlp")
+        assert (state.active, state.pending, state.probation, state.quarantined) == ("1", None, None, [])
+        assert "abandoned" not in [h["event"] for h in state.history]  # the updater never heard of version 2
+
+        server.released.set()
+        reply = request(daemon.url + "/admin/registry/sync", "POST")  # after the start-up poll, which it waits for
+        assert reply.status == 200, reply.body
+        assert serving() == "2"
+    state = store.state("mlp")
+    assert (state.active, state.previous, state.pending) == ("2", "1", None)
+    assert [h["event"] for h in state.history if h.get("version") == "2"] == ["installed", "offered", "activated"]
+    downloads = sum(p == v2_path for p, _ in server.requests)
+    assert downloads == (2 if step == "downloaded" else 1)
+    assert list(store.tmp_dir.iterdir()) == []
+
+
 def test_a_first_version_from_the_registry_is_served(tmp_path: Path, site: Site, keyset: KeySet, mlp_onnx: bytes,
                                                       start_daemon: Callable[..., DaemonProcess]) -> None:
     """A box with no version at all: the registry's first one is installed without going live by the install

@@ -10,7 +10,7 @@ from conftest import KeySet, pack_model
 
 from daemon.config import NAME_PATTERN
 from daemon.errors import ModelNotFound, StoreError, VersionNotFound
-from daemon.store import Store
+from daemon.store import ModelState, Store, held_versions
 
 
 def test_install_activates_first_version_only(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
@@ -116,3 +116,25 @@ def test_install_refuses_a_header_name_the_config_could_not_name(tmp_path: Path,
         "use)"
     )
     assert not (tmp_path / "state").exists()  # refused before anything was created
+
+
+def test_removal_and_pruning_hold_the_versions_the_journal_points_at(tmp_path: Path, keyset: KeySet,
+                                                                     mlp_onnx: bytes) -> None:
+    store = Store(tmp_path / "state")
+    for v in ("1", "2", "3", "4", "5"):
+        store.install(pack_model(keyset, mlp_onnx, version=v))
+
+    def mid_update(s: ModelState) -> None:
+        s.active, s.previous = "4", "2"
+        s.probation = {"version": "4", "previous": "3"}
+        s.pending = {"version": "5"}
+
+    store.update_state("mlp", mid_update)
+    held = held_versions(store.state("mlp"))
+    assert held == {"4": "active", "5": "being tried by an update", "2": "the rollback target",
+                    "3": "the rollback target"}
+    for version, role in held.items():
+        with pytest.raises(StoreError, match=f"mlp:{version} is {role}: "):
+            store.remove_version("mlp", version)
+    assert store.prune("mlp", 1) == ["1"]  # the only version the journal does not point at
+    assert store.versions("mlp") == ["2", "3", "4", "5"]

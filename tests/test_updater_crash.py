@@ -16,12 +16,15 @@ from support.updates import admin, lookup_site, metric
 
 from daemon.store import Store
 
-#: step -> (the action that reaches it, the version serving after the restart, what the journal's history ends with)
+#: step -> (the action that reaches it, the version serving while paused there, the version serving after the
+#: restart, what the journal's history ends with). ``switching``: the journal says 2 is active and on probation
+#: while 1 still serves; the crash counts as a failed probation (the journal is what a restart trusts).
 STEPS = {
-    "pending": ("activate", "1", "abandoned"),
-    "staged": ("activate", "1", "abandoned"),
-    "probation": ("activate", "1", "rolled_back"),
-    "rollback": ("rollback", "1", "rolled_back"),
+    "pending": ("activate", "1", "1", "abandoned"),
+    "staged": ("activate", "1", "1", "abandoned"),
+    "switching": ("activate", "1", "1", "rolled_back"),
+    "probation": ("activate", "2", "1", "rolled_back"),
+    "rollback": ("rollback", "2", "1", "rolled_back"),
 }
 
 
@@ -42,7 +45,7 @@ def _call_in_background(url: str, doc: dict[str, Any], failures: list[str]) -> t
 @pytest.mark.parametrize("step", list(STEPS))
 def test_sigkill_at_each_step_restarts_on_a_verified_version(site: Site, keyset: KeySet, start_daemon: Any,
                                                              step: str) -> None:
-    action, serving, last = STEPS[step]
+    action, paused_on, serving, last = STEPS[step]
     lookup_site(site, keyset, ["1", "2"], probation={"seconds": 600, "min_requests": 20})
     config = site.write_config()
     gate = site.root / "never-created"
@@ -56,6 +59,11 @@ def test_sigkill_at_each_step_restarts_on_a_verified_version(site: Site, keyset:
     caller = _call_in_background(url, {"version": "2"} if action == "activate" else {}, failures)
     paused = d.wait_for("test_paused")
     assert paused["step"] == step
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == paused_on  # where the window lies
+    if step == "switching":  # journaled, not yet switched
+        journal = Store(site.state_dir).state(MODEL)
+        assert (journal.active, journal.previous, journal.pending) == ("2", "1", None)
+        assert journal.probation is not None and journal.probation["version"] == "2"
     (Store(site.state_dir).tmp_dir / "partial-download").write_bytes(b"x" * 100)  # debris a crash leaves
     d.stop(signal.SIGKILL)
     caller.join(timeout=30)
