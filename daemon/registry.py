@@ -156,6 +156,7 @@ class RegistryClient:
             return result
 
     def _failed(self, reason: str, message: str, **extra: str) -> None:
+        reason = registry_index.reason_label(reason)  # the metric's labels stay the fixed set
         self.failures[reason] += 1
         log.warning("registry: %s", message, extra={"event_kind": "registry_failed", "reason": reason, **extra})
 

@@ -35,11 +35,26 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PATH = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.(?:/|$))[A-Za-z0-9_.\-/]{1,512}$")
 
 
+#: every ``reason`` label of inferd_registry_failures_total and of the ``registry_failed`` log line (docs/registry.md):
+#: a fixed set, so a metric's label values stay bounded whatever a registry sends
+REASONS = frozenset({
+    "bad_index", "bad_signature", "unknown_key", "stale_sequence", "expired",  # the index
+    "unavailable", "host_not_allowed", "too_large", "disk_full", "truncated",  # fetching
+    "sha256_mismatch", "bad_artifact", "untrusted_signer", "runtime_mismatch", "store",  # the artifact
+    "update_refused", "internal",  # after the download: the updater's refusal, a bug in the client
+})
+
+
+def reason_label(reason: str) -> str:
+    """``reason`` when it is one of REASONS, else ``internal`` (a reason outside the set is a bug of ours)."""
+    return reason if reason in REASONS else "internal"
+
+
 class RegistryError(InferdError):
-    """A registry refusal; ``reason`` is the label counted in inferd_registry_failures_total."""
+    """A registry refusal; ``reason`` (one of REASONS) is the label counted in inferd_registry_failures_total."""
 
     code = "registry"
-    reason = "error"
+    reason = "internal"
 
 
 class IndexFormatError(RegistryError):

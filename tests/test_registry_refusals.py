@@ -5,7 +5,9 @@ with its reason, a log line and a count, the box left as it was; signing keys, t
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import re
 import ssl
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -14,13 +16,15 @@ from typing import Any
 
 import pytest
 from conftest import KeySet, pack_model
+from support.daemon import REPO
 from support.registry import Central, RawServer, inferd_serve, nginx, touch_write
-from support.registry_box import box_config, make_central, poll, run, served_files
+from support.registry_box import box_config, failure_counts, make_central, poll, refusal_line, run, served_files
 from support.tls import make_pki
 
-from daemon import keys, registry_index, registry_publish
+from daemon import keys, registry, registry_index, registry_publish
 from daemon.config import KeySource
 from daemon.registry import ArtifactRefused, RegistryClient, check_artifact_file
+from daemon.registry_index import REASONS, RegistryError, reason_label
 from daemon.store import Store
 
 
@@ -45,8 +49,10 @@ def serve(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Path], Ab
 def test_refusals_leave_the_box_as_it_was(tmp_path: Path, keyset: KeySet, central: Central,
                                           serve: Callable[[Path], AbstractContextManager[str]],
                                           caplog: pytest.LogCaptureFixture) -> None:
-    """Each lie a registry can tell, told in turn over a real web server: refused with its reason, a count and a log
-    line; the next honest index is accepted, and the store only ever gains verified versions."""
+    """Each lie a registry can tell, told in turn over a real web server: refused with its reason, one WARNING
+    ``registry_failed`` line naming the cause, inferd_registry_failures_total{reason} up by one, and the box as it
+    was (its installed and active versions); the next honest index is accepted, and the store only ever gains
+    verified versions. (Serving through such refusals: tests/test_registry_daemon.py.)"""
     caplog.set_level(logging.INFO, "inferd.registry")
     central.publish("1")
     first = central.files()
@@ -59,20 +65,38 @@ def test_refusals_leave_the_box_as_it_was(tmp_path: Path, keyset: KeySet, centra
     store = Store(tmp_path / "box")
     seen: list[tuple[str, str | None, list[str]]] = []
 
-    def step(change: Callable[[], Any] | None = None) -> Callable[[RegistryClient], Any]:
+    def box() -> tuple[list[str], str | None, list[str]]:
+        state = store.state("mlp")
+        return store.versions("mlp"), state.active, list(state.quarantined)
+
+    def step(change: Callable[[], Any] | None = None, refusal: tuple[str, str] | None = None,
+             version: str | None = None) -> Callable[[RegistryClient], Any]:
+        """One poll after ``change``; ``refusal``: the (reason, cause in the log line) it must be refused for,
+        ``version`` the artifact's when the refusal is about one."""
         async def go(client: RegistryClient) -> None:
+            loop = asyncio.get_running_loop()
             if change is not None:
-                await asyncio.get_running_loop().run_in_executor(None, change)
+                await loop.run_in_executor(None, change)
+            before = await loop.run_in_executor(None, box)
+            counted, logged = failure_counts(client), len(caplog.records)
             result = await client.poll()
             reasons = [r["reason"] for r in result.refused]
             seen.append((result.outcome, result.reason, reasons))
-            for reason in [result.reason, *reasons]:
-                if reason is not None:
-                    assert client.failures[reason] >= 1
-                    assert any(getattr(r, "reason", None) == reason for r in caplog.records), reason
+            records, counts = caplog.records[logged:], failure_counts(client)
+            if refusal is None:
+                assert counts == counted and not [r for r in records if r.levelno >= logging.WARNING]
+                return
+            reason, cause = refusal
+            fields = {"model": "mlp", "version": version} if version else {}
+            refusal_line(records, reason, cause, **fields)
+            assert counts == {**counted, reason: counted.get(reason, 0) + 1}
+            assert await loop.run_in_executor(None, box) == before  # nothing installed, the active one kept
         return go
 
     good: dict[str, tuple[bytes, bytes]] = {}
+
+    def activate_first() -> None:  # as the updater would: the box serves version 1 from here on
+        store.update_state("mlp", lambda s: setattr(s, "active", "1"))
 
     def tamper() -> None:
         index, sig = central.files()
@@ -108,17 +132,18 @@ def test_refusals_leave_the_box_as_it_was(tmp_path: Path, keyset: KeySet, centra
 
         *_, failures = run(config,
             step(),                                                              # 1 installed
-            step(),                                                              # unchanged
-            step(tamper),                                                        # bad_signature
+            step(activate_first),                                                # unchanged
+            step(tamper, ("bad_signature", "signature by key .* is invalid")),
             step(lambda: central.put(*good["now"])),                             # restored: unchanged
-            step(foreign_signature),                                             # unknown_key
-            step(lambda: registry_publish.resign(central.root, central.key, expires_s=-60)),  # expired
+            step(foreign_signature, ("unknown_key", "signed by key .* not trusted")),
+            step(lambda: registry_publish.resign(central.root, central.key, expires_s=-60),
+                 ("expired", "expired at")),
             step(lambda: registry_publish.resign(central.root, central.key)),    # accepted
-            step(replay),                                                        # stale_sequence
-            step(corrupt_artifact),                                              # sha256_mismatch
+            step(replay, ("stale_sequence", "sequence 1 is lower than 3")),
+            step(corrupt_artifact, ("sha256_mismatch", "has sha256 [0-9a-f]{64}, the index lists"), "2"),
             step(),                                                              # the same bytes: not again
-            step(truncate_artifact),                                             # truncated
-            step(lambda: central.publish("4", keyset=stranger)),                 # untrusted_signer
+            step(truncate_artifact, ("truncated", "ends after|stopped at"), "3"),
+            step(lambda: central.publish("4", keyset=stranger), ("untrusted_signer", "not in keys.signers"), "4"),
             step(lambda: central.publish("5")),                                  # 5 installed
             counts)
     assert seen == [
@@ -139,7 +164,7 @@ def test_refusals_leave_the_box_as_it_was(tmp_path: Path, keyset: KeySet, centra
     assert failures == {"bad_signature": 1, "unknown_key": 1, "expired": 1, "stale_sequence": 1,
                         "sha256_mismatch": 1, "truncated": 1, "untrusted_signer": 1}  # a known lie is not re-counted
     assert store.versions("mlp") == ["1", "5"]
-    assert store.state("mlp").active is None  # installed versions go live through the updater, never here
+    assert store.state("mlp").active == "1"  # installed versions go live through the updater, never here
     assert list((tmp_path / "box" / "tmp").iterdir()) == []  # no partial download left behind
 
 
@@ -176,14 +201,15 @@ def test_key_rotation_through_a_successor(tmp_path: Path, keyset: KeySet, centra
 
 
 def test_redirects_only_to_allowed_hosts(tmp_path: Path, keyset: KeySet, central: Central,
-                                         registry_files: dict[str, bytes]) -> None:
+                                         registry_files: dict[str, bytes], caplog: pytest.LogCaptureFixture) -> None:
     """The artifact redirects from 127.0.0.1 to 127.0.0.2 (another host, served for real): refused before connecting
-    unless 127.0.0.2 is allowed, then followed."""
+    unless 127.0.0.2 is allowed (a WARNING line naming the host, a count, nothing installed), then followed."""
+    caplog.set_level(logging.INFO, "inferd.registry")
     artifact = "artifacts/mlp/1.inferd"
     index_pub = central.key_path.with_name("index.key.pub")
     signers = keys.load_signers([KeySource(path=keyset.public_path)])
 
-    async def scenario(allowed: list[str]) -> tuple[Any, int]:
+    async def scenario(allowed: list[str]) -> tuple[Any, int, dict[str, float]]:
         async with RawServer({artifact: registry_files[artifact]}, host="127.0.0.2") as mirror:
             files = {k: v for k, v in registry_files.items() if k != artifact}
             async with RawServer(files, redirects={artifact: mirror.url + artifact}) as origin:
@@ -192,17 +218,21 @@ def test_redirects_only_to_allowed_hosts(tmp_path: Path, keyset: KeySet, central
                 client = RegistryClient(config, Store(config.state_dir), signers)
                 await client.start()
                 try:
-                    return await client.poll(), len(mirror.requests)
+                    return await client.poll(), len(mirror.requests), failure_counts(client)
                 finally:
                     await client.close()
 
     for allowed in ("127.0.0.1", "127.0.0.1-127.0.0.2"):
         Store(tmp_path / allowed / "box").ensure()
-    refused, reached = asyncio.run(scenario(["127.0.0.1"]))
+    refused, reached, counts = asyncio.run(scenario(["127.0.0.1"]))
     assert [r["reason"] for r in refused.refused] == ["host_not_allowed"] and reached == 0
-    assert "127.0.0.2" in refused.refused[0]["message"]
-    followed, reached = asyncio.run(scenario(["127.0.0.1", "127.0.0.2"]))
-    assert followed.installed == ["mlp:1"] and reached == 1
+    assert "127.0.0.2" in refused.refused[0]["message"] and counts == {"host_not_allowed": 1}
+    refusal_line(caplog.records, "host_not_allowed", r"a redirect to http://127\.0\.0\.2:\d+/\S+ is outside "
+                 "registry.allowed_hosts", model="mlp", version="1")
+    box = Store(tmp_path / "127.0.0.1" / "box")
+    assert box.versions("mlp") == [] and list(box.tmp_dir.iterdir()) == []
+    followed, reached, counts = asyncio.run(scenario(["127.0.0.1", "127.0.0.2"]))
+    assert followed.installed == ["mlp:1"] and reached == 1 and counts == {}
 
 
 def test_the_first_url_must_be_allowed_too(tmp_path: Path, keyset: KeySet) -> None:
@@ -244,15 +274,18 @@ def test_tls_is_verified_and_the_ca_can_be_pinned(tmp_path: Path, keyset: KeySet
 
 
 def test_a_redirect_from_https_to_plain_http_is_refused(tmp_path: Path, keyset: KeySet, central: Central,
-                                                        registry_files: dict[str, bytes]) -> None:
-    """The index comes over HTTPS; the artifact redirects to plain HTTP on an allowed host: refused, never fetched."""
+                                                        registry_files: dict[str, bytes],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The index comes over HTTPS; the artifact redirects to plain HTTP on an allowed host: refused, never fetched,
+    one WARNING line and a count."""
+    caplog.set_level(logging.INFO, "inferd.registry")
     pki = make_pki(tmp_path / "pki")
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_tls.load_cert_chain(pki["server"], pki["server_key"])
     artifact = "artifacts/mlp/1.inferd"
     signers = keys.load_signers([KeySource(path=keyset.public_path)])
 
-    async def scenario() -> tuple[Any, int]:
+    async def scenario() -> tuple[Any, int, dict[str, float]]:
         async with RawServer({artifact: registry_files[artifact]}) as plain:
             files = {k: v for k, v in registry_files.items() if k != artifact}
             async with RawServer(files, tls=server_tls, redirects={artifact: plain.url + artifact}) as origin:
@@ -261,14 +294,16 @@ def test_a_redirect_from_https_to_plain_http_is_refused(tmp_path: Path, keyset: 
                 client = RegistryClient(config, Store(config.state_dir), signers)
                 await client.start()
                 try:
-                    return await client.poll(), len(plain.requests)
+                    return await client.poll(), len(plain.requests), failure_counts(client)
                 finally:
                     await client.close()
 
     Store(tmp_path / "box").ensure()
-    result, reached = asyncio.run(scenario())
+    result, reached, counts = asyncio.run(scenario())
     assert [r["reason"] for r in result.refused] == ["host_not_allowed"] and reached == 0
-    assert "from HTTPS to plain HTTP" in result.refused[0]["message"]
+    assert "from HTTPS to plain HTTP" in result.refused[0]["message"] and counts == {"host_not_allowed": 1}
+    refusal_line(caplog.records, "host_not_allowed", "from HTTPS to plain HTTP is refused", model="mlp", version="1")
+    assert Store(tmp_path / "box").versions("mlp") == []
 
 
 def test_the_artifact_itself_is_checked_streamed(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
@@ -289,3 +324,21 @@ def test_the_artifact_itself_is_checked_streamed(tmp_path: Path, keyset: KeySet,
     path.write_bytes(bytes(damaged))
     with pytest.raises(ArtifactRefused, match="signature by .* is invalid"):
         check_artifact_file(path, "mlp", "2", signers, True)
+
+
+def test_refusal_reasons_are_a_fixed_documented_set() -> None:
+    """The reason label's values are bounded: every RegistryError's reason and every reason the client names itself
+    is one of REASONS, each listed in docs/registry.md, and anything else is counted as ``internal``."""
+    classes, stack = set(), [RegistryError]
+    while stack:
+        cls = stack.pop()
+        classes.add(cls)
+        stack.extend(cls.__subclasses__())
+    assert {"HostNotAllowed", "TruncatedDownload", "StaleSequence", "ArtifactRefused"} <= {c.__name__ for c in classes}
+    named = {c.reason for c in classes} | set(re.findall(r'(?:ArtifactRefused\(|_failed\()\s*"(\w+)"',
+                                                         inspect.getsource(registry)))
+    assert {"sha256_mismatch", "untrusted_signer", "update_refused", "internal"} <= named <= REASONS
+    assert registry.PERMANENT <= REASONS
+    docs = (REPO / "docs" / "registry.md").read_text(encoding="utf-8")
+    assert [r for r in sorted(REASONS) if f"`{r}`" not in docs] == []
+    assert reason_label("anything a registry sends") == "internal" and reason_label("expired") == "expired"

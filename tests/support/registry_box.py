@@ -4,15 +4,21 @@ config that follows it, and a real RegistryClient driven through polls on one lo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from conftest import KeySet
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from daemon import keys
 from daemon.config import Config, KeySource, parse_config
+from daemon.metrics import InferdCollector, make_registry
 from daemon.registry import RegistryClient
+from daemon.registry_index import REASONS
 from daemon.store import Store
 from support.registry import Central, RawServer
 
@@ -79,3 +85,28 @@ def client_run(tmp_path: Path, keyset: KeySet, central: Central, server: RawServ
     signers = keys.load_signers([KeySource(path=keyset.public_path)])
     Store(tmp_path / "box").ensure()
     return asyncio.run(scenario())
+
+
+def failure_counts(client: RegistryClient) -> dict[str, float]:
+    """inferd_registry_failures_total by reason as /metrics renders it: the daemon's collector, fed by the client
+    as daemon/app.py feeds it. Every label is one of the fixed REASONS."""
+    collector = InferdCollector(lambda: (), lambda: (), lambda: (),
+                                registry=lambda: (client.polls, dict(client.failures)))
+    text = generate_latest(make_registry(collector).inferd).decode()
+    counts = {sample.labels["reason"]: sample.value for family in text_string_to_metric_families(text)
+              for sample in family.samples if sample.name == "inferd_registry_failures_total"}
+    assert set(counts) <= REASONS, counts
+    return counts
+
+
+def refusal_line(records: Sequence[logging.LogRecord], reason: str, cause: str, **fields: str) -> logging.LogRecord:
+    """The one ``registry_failed`` line among ``records``: a WARNING or worse, with ``reason``, the ``fields``
+    (model, version) and a message matching ``cause`` (a regular expression naming what was wrong)."""
+    lines = [r for r in records if getattr(r, "event_kind", None) == "registry_failed"]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    line = lines[0]
+    assert line.levelno >= logging.WARNING and getattr(line, "reason", None) == reason, (line.levelname, vars(line))
+    assert re.search(cause, line.getMessage()), line.getMessage()
+    for key, value in fields.items():
+        assert getattr(line, key, None) == value, (key, vars(line))
+    return line
