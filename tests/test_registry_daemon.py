@@ -40,9 +40,10 @@ def bearer(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {TOKENS[name]}"}
 
 
-def served_version(daemon: DaemonProcess) -> str:
+def served_version(daemon: DaemonProcess, headers: dict[str, str] | None = None) -> str:
+    """The version answering now; ``headers`` carry the key when the daemon requires one."""
     x = np.ones((1, 4), np.float32)
-    reply = infer(daemon.url, "mlp", mlp_request(x).decode(), headers=bearer("app"))
+    reply = infer(daemon.url, "mlp", mlp_request(x).decode(), headers=headers)
     assert reply.status == 200, reply.body
     return str(reply.json()["model_version"])
 
@@ -136,11 +137,11 @@ def test_sync_refusals_and_an_update(tmp_path: Path, site: Site, keyset: KeySet,
         result = sync(daemon)
         assert (result["outcome"], result["reason"]) == ("failed", "bad_signature")
         assert daemon.wait_for("registry_failed")["reason"] == "bad_signature"
-        assert served_version(daemon) == "1"  # serving never noticed
+        assert served_version(daemon, bearer("app")) == "1"  # serving never noticed
 
         central.put(index, registry_index.sign(index, keys.load_signing_key(keyset.signing_path)))  # a foreign key
         assert sync(daemon)["reason"] == "unknown_key"
-        assert served_version(daemon) == "1"
+        assert served_version(daemon, bearer("app")) == "1"
 
         central.put(index, sig)
         central.model = build_mlp(V2_WEIGHTS)
@@ -159,7 +160,7 @@ def test_sync_refusals_and_an_update(tmp_path: Path, site: Site, keyset: KeySet,
         assert load.failures == []  # not one request failed through the swap
         for answers in load.answers:  # a sequential client that met version 2 never meets version 1 again
             assert "1" in answers and answers == sorted(answers), answers
-        assert served_version(daemon) == "2"
+        assert served_version(daemon, bearer("app")) == "2"
 
         metrics = request(daemon.url + "/metrics", headers=bearer("ops")).body.decode()
         assert 'inferd_registry_failures_total{reason="bad_signature"} 1.0' in metrics
