@@ -45,7 +45,7 @@ deps-system:
 	  echo "installing mosquitto"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
-	@{ command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } || { echo "installing nginx (tests/test_registry.py serves a registry with it)"; \
+	@{ command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; } || { echo "installing nginx (tests/test_registry_*.py serve a registry with it)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends nginx >/dev/null; }
 	@command -v curl >/dev/null 2>&1 || { echo "installing curl (the README's example request is tested)"; \
