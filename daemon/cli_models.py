@@ -161,7 +161,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         doc = call_admin(url, f"/admin/models/{args.name}/rollback", {"to": args.to} if args.to else {}, args.key)
         print(f"rolled {args.name} back to {doc.get('serving')} on the daemon at {url}")
         return 0
-    from daemon.update_records import rollback_target
+    from daemon.update_records import journal_rollback, rollback_target
 
     store, pinned = _store_and_pin(args.config, args.name)
     done: dict[str, str] = {}
@@ -172,10 +172,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     target(store.state(args.name))  # before the locked change, which would create a mistyped model's folder
 
     def change(s: Any) -> None:
-        to = target(s)
-        s.record("rolled_back", s.active or "-", to=to, reason="manual (cli)")
-        s.previous, s.active, s.probation, s.pending = s.active, to, None, None
-        done["to"] = to
+        done["to"] = target(s)
+        journal_rollback(s, s.active, done["to"], "manual (cli)")
 
     store.update_state(args.name, change)
     print(f"rolled {args.name} back to {done['to']} in the store (no daemon answered: it serves it when it starts)")

@@ -87,5 +87,17 @@ def rollback_target(name: str, to: str | None, state: ModelState, current: str |
     return str(target)
 
 
-__all__ = ["BadVersion", "Probation", "UpdateRefused", "check_activation", "now_iso", "quarantine_version",
-           "rollback_target"]
+def journal_rollback(s: ModelState, current: str | None, target: str, reason: str,
+                     quarantined: str | None = None) -> None:
+    """Journal a switch back from ``current`` to ``target`` (the updater's and the CLI's alike): any probation or
+    pending update ends; ``current`` becomes the rollback target, or is quarantined with the reason ``quarantined``
+    (then nothing is left to roll back to: it must not serve again)."""
+    s.active, s.pending, s.probation = target, None, None
+    s.previous = None if quarantined else current
+    if quarantined and current is not None:
+        quarantine_version(s, current, quarantined)
+    s.record("rolled_back", current or "-", to=target, reason=reason)
+
+
+__all__ = ["BadVersion", "Probation", "UpdateRefused", "check_activation", "journal_rollback", "now_iso",
+           "quarantine_version", "rollback_target"]

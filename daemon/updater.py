@@ -44,6 +44,7 @@ from daemon.update_records import (
     Probation,
     UpdateRefused,
     check_activation,
+    journal_rollback,
     now_iso,
     quarantine_version,
     rollback_target,
@@ -346,14 +347,8 @@ class Updater:
             await self.pause("rollback", name, target)
             text = why or reason
 
-            def journal(s: ModelState) -> None:
-                s.active, s.pending, s.probation = target, None, None
-                s.previous = None if quarantine else current
-                if quarantine and current is not None:
-                    quarantine_version(s, current, f"{reason}: {text}")
-                s.record("rolled_back", current or "-", to=target, reason=text)
-
-            await self._journal(name, journal)
+            await self._journal(name, lambda s: journal_rollback(s, current, target, text,
+                                                                 f"{reason}: {text}" if quarantine else None))
             self.probations.pop(name, None)
             self.manager.activate(name, loaded.version)
             self.count_rollback(name, reason)
