@@ -134,25 +134,31 @@ def cmd_activate(args: argparse.Namespace) -> int:
         note = " (on probation)" if doc.get("probation") else ""
         print(f"activated {args.name}:{doc.get('serving')} on the daemon at {url}{note}")
         return 0
+    activate_in_store(args.config, args.name, args.version)
+    print(f"activated {args.name}:{args.version} in the store (no daemon answered: it serves it when it starts)")
+    return 0
+
+
+def activate_in_store(config: Path | None, name: str, version: str) -> None:
+    """Make ``version`` the journal's active one for the daemon's next start, refused as the updater would refuse
+    it (a journaled probation too: the next start would judge it failed and undo the activation)."""
     from daemon.update_records import check_activation
 
-    store, pinned = _store_and_pin(args.config, args.name)
+    store, pinned = _store_and_pin(config, name)
 
-    def check(s: Any) -> None:  # the updater's rules (a journaled probation: a restart would undo the activation)
-        check_activation(args.name, args.version, s, store.versions(args.name), pinned=pinned,
+    def check(s: Any) -> None:
+        check_activation(name, version, s, store.versions(name), pinned=pinned,
                          on_probation=(s.probation or {}).get("version"))
 
-    check(store.state(args.name))  # before the locked change, which would create a mistyped model's folder
+    check(store.state(name))  # before the locked change, which would create a mistyped model's folder
 
     def change(s: Any) -> None:
         check(s)
-        if s.active != args.version:
-            s.previous, s.active = s.active, args.version
-            s.record("activated", args.version, source="cli")
+        if s.active != version:
+            s.previous, s.active = s.active, version
+            s.record("activated", version, source="cli")
 
-    store.update_state(args.name, change)
-    print(f"activated {args.name}:{args.version} in the store (no daemon answered: it serves it when it starts)")
-    return 0
+    store.update_state(name, change)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
