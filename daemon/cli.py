@@ -332,7 +332,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     open_artifact(blob, keks, signers, require_signature=require)  # never install what the daemon would refuse
     store = Store(load_config(args.config).state_dir)
     url = cli_models.daemon_url(args) if args.activate else None  # a running daemon switches through its updater
-    done = store.install(blob, activate=args.activate and url is None)
+    done = store.install(blob)
+    if args.activate and url is None and not done.active:  # refused as the daemon's updater would refuse it
+        cli_models.activate_in_store(args.config, done.name, done.version)
+        done = done._replace(active=True)
     what = "installed" if done.fresh else "already installed"
     notes = ([] if done.fresh else ["identical bytes"]) + (["active"] if done.active else [])
     print(f"{what} {done.name}:{done.version}" + (f" ({', '.join(notes)})" if notes else ""))

@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from daemon.errors import InferdError, InvalidInput, NotReady, StoreError, VersionNotFound
-from daemon.store import ModelState
+from daemon.store import ModelState, removal_refusal
 
 #: where http_api leaves the authenticated caller
 CALLER = "inferd.caller"
@@ -164,12 +164,11 @@ async def admin_remove(api: Any, request: web.BaseRequest, params: list[str]) ->
             entry = api.manager.entry(name)
             state = await loop.run_in_executor(None, updater.store.state, name)
             serving = entry.active.version if entry.active is not None else None
-            if version in (serving, state.active):
+            if version == serving:  # the journal may not say so yet (a pinned version, a switch under way)
                 raise Conflict(f"{name}:{version} is active: activate another version first")
-            if version in (state.previous, (state.probation or {}).get("previous")):
-                raise Conflict(f"{name}:{version} is the rollback target: activate another version first")
-            if version == (state.pending or {}).get("version"):
-                raise Conflict(f"{name}:{version} is being tried by an update: wait for it to end")
+            refusal = removal_refusal(name, version, state)  # the rule the CLI and pruning use too
+            if refusal is not None:
+                raise Conflict(refusal)
             if version not in await loop.run_in_executor(None, updater.store.versions, name):
                 raise VersionNotFound(f"version {version!r} of model {name!r} is not installed")
             loaded = entry.versions.get(version)

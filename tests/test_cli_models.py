@@ -148,3 +148,8 @@ def test_without_a_daemon_the_journal_keeps_the_updaters_rules(site: Site, keyse
     for command in (["activate", MODEL, "2"], ["rollback", MODEL]):
         assert "pinned to version 1" in inferd("model", *command, "--config", config, ok=False).stderr
     assert store.state(MODEL) == before
+    artifact = site.root / "v4.inferd"  # install --activate goes through the same refusals
+    artifact.write_bytes(pack_version(keyset, "4"))
+    refused = inferd("model", "install", str(artifact), "--config", config, "--activate", ok=False)
+    assert "pinned to version 1" in refused.stderr
+    assert store.state(MODEL).active == before.active and "4" in store.versions(MODEL)
