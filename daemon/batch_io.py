@@ -74,7 +74,7 @@ class Source:
         self.bytes_total = sum(p.stat().st_size for p in self.files)
         self.bytes_done = 0
         self.columns, self.numeric = self._schema(self.files[0])
-        self.total_rows = self._count()
+        self.total_rows = count_rows(self.files)
 
     def _schema(self, path: Path) -> tuple[list[str], list[str]]:
         if self.format == "csv":
@@ -107,13 +107,6 @@ class Source:
         if len(lengths) != 1:
             raise ValueError(f"{path}: the arrays have different numbers of rows")
         return arrays
-
-    def _count(self) -> int | None:
-        if self.format == "parquet":
-            return sum(pq.ParquetFile(p).metadata.num_rows for p in self.files)
-        if self.format == "npy":
-            return sum(len(np.load(p, mmap_mode="r", allow_pickle=False)) for p in self.files)
-        return None
 
     def fraction(self) -> float | None:
         return min(1.0, self.bytes_done / self.bytes_total) if self.bytes_total else None
@@ -182,6 +175,38 @@ class Source:
     _read_npz = _read_npy
 
 
+def count_rows(files: Sequence[Path]) -> int | None:
+    """The rows of these input files where their format records it (Parquet's metadata, the .npy headers), without
+    reading their data; None for CSV and JSON lines, or a file whose header cannot be read."""
+    fmt = format_of(files[0]) if files else None
+    try:
+        if fmt == "parquet":
+            return sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+        if fmt == "npy":
+            return sum(len(np.load(p, mmap_mode="r", allow_pickle=False)) for p in files)
+        if fmt == "npz":
+            return sum(_npz_rows(p) for p in files)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    return None
+
+
+def _npz_rows(path: Path) -> int:
+    """The rows of a .npz file: its first member's first dimension (the reader checks the others agree), read from
+    that member's .npy header only."""
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        if not names:
+            return 0
+        if not names[0].endswith(".npy"):
+            raise ValueError(f"{path}: member {names[0]!r} is not a .npy array")
+        with z.open(names[0]) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape = read(f)[0]
+    return int(shape[0]) if shape else 0
+
+
 def _numeric(t: pa.DataType) -> bool:
     return bool(pa.types.is_integer(t) or pa.types.is_floating(t))
 
@@ -210,8 +235,9 @@ class _Counting:
 # --- writing -------------------------------------------------------------------------------------------------
 
 
-#: the output formats written as the run goes, one batch at a time; .npy and .npz need every row's count (the
-#: header) or every row of one output (a zip member) first, so they are assembled from the parts at the end
+#: the output formats written as the run goes, one batch at a time, whatever the input; .npy and .npz need the row
+#: count first (the headers, the members' offsets): written as the run goes when the input records it
+#: (daemon/batch_npz.py), else assembled from the parts at the end
 STREAMED = ("parquet", "csv", "jsonl")
 #: a streamed output is fdatasync'd whenever this much more was written (one small chunk at a time would not)
 SYNC_BYTES = 8 << 20
@@ -319,12 +345,12 @@ def write_output(path: Path, fmt: str, batches: Callable[[], Iterator[pa.RecordB
         raise ValueError(f"a .npy output holds one array but the model has {len(names)} outputs: use .npz")
     with atomic_output(path) as f:
         if fmt == "npy":
-            _stream_npy(f, names[0], batches, shapes, rows)
+            _stream_npy(f, schema.field(names[0]), batches, shapes, rows)
         else:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:
                 for name in names:
                     with z.open(f"{name}.npy", "w", force_zip64=True) as member:
-                        _stream_npy(member, name, batches, shapes, rows)
+                        _stream_npy(member, schema.field(name), batches, shapes, rows)
 
 
 def _numpy(col: pa.Array, shape: tuple[int, ...]) -> Any:
@@ -356,11 +382,12 @@ def _every(values: pa.Array, start: int, step: int) -> pa.Array:
     return arrow_of(numpy_of(values)[start::step])
 
 
-def _stream_npy(f: IO[bytes], name: str, batches: Callable[[], Iterator[pa.RecordBatch]],
+def _stream_npy(f: IO[bytes], column: pa.Field, batches: Callable[[], Iterator[pa.RecordBatch]],
                 shapes: dict[str, tuple[int, ...]], rows: int) -> None:
     """One array written without holding it: the header (its shape is known from the journal), then each batch."""
-    first = next((b for b in batches() if b.num_rows), None)
-    sample = _numpy(first.column(name), shapes[name]) if first is not None else np.zeros((0, *shapes[name]), "f4")
+    name = column.name
+    first = next((b for b in batches() if b.num_rows), None)  # none: the column's own type gives the dtype
+    sample = _numpy(first.column(name) if first is not None else pa.array([], column.type), shapes[name])
     if isinstance(sample, list):  # string ids: fixed-width unicode of the longest
         width = max((len(str(s)) for b in batches() for s in b.column(name).to_pylist()), default=1)
         dtype = np.dtype(f"<U{width}")

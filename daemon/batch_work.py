@@ -5,7 +5,8 @@ rows with their reasons), written to a temp file, fsynced and renamed. The commi
 part files from chunk 0 without a gap, so one fsync per chunk is enough: a rename never names a file whose bytes are
 not on disk, and a power cut that keeps a later rename but loses an earlier one only shortens the run (the later
 parts are redone). ``journal.json`` holds what the run was started with, written once. The output appears under its
-name only once written whole: as the run goes for streamed formats, from the parts at the end for the others.
+name only once written whole: written as the run goes (Parquet, CSV, JSON lines; .npy and .npz when the input
+records its row count: daemon/batch_npz.py), else assembled from the parts at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import pyarrow as pa
 
 from adapters.base import TensorSpec
 from daemon.batch_arrow import arrow_of
-from daemon.batch_io import STREAMED, OutputStream, write_output
+from daemon.batch_io import STREAMED, OutputStream, count_rows, write_output
+from daemon.batch_npz import ArrayStream
 from daemon.fsutil import atomic_write
 
 JOURNAL = "journal.json"
@@ -37,7 +39,11 @@ class WorkFolder:
     def __init__(self, output: Path, identity: Mapping[str, Any], fmt: str) -> None:
         self.output, self.identity, self.fmt = output, dict(identity), fmt
         self.path = output.with_name(output.name + ".inferd-batch")
-        self.stream = OutputStream(output, fmt) if fmt in STREAMED else None
+        # a .npy/.npz output is laid out from the input's row count, where its files record it
+        rows = count_rows([Path(p[0]) for p in self.identity.get("input", [])]) if fmt not in STREAMED else None
+        self.stream: OutputStream | ArrayStream | None = (
+            OutputStream(output, fmt) if fmt in STREAMED else ArrayStream(output, fmt, rows) if rows is not None
+            else None)
         self._streamed = 0  # parts already written to the stream
 
     def start(self, resume: bool) -> dict[str, Any]:
@@ -73,7 +79,7 @@ class WorkFolder:
         while (info := _chunk_info(self._part(counts["chunks"]))) is not None:
             counts["chunks"] += 1
             counts["scored"] += info["scored"]
-            counts["rejected"] += len(info["rejects"])
+            counts["rejected"] += info["rejects"].count("\n")  # one JSON line a rejected row
         return counts
 
     def _part(self, k: int) -> Path:
@@ -105,17 +111,32 @@ class WorkFolder:
         os.replace(temp, path)  # the commit; the folder's fsync is left out (see the module's docstring)
         if self.stream is not None:
             self._feed(k)
-            if batch is not None:
-                self.stream.write(batch)
+            self._to_stream(batch, len(reasons))
+            if self.stream is not None:
                 self.stream.sync()
             self._streamed = k + 1
 
+    def _to_stream(self, batch: pa.RecordBatch | None, rejected: int) -> None:
+        """One committed chunk to the output stream; a .npy/.npz stream that cannot take it (rejected rows in a
+        .npz, text ids) is dropped, and the output is assembled from the parts at the end instead."""
+        if isinstance(self.stream, ArrayStream):
+            if self.stream.accepts(batch.schema if batch is not None else None, rejected):
+                self.stream.write(batch, rejected)
+            else:
+                self.stream.abort()
+                self.stream = None
+        elif self.stream is not None and batch is not None:
+            self.stream.write(batch)
+
     def _feed(self, upto: int) -> None:
         """Parts committed by an earlier run (a resumed one) go to the stream first, in order."""
-        assert self.stream is not None
         for k in range(self._streamed, upto):
+            if self.stream is None:
+                break
             for b in _batches(self._part(k)):
-                self.stream.write(b)
+                self._to_stream(b, 0)
+            info = _chunk_info(self._part(k))
+            self._to_stream(None, info["rejects"].count("\n") if info is not None else 0)
         self._streamed = max(self._streamed, upto)
 
     def abort(self) -> None:
@@ -129,6 +150,10 @@ class WorkFolder:
         schema = next((s for s in map(_schema, parts) if len(s)), None) or empty_schema(id_name, outputs)
         if self.stream is not None:
             self._feed(chunks)
+        if isinstance(self.stream, ArrayStream) and not self.stream.accepts(schema, 0):
+            self.stream.abort()  # no row reached it, and its columns have no fixed width
+            self.stream = None
+        if self.stream is not None:
             self.stream.close(schema)
         else:  # the parts, memory-mapped once, are read once per output (.npz members) without a copy
             maps = [pa.memory_map(str(p)) for p in parts]
