@@ -78,7 +78,6 @@ class Daemon:
                 version=e["version"], reason=e.get("reason")))
         self.updater = updater = Updater(manager, self.store, self.config, audit)
         recovered = await loop.run_in_executor(None, update_recovery.recover_journals, self.store, self.config)
-        update_recovery.report(updater, recovered)  # a crash mid-update, settled before anything loads
         server = self.config.server
         limits = protocol.Limits(server.max_tensor_elements, server.limits.max_json_depth,
                                  server.limits.max_string_bytes)
@@ -88,6 +87,9 @@ class Daemon:
             from daemon.mqtt_api import MqttFrontend
 
             self.mqtt = MqttFrontend.from_config(self.config, self.node_id, manager, limits, self.activity, guard)
+        # a crash mid-update, settled before anything loads; reported once every event listener is in place (the MQTT
+        # frontend keeps the events until it connects)
+        update_recovery.report(updater, recovered)
         if self.config.registry.url is not None:  # the registry client (aiohttp's client side) only when asked for
             from daemon.registry import RegistryClient
 

@@ -4,6 +4,7 @@ every time and has finished or abandoned the update cleanly (journal, history, q
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 from conftest import KeySet, Site
 from httpclient import infer, request
+from support.accepted import wait_until
 from support.update_models import MODEL, body
 from support.updates import admin, lookup_site, metric
 
@@ -126,3 +128,40 @@ def test_a_crash_on_probation_with_a_broken_rollback_target_serves_the_version_t
     state = Store(site.state_dir).state(MODEL)
     assert state.active == "2" and state.quarantined == ["1"] and "startup_load_failed" in state.reasons["1"]
     assert [h["event"] for h in state.history[-3:]] == ["quarantined", "unquarantined", "rolled_back"]
+
+
+@pytest.mark.slow
+def test_a_crash_on_probation_publishes_its_rollback_on_the_mqtt_events_topic(
+        site: Site, keyset: KeySet, start_daemon: Any, broker: Any) -> None:
+    """The start-up rollback is settled before the MQTT frontend connects: its event must wait for it, not vanish."""
+    from mqttclient import Requester
+
+    lookup_site(site, keyset, ["1", "2"], probation={"seconds": 600, "min_requests": 20})
+    config = site.write_config()
+    env = {"INFERD_TEST_PAUSE_AT": "probation", "INFERD_TEST_PAUSE_FILE": str(site.root / "never-created")}
+    d = start_daemon(config, env=env)
+    failures: list[str] = []
+    caller = _call_in_background(d.url + f"/admin/models/{MODEL}/activate", {"version": "2"}, failures)
+    d.wait_for("test_paused")
+    d.stop(signal.SIGKILL)
+    caller.join(timeout=30)
+    site.extra["mqtt"] = {"enabled": True, "port": broker.port, "topic_prefix": "site/box", "client_id": "inferd-c",
+                          "reconnect_min_s": 0.1, "reconnect_max_s": 0.5}
+    watcher = Requester(broker.port)
+    try:
+        watcher.granted = []
+        watcher.client.subscribe("site/box/events", qos=1)
+        watcher.client.message_callback_add("site/box/#", watcher._on_message)
+        wait_until(lambda: bool(watcher.granted), 30, "the events subscription")
+        d = start_daemon(site.write_config())
+        events: list[dict[str, Any]] = []
+        while not any(e["event"] == "rolled_back" for e in events):
+            r = watcher.wait(timeout=30)
+            if r.topic == "site/box/events":
+                events.append(json.loads(r.payload))
+    finally:
+        watcher.close()
+    rolled = next(e for e in events if e["event"] == "rolled_back")
+    assert (rolled["model"], rolled["version"], rolled["previous"]) == (MODEL, "1", "2")
+    assert rolled["cause"] == "crash_during_probation" and rolled["quarantined"] is True
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "1"
