@@ -4,16 +4,30 @@ route)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import KeySet
 from support.registry import Central, RawServer, inferd_serve
-from support.registry_box import box_config, client_run, make_central, poll, run, served_files
+from support.registry_box import (
+    box_config,
+    client_run,
+    failure_counts,
+    index_pub,
+    make_central,
+    poll,
+    refusal_line,
+    run,
+    served_files,
+)
 
-from daemon import http_api, http_registry
+from daemon import http_api, http_registry, keys
 from daemon.checks import run_checks
+from daemon.config import KeySource
 from daemon.doctor import examine
 from daemon.registry import RegistryClient, next_delay
 from daemon.store import Store
@@ -37,6 +51,41 @@ def test_polls_ask_with_the_etag(tmp_path: Path, keyset: KeySet, central: Centra
     assert (first.outcome, first.installed, second.outcome) == ("accepted", ["mlp:1"], "unchanged")
     assert server.conditional == ["index.json"]  # the second poll; a 304 fetches nothing more
     assert [p for p, _ in server.requests].count("index.json.sig") == 1
+
+
+def test_an_unchanged_index_kept_past_its_expiry_is_refused(tmp_path: Path, keyset: KeySet, central: Central,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A freeze attack that never sends a new index: the registry (or a proxy in front of it) answers every poll with
+    304, so no signature is checked again. The expiry is re-checked against the clock on each 304: inside the grace
+    the index still counts, past it the poll is refused, logged and counted like a stale index in a 200."""
+    index = central.publish("1", expires_s=3600)
+    server = RawServer(served_files(central), etags=True)
+    clock = [datetime.now(timezone.utc)]
+    signers = keys.load_signers([KeySource(path=keyset.public_path)])
+    caplog.set_level(logging.INFO, "inferd.registry")
+    Store(tmp_path / "box").ensure()
+
+    async def scenario() -> tuple[list[Any], dict[str, float]]:
+        async with server:
+            config = box_config(tmp_path, keyset, server.url, [index_pub(central)], expired_grace_s=600)
+            client = RegistryClient(config, Store(config.state_dir), signers, now=lambda: clock[0])
+            await client.start()
+            try:
+                results = [await client.poll()]
+                for late_s in (300, 700):  # past the expiry, then past it and the grace
+                    clock[0] = index.expires + timedelta(seconds=late_s)
+                    results.append(await client.poll())
+                return results, failure_counts(client)
+            finally:
+                await client.close()
+
+    (first, within, past), counts = asyncio.run(scenario())
+    assert (first.outcome, first.installed, within.outcome) == ("accepted", ["mlp:1"], "unchanged")
+    assert (past.outcome, past.reason, past.sequence) == ("failed", "expired", 1)
+    assert server.conditional == ["index.json", "index.json"]  # both later polls were answered 304
+    assert [p for p, _ in server.requests].count("index.json.sig") == 1  # the signature was never fetched again
+    refusal_line(caplog.records, "expired", r"expired 7\d\d s ago and the registry still serves it")
+    assert counts == {"expired": 1.0}
 
 
 def test_backoff_doubles_to_its_cap_and_resets() -> None:
