@@ -17,7 +17,7 @@ import logging
 import random
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,7 +66,11 @@ class PollResult:
 
 class RegistryClient:
     def __init__(self, config: Config, store: Store, signers: Mapping[str, Ed25519PublicKey],
-                 updater: Any = None, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+                 updater: Any = None, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+                 rng: random.Random | None = None, rest: Callable[[float], Awaitable[None]] | None = None) -> None:
+        """``now`` (expiry checks), ``rng`` (jitter) and ``rest`` (the wait between polls; by default until the
+        timeout or a sync request) are the clock, dice and sleep; the tests pass their own to run :meth:`run`
+        without waiting for real."""
         self.config = config
         self.settings = config.registry
         if self.settings.url is None:
@@ -76,6 +80,8 @@ class RegistryClient:
         self.signers = signers
         self.updater = updater  # daemon.updater.Updater; None: installs are left for the next start to pick
         self._now = now
+        self._rng = rng or random.Random()  # noqa: S311 - spreading a fleet's polls, not a secret
+        self._rest = rest or self._until_woken
         self.polls = 0
         self.failures: Counter[str] = Counter()
         self.sequence = 0
@@ -119,9 +125,11 @@ class RegistryClient:
             delay = next_delay(delay, result.outcome == "failed", self.settings.poll_interval_s,
                                self.settings.backoff_max_s)
             jitter = self.settings.jitter
-            wait = delay * random.uniform(1 - jitter, 1 + jitter)  # noqa: S311 - spreading a fleet, not a secret
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            await self._rest(delay * self._rng.uniform(1 - jitter, 1 + jitter))
+
+    async def _until_woken(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def use(self, config: Config) -> None:
         """After a SIGHUP reload (daemon/reload.py applies models and keys): follow the new models' channels and
