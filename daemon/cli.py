@@ -121,8 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--kek", type=Path, action="append", default=[],
                    help="KEK file to verify with instead of the config's keys (e.g. when they are systemd credentials)")
     s.add_argument("--signer", type=Path, action="append", default=[], help="trusted public key, with --kek")
-    s.add_argument("--url", default=None, help="with --activate: the running daemon to switch (default: the "
-                   "config's listener when a daemon answers there)")
+    s.add_argument("--url", default=None, help="with --activate, or for a model's first version: the running "
+                   "daemon to switch (default: the config's listener when a daemon answers there)")
     s.add_argument("--key", default=None, help="an API key with the admin scope, for --url")
     s.set_defaults(func=cmd_install)
 
@@ -330,7 +330,8 @@ def cmd_install(args: argparse.Namespace) -> int:
     keks, signers, require = _keys_for(args)
     blob = args.artifact.read_bytes()
     open_artifact(blob, keks, signers, require_signature=require)  # never install what the daemon would refuse
-    store = Store(load_config(args.config).state_dir)
+    config = load_config(args.config)
+    store = Store(config.state_dir)
     url = cli_models.daemon_url(args) if args.activate else None  # a running daemon switches through its updater
     done = store.install(blob)
     if args.activate and url is None and not done.active:  # refused as the daemon's updater would refuse it
@@ -339,7 +340,14 @@ def cmd_install(args: argparse.Namespace) -> int:
     what = "installed" if done.fresh else "already installed"
     notes = ([] if done.fresh else ["identical bytes"]) + (["active"] if done.active else [])
     print(f"{what} {done.name}:{done.version}" + (f" ({', '.join(notes)})" if notes else ""))
-    if url is not None and not done.active:
+    model = next((m for m in config.models if m.name == done.name), None)
+    first = not args.activate and done.fresh and done.active  # a model's first version: active on its own
+    if first and (model is not None or args.url):  # a daemon serving nothing of it must hear of it too
+        url = cli_models.daemon_url(args)
+    if url is not None and first and model is not None and model.version is not None:  # pinned: no activation
+        cli_models.call_admin(url, f"/v2/repository/models/{done.name}/load", {}, args.key)
+        print(f"the daemon at {url} loaded {done.name} (pinned to version {model.version} by its config)")
+    elif url is not None:  # even when the journal already says active: the daemon loads through its updater
         doc = cli_models.call_admin(url, f"/admin/models/{done.name}/activate", {"version": done.version}, args.key)
         print(f"activated {done.name}:{doc.get('serving')} on the daemon at {url}" +
               (" (on probation)" if doc.get("probation") else ""))

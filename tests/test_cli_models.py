@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import KeySet, Site
 from httpclient import infer
 from support.daemon import REPO
@@ -153,3 +154,25 @@ def test_without_a_daemon_the_journal_keeps_the_updaters_rules(site: Site, keyse
     refused = inferd("model", "install", str(artifact), "--config", config, "--activate", ok=False)
     assert "pinned to version 1" in refused.stderr
     assert store.state(MODEL).active == before.active and "4" in store.versions(MODEL)
+
+
+@pytest.mark.parametrize("how", ["--activate", "implicit", "pinned"])
+def test_a_first_version_installed_beside_a_running_daemon_serves_at_once(site: Site, keyset: KeySet,
+                                                                         start_daemon: Any, how: str) -> None:
+    """The store makes a model's first version active on its own, so the daemon (serving nothing of the model) must
+    be told even though the journal already says so: with --activate, without, and for a model pinned to it."""
+    lookup_site(site, keyset, [], **({"version": "1"} if how == "pinned" else {}))
+    config = str(site.write_config())
+    d = start_daemon(config)
+    assert infer(d.url, MODEL, body([0])).status == 503  # configured, nothing installed
+    artifact = site.root / "v1.inferd"
+    artifact.write_bytes(pack_version(keyset, "1"))
+    out = inferd("model", "install", str(artifact), "--config", config, "--url", d.url,
+                 *(["--activate"] if how == "--activate" else [])).stdout
+    told = f"loaded {MODEL} (pinned to version 1" if how == "pinned" else f"activated {MODEL}:1 on the daemon"
+    assert f"installed {MODEL}:1 (active)" in out and told in out and d.url in out
+    assert "no daemon answered" not in out
+    reply = infer(d.url, MODEL, body([0]))
+    assert reply.status == 200 and reply.json()["model_version"] == "1"
+    state = Store(site.state_dir).state(MODEL)
+    assert (state.active, state.previous, state.probation, state.quarantined) == ("1", None, None, [])
