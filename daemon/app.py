@@ -182,6 +182,8 @@ class Daemon:
                     await self.registry_client.use(self.config)
                 if self.updater is not None:
                     self.updater.use(self.config)
+                    if result.applied:
+                        await self.updater.apply_policies()
                 if self.audit is not None:  # an operator's action (SIGHUP, systemctl reload): audited like one
                     self.audit.record("config.reload", "applied" if result.applied else "rejected", who="operator",
                                       config=str(self.config_path), changes=result.changes, reason=result.reason)

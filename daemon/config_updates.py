@@ -18,10 +18,11 @@ class ProbationConfig(_Model):
 
     seconds: float = Field(
         60.0, ge=0, le=86400, description="Probation lasts this long after the switch (0: no time window, only the "
-        "request count)."
+        "request count, judged against the previous version's last `requests` answers)."
     )
     requests: int = Field(
-        0, ge=0, description="...or ends once the new version has answered this many requests (0: time only)."
+        0, ge=0, description="...or ends once the new version has answered this many requests, however many (0: "
+        "time only)."
     )
     min_requests: int = Field(
         20, ge=1, description="Requests the new version must have answered before its error rate or p99 is judged "
@@ -29,7 +30,7 @@ class ProbationConfig(_Model):
     )
     max_error_rate_increase: float = Field(
         0.05, ge=0, le=1, description="Roll back when the new version's error rate exceeds the previous version's "
-        "(over the same-length window before the switch) by more than this (0.05: 5 percentage points)."
+        "(over the same window before the switch) by more than this (0.05: 5 percentage points)."
     )
     max_p99_ratio: float = Field(
         3.0, gt=1, description="Roll back when the new version's p99 latency exceeds this many times the previous "

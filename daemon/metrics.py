@@ -140,11 +140,16 @@ class VersionStats:
     refusals: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # admission's, by reason
     #: the latest answers as (monotonic time, error, seconds): what probation compares (daemon/updater.py)
     recent: deque[tuple[float, bool, float]] = field(default_factory=lambda: deque(maxlen=RECENT_MAX))
+    #: every judged answer and error ever, unbounded: a probation's request count must not stop at RECENT_MAX
+    judged: int = 0
+    judged_errors: int = 0
 
     def request_done(self, protocol: str, outcome: str, seconds: float) -> None:
         self.requests[(protocol, outcome)] += 1
         if outcome in JUDGED:
             self.recent.append((time.monotonic(), outcome != "success", seconds))
+            self.judged += 1
+            self.judged_errors += outcome != "success"
         if outcome == "success":
             self.request_seconds.observe(seconds)
             self.success.add(seconds)

@@ -1,15 +1,17 @@
 """Probation's verdict: is a freshly switched-to version worse than the one it replaced?
 
-The previous version's answers over the same-length window before the switch are the baseline (a version is judged
-against what the box was doing, not against a fixed number that fits one model and no other). Both sides come from
-each version's ``VersionStats.recent``: (monotonic time, error, seconds) per answer, so the verdict is a pure function
-of two lists and the thresholds, tested on its own.
+The previous version's answers over the same window before the switch are the baseline (a version is judged
+against what the box was doing, not against a fixed number that fits one model and no other): the same seconds, or,
+for a window of requests only, its last ``requests`` answers. The p99s come from each version's
+``VersionStats.recent`` ((monotonic time, error, seconds) per answer, the latest RECENT_MAX kept); the new version's
+counts come from its unbounded counters, so a window of more requests than that deque holds still ends. The verdict
+is a pure function of two windows and the thresholds, tested on its own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from daemon.config_updates import ProbationConfig
@@ -49,6 +51,22 @@ def window(recent: Iterable[tuple[float, bool, float]], start: float, end: float
     latencies.sort()
     p99 = latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)] if latencies else 0.0
     return Window(n, errors, p99)
+
+
+def baseline(recent: Sequence[tuple[float, bool, float]], now: float, cfg: ProbationConfig) -> Window:
+    """The previous version's window to compare with, ending at the switch (``now``): as many seconds as the
+    probation lasts, or, when it counts requests only, that many of its last answers (at most the RECENT_MAX kept):
+    a fixed span would compare a busy box's last hour with a quiet one's few minutes."""
+    if cfg.seconds:
+        return window(recent, now - cfg.seconds, now)
+    return window(recent[-cfg.requests:], -math.inf, math.inf)
+
+
+def since_switch(recent: Iterable[tuple[float, bool, float]], since: float, now: float, answered: int,
+                 errors: int) -> Window:
+    """The new version's window: ``answered`` and ``errors`` counted since the switch (its counters' growth, however
+    many answers that is), the p99 of its kept answers since then (the latest RECENT_MAX at most)."""
+    return Window(answered, errors, window(recent, since, now).p99_s)
 
 
 def verdict(before: Window, after: Window, cfg: ProbationConfig) -> tuple[str, str] | None:

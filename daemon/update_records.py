@@ -34,6 +34,8 @@ class Probation:
     baseline: probation.Window
     cfg: ProbationConfig
     source: str
+    #: the new version's (judged, judged_errors) counters at the switch; a probation resumed at start-up: zero
+    counted: tuple[int, int] = (0, 0)
 
 
 def now_iso() -> str:

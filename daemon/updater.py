@@ -224,9 +224,9 @@ class Updater:
         await self.pause("switching", name, version)  # before the probation record: run() must not judge it yet
         now = time.monotonic()
         if old is not None:
-            span = cfg.seconds or 3600.0
-            baseline = probation.window(list(old.stats.recent), now - span, now)
-            self.probations[name] = Probation(version, old.version, now, baseline, cfg, source)
+            baseline = probation.baseline(list(old.stats.recent), now, cfg)
+            counted = (loaded.stats.judged, loaded.stats.judged_errors)  # explicit versions/{v} answers before it
+            self.probations[name] = Probation(version, old.version, now, baseline, cfg, source, counted)
         self.manager.activate(name, version)
         self.record("update.activated", "ok", who, model=name, version=version, source=source, previous=prev)
         self._wake.set()
@@ -275,7 +275,9 @@ class Updater:
             return
         # a reload of the same version builds a new LoadedVersion but keeps its stats: the window goes on
         now = time.monotonic()
-        after = probation.window(list(loaded.stats.recent), p.since, now)
+        stats = loaded.stats
+        after = probation.since_switch(list(stats.recent), p.since, now, stats.judged - p.counted[0],
+                                       stats.judged_errors - p.counted[1])
         bad = probation.verdict(p.baseline, after, p.cfg)
         if bad is not None:
             reason, why = bad
@@ -298,9 +300,10 @@ class Updater:
         if probation.finished(after, now - p.since, p.cfg):
             async with self._locks[name]:
                 if self.probations.get(name) is p:
-                    await self._commit(name, p.version, None, after)
+                    await self._commit(name, p.version, None, after, p.baseline)
 
-    async def _commit(self, name: str, version: str, who: str | None, after: probation.Window | None = None) -> None:
+    async def _commit(self, name: str, version: str, who: str | None, after: probation.Window | None = None,
+                      before: probation.Window | None = None) -> None:
         self.probations.pop(name, None)
 
         def committed(s: ModelState) -> None:
@@ -308,9 +311,9 @@ class Updater:
             s.record("committed", version)
 
         await self._journal(name, committed)
+        numbers = {"after": after.as_dict(), "before": before.as_dict()} if after and before else {}
         log.info("%s:%s committed", name, version, extra={"event_kind": "committed", "model": name,
-                                                         "version": version, **({"after": after.as_dict()}
-                                                                                if after else {})})
+                                                         "version": version, **numbers})
         self.record("update.committed", "ok", who, model=name, version=version)
         self.emit("committed", name, version)
         await self._prune(name)
@@ -367,3 +370,10 @@ class Updater:
     async def apply_policy(self, name: str) -> None:
         """Load what the model's version_policy wants beside the active version, drain what it does not want."""
         await version_policy.apply(self.manager, self.store, name)
+
+    async def apply_policies(self) -> None:
+        """After a reload: each model's version_policy as configured now (a reload rebuilds the active version only,
+        so a changed ``specific`` or ``latest`` would otherwise wait for the next update to load or drain)."""
+        for name in list(self.manager.entries):
+            async with self._locks[name]:
+                await self.apply_policy(name)

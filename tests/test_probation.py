@@ -12,6 +12,7 @@ from daemon import probation, update_checks
 from daemon.config import parse_config
 from daemon.config_updates import ProbationConfig
 from daemon.errors import ConfigError
+from daemon.metrics import RECENT_MAX, VersionStats
 
 CFG = ProbationConfig(seconds=10, min_requests=10, max_error_rate_increase=0.05, max_p99_ratio=3.0)
 
@@ -52,6 +53,30 @@ def test_the_window_ends_on_time_or_on_request_count() -> None:
     assert not probation.finished(probation.window(answers(29, 0.0), 0, 1), 1e6, by_count)
     with pytest.raises(ValueError, match="needs a window"):
         ProbationConfig(seconds=0, requests=0)
+
+
+def test_a_request_window_longer_than_the_kept_answers_still_ends_and_counts_every_error() -> None:
+    stats = VersionStats("m", "2")
+    for i in range(RECENT_MAX + 5000):  # more answers than the deque keeps; the first 100 failed
+        stats.request_done("http", "failed" if i < 100 else "success", 0.001)
+    stats.request_done("http", "invalid", 0.0)  # a caller's bad input: not judged, not counted
+    by_count = ProbationConfig(seconds=0, requests=RECENT_MAX + 5000)
+    after = probation.since_switch(list(stats.recent), 0.0, float("inf"), stats.judged, stats.judged_errors)
+    assert (after.requests, after.errors, after.p99_s) == (RECENT_MAX + 5000, 100, 0.001)
+    assert probation.finished(after, 0.0, by_count)
+    short = probation.since_switch(list(stats.recent), 0.0, float("inf"), stats.judged - 1, stats.judged_errors)
+    assert not probation.finished(short, 1e6, by_count)
+
+
+def test_the_baseline_is_the_same_seconds_or_the_previous_versions_last_n_answers() -> None:
+    old = answers(50, 0.0, errors=50) + answers(30, 7200.0, seconds=0.004)  # 50 failures two hours before the last 30
+    now = 7201.0
+    last_30 = probation.baseline(old, now, ProbationConfig(seconds=0, requests=30))
+    assert (last_30.requests, last_30.errors, last_30.p99_s) == (30, 0, 0.004)
+    assert probation.baseline(old, now, ProbationConfig(seconds=0, requests=60)).errors == 30
+    assert probation.baseline(old, now, ProbationConfig(seconds=0, requests=10_000)).requests == 80  # all it kept
+    timed = probation.baseline(old, now, ProbationConfig(seconds=10, requests=1000))  # a time window: its seconds
+    assert (timed.requests, timed.errors) == (30, 0)
 
 
 def spec(name: str, datatype: str = "FP32", shape: tuple[int, ...] = (-1, 4)) -> TensorSpec:

@@ -86,6 +86,28 @@ def test_a_version_that_regresses_on_probation_is_rolled_back_and_quarantined(
     assert admin(d, "activate", {"version": "2"}).status == 409
 
 
+def test_a_request_count_probation_is_judged_against_the_last_n_answers_and_commits_after_n(
+        site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    n = 25
+    lookup_site(site, keyset, ["1", "2"], probation={"seconds": 0, "requests": n, "min_requests": 20,
+                                                     "max_p99_ratio": 1000})
+    d = start_daemon(site.write_config())
+    for _ in range(3 * n):  # v1 answers 3n; the baseline is its last n, not the last hour's 3n
+        assert infer(d.url, MODEL, body([0])).status == 200
+    assert admin(d, "activate", {"version": "2"}).status == 200
+    live = admin(d).json()["probation"]
+    assert live["version"] == "2" and live["baseline"]["requests"] == n
+    for _ in range(n - 1):
+        assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
+    assert admin(d).json()["probation"]["version"] == "2"  # no time limit: n - 1 answers do not end it
+    assert not any(doc.get("event_kind") == "committed" for doc in d.log)
+    assert infer(d.url, MODEL, body([0])).status == 200
+    committed = d.wait_for("committed", timeout=30)
+    assert committed["after"]["requests"] == n and committed["before"]["requests"] == n
+    state = Store(site.state_dir).state(MODEL)
+    assert (state.active, state.previous, state.probation) == ("2", "1", None)
+
+
 def test_rollback_by_hand_and_to_a_named_version_then_keep_versions_prunes(
         site: Site, keyset: KeySet, start_daemon: Any) -> None:
     lookup_site(site, keyset, ["1", "2", "3", "4"])
@@ -170,6 +192,33 @@ def test_version_policy_latest_loads_older_versions_for_explicit_requests(
     assert states == {"1": ["active"], "2": ["staged"], "3": ["staged"]}
     index = request(d.url + "/v2/repository/index", "POST", {}).json()
     assert sorted(r["version"] for r in index) == ["1", "2", "3"]
+
+
+def test_version_policy_specific_loads_the_listed_versions_and_keeps_them_across_updates(
+        site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    lookup_site(site, keyset, ["1", "2", "3"], version_policy={"specific": ["3"]})
+    d = start_daemon(site.write_config())  # active 1; only the listed 3 is loaded beside it, not 2
+    wait_until(lambda: "3" in request(d.url + f"/v2/models/{MODEL}").json()["versions"], 30, "version 3 loaded")
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "1"
+    assert infer(d.url, MODEL, body([0]), version="3").json()["outputs"][0]["data"][0] == 3.0
+    assert infer(d.url, MODEL, body([0]), version="2").status == 404  # installed, not listed: not loaded
+    states = {v["version"]: (v["states"], v["loaded"]) for v in admin(d).json()["versions"]}
+    assert states == {"1": (["active"], True), "2": (["installed"], False), "3": (["staged"], True)}
+    assert admin(d, "activate", {"version": "2"}).status == 200
+    d.wait_for("committed", timeout=30)
+    d.wait_for("retired", timeout=30)  # 1 is not listed: drained once 2 serves
+    assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
+    assert infer(d.url, MODEL, body([0]), version="3").json()["model_version"] == "3"  # still loaded
+    assert infer(d.url, MODEL, body([0]), version="1").status == 404
+    states = {v["version"]: (v["states"], v["loaded"]) for v in admin(d).json()["versions"]}
+    assert states == {"1": (["previous"], False), "2": (["active"], True), "3": (["staged"], True)}
+    site.models[0]["version_policy"] = {"specific": ["1"]}  # a reload applies a changed list at once
+    site.write_config()
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: sorted(request(d.url + f"/v2/models/{MODEL}").json()["versions"]) == ["1", "2"], 30,
+               "version 1 loaded and 3 drained by the reload")
+    assert infer(d.url, MODEL, body([0]), version="1").json()["outputs"][0]["data"][0] == 1.0
+    assert infer(d.url, MODEL, body([0]), version="3").status == 404
 
 
 def test_removing_a_version_the_policy_loaded_drains_it_first(
