@@ -71,13 +71,14 @@ def start_inferd(work: Path, name: str, models_cfg: list[dict[str, Any]], extra:
     import yaml
 
     port = free_port()
+    extra = dict(extra or {})
     cfg = {
         "state_dir": str(work / "state"),
-        "server": {"host": "127.0.0.1", "port": port},
+        "server": {"host": "127.0.0.1", "port": port, **extra.pop("server", {})},  # e.g. server.limits
         "keys": {"kek": [{"path": str(work / "bench.kek")}], "signers": [{"path": str(work / "sign.key.pub")}]},
         "logging": {"format": "json", "level": "warning"},
         "models": models_cfg,
-        **(extra or {}),
+        **extra,
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))

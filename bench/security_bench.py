@@ -2,9 +2,11 @@
 
 - auth on (every request carries an API key, parsed, HMAC-checked and authorized) against the same daemon with auth
   off; target: the key check costs under 5% of throughput;
-- a well-behaved client's latency while slow-loris connections (headers trickled a byte at a time, from other
-  loopback addresses, reopened as soon as the daemon cuts them) attack the auth-off daemon, against its latency
-  without them (the ratio is recorded; the daemon closes each after server.limits.header_timeout_s).
+- a well-behaved client's latency while it is attacked, against its latency without (ratios recorded): by
+  slow-loris connections (headers trickled a byte at a time from 127.0.0.2-9, reopened as soon as the daemon cuts
+  them at server.limits.header_timeout_s, set to 1 s here) and by a connection flood (one address, 127.0.0.10,
+  keeping far more connections open than server.limits.max_connections_per_client, set to 32, lets it hold). The
+  run fails when an attack was never cut: then it measured nothing.
 
 Both daemons pinned to CPU 0, the load generator and the attacker to CPU 1; alternating rounds, medians; every answer
 sampled and checked against the in-process result. Appends its table to bench/RESULTS.md; exits 1 on a miss.
@@ -45,6 +47,9 @@ from harness import (  # noqa: E402
 from daemon import artifact  # noqa: E402
 from daemon.security import add_key_to_file  # noqa: E402
 from daemon.store import Store  # noqa: E402
+
+SLOW = "auth off, 200 slow-loris connections"
+FLOOD = "auth off, a flood of 300 connections from one address"
 
 
 class SlowLoris:
@@ -91,6 +96,56 @@ class SlowLoris:
         self.thread.join()
 
 
+class Flood:
+    """``count`` idle connections from 127.0.0.10 (past the per-client limit); whichever the daemon closes is opened
+    again on the next 50 ms pass, so the flood keeps knocking without costing the load generator's CPU much."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port, self.count = port, count
+        self.stop_event = threading.Event()
+        self.cut = 0
+        self.thread = threading.Thread(target=self._run, name="flood", daemon=True)
+
+    def _open(self) -> socket.socket | None:
+        s = socket.socket()
+        s.bind(("127.0.0.10", 0))
+        try:
+            s.connect(("127.0.0.1", self.port))
+        except OSError:
+            s.close()
+            self.cut += 1
+            return None
+        s.setblocking(False)
+        return s
+
+    def _run(self) -> None:
+        conns = [self._open() for _ in range(self.count)]
+        while not self.stop_event.wait(0.05):
+            for i, s in enumerate(conns):
+                if s is not None:
+                    try:
+                        if s.recv(1) != b"":
+                            continue
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        pass
+                    s.close()
+                    self.cut += 1
+                conns[i] = self._open()
+        for s in conns:
+            if s is not None:
+                s.close()
+
+    def __enter__(self) -> Flood:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join()
+
+
 def main() -> int:
     args = bench_args()
     os.sched_setaffinity(0, {CLIENT_CPU})
@@ -107,13 +162,14 @@ def main() -> int:
     keyed = [(b, {**h, "Authorization": f"Bearer {token}"}) for b, h in plain]
     check = answer_checker(model, "X", xs)
     cfg = [{"name": "tabular", "runtime": "onnxruntime", "threads": 1, "workers": 1}]
+    limits = {"server": {"limits": {"header_timeout_s": 1.0, "max_connections_per_client": 32}}}
     servers = {
-        "auth off": start_inferd(work, "off", cfg),
-        "auth on": start_inferd(work, "on", cfg, {"auth": {"required": True, "keys_file": {"path": str(keys_file)}},
-                                                  "audit": {"enabled": True}}),
+        "auth off": start_inferd(work, "off", cfg, limits),
+        "auth on": start_inferd(work, "on", cfg, {**limits, "audit": {"enabled": True},
+                                                  "auth": {"required": True, "keys_file": {"path": str(keys_file)}}}),
     }
     raw: dict[tuple[int, str], list[Measured]] = {}
-    cut = 0
+    cut = {SLOW: 0, FLOOD: 0}
     try:
         for r in range(args.rounds):
             for clients in (1, 16):
@@ -122,10 +178,12 @@ def main() -> int:
                     bodies = keyed if name == "auth on" else plain
                     raw.setdefault((clients, name), []).append(
                         measure_checked(servers[name], "tabular", bodies, clients, args.seconds, check))
-                with SlowLoris(servers["auth off"].port, 200) as attack:
-                    raw.setdefault((clients, "auth off, 200 slow-loris connections"), []).append(
-                        measure_checked(servers["auth off"], "tabular", plain, clients, args.seconds, check))
-                cut += attack.cut
+                for label, attack in ((SLOW, SlowLoris(servers["auth off"].port, 200)),
+                                      (FLOOD, Flood(servers["auth off"].port, 300))):
+                    with attack:
+                        raw.setdefault((clients, label), []).append(
+                            measure_checked(servers["auth off"], "tabular", plain, clients, args.seconds, check))
+                    cut[label] += attack.cut
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         for s in servers.values():
@@ -147,16 +205,18 @@ def main() -> int:
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     missed = []
     for clients in (1, 16):
-        attacked = med[(clients, "auth off, 200 slow-loris connections")]
-        lines.append(f"| {clients} client(s): p50 under the slow-loris attack over p50 without (context; "
-                     f"{cut} attacking connections cut in all) | {attacked['p50'] / med[(clients, 'auth off')]['p50']:.4f}x"
-                     " | context |")
+        for label in (SLOW, FLOOD):
+            attacked = med[(clients, label)]
+            lines.append(f"| {clients} client(s): p50 with {label} over p50 without (context; {cut[label]} of its "
+                         f"connections cut in all) | {attacked['p50'] / med[(clients, 'auth off')]['p50']:.4f}x"
+                         " | context |")
         ratio = med[(clients, "auth on")]["rps"] / med[(clients, "auth off")]["rps"]
         ok = ratio >= 0.95
         text = f"{clients} client(s): auth on keeps >= 95% of auth off's throughput"
         lines.append(f"| {text} | {ratio:.4f}x | {'yes' if ok else 'no'} |")
         if not ok:
             missed.append(f"{text}: {ratio:.4f}x")
+    missed += [f"the {label} was never cut: nothing was measured" for label in (SLOW, FLOOD) if not cut[label]]
     publish("\n".join(lines), args)
     for text in missed:
         print(f"target missed: {text}", file=sys.stderr)
