@@ -225,6 +225,8 @@ def test_a_streamed_output_resumed_after_sigkill_is_the_uninterrupted_one_byte_f
     resumed = subprocess.run([*command(out), "--resume"], cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == status, resumed.stderr
     assert "resumed after chunk" in resumed.stdout
+    if bad:  # two of them in the chunks committed before the kill: counted from the parts' reject lines
+        assert "3 rejected" in resumed.stdout, resumed.stdout
     assert out.read_bytes() == whole.read_bytes()
     keep = np.setdiff1d(np.arange(len(x)), bad)
     if suffix == ".npz":
