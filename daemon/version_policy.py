@@ -35,6 +35,11 @@ async def apply(manager: ModelManager, store: Store, name: str) -> None:
     loop = asyncio.get_running_loop()
     state: ModelState = await loop.run_in_executor(None, store.state, name)
     installed: list[str] = await loop.run_in_executor(None, store.versions, name)
+    for version in policy.specific or ():  # a typo or a version not synced yet: say so, keep serving
+        if version not in installed or version in state.quarantined:
+            why = "quarantined" if version in installed else "not installed"
+            log.warning("%s:%s is listed in version_policy.specific but %s: not loaded", name, version, why,
+                        extra={"event_kind": "policy_version_missing", "model": name, "version": version})
     for version in installed:
         if version not in entry.versions and wanted(policy, version, installed, state.quarantined):
             try:

@@ -212,13 +212,14 @@ def test_version_policy_specific_loads_the_listed_versions_and_keeps_them_across
     assert infer(d.url, MODEL, body([0]), version="1").status == 404
     states = {v["version"]: (v["states"], v["loaded"]) for v in admin(d).json()["versions"]}
     assert states == {"1": (["previous"], False), "2": (["active"], True), "3": (["staged"], True)}
-    site.models[0]["version_policy"] = {"specific": ["1"]}  # a reload applies a changed list at once
+    site.models[0]["version_policy"] = {"specific": ["1", "9"]}  # a reload applies a changed list at once
     site.write_config()
     d.proc.send_signal(signal.SIGHUP)
     wait_until(lambda: sorted(request(d.url + f"/v2/models/{MODEL}").json()["versions"]) == ["1", "2"], 30,
                "version 1 loaded and 3 drained by the reload")
     assert infer(d.url, MODEL, body([0]), version="1").json()["outputs"][0]["data"][0] == 1.0
     assert infer(d.url, MODEL, body([0]), version="3").status == 404
+    assert d.wait_for("policy_version_missing")["version"] == "9"  # listed, never installed: said, not fatal
 
 
 def test_removing_a_version_the_policy_loaded_drains_it_first(
