@@ -207,8 +207,9 @@ def cmd_unquarantine(args: argparse.Namespace) -> int:
         s.reasons.pop(args.version, None)
         s.record("unquarantined", args.version)
 
-    store.update_state(args.name, change)
-    print(f"{args.name}:{args.version} may be offered again")
+    store.update_state(args.name, change)  # the journal entry is what the registry client reads (docs/registry.md)
+    print(f"{args.name}:{args.version} may be offered again: the registry offers it at its next poll when the "
+          "model's channel names it, or 'inferd model activate' tries it now")
     return 0
 
 

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import random
 import tempfile
 from collections import Counter
@@ -33,7 +34,7 @@ from daemon.errors import InferdError
 from daemon.fsutil import atomic_write
 from daemon.registry_fetch import Fetcher, tls_context
 from daemon.registry_index import Index, RegistryError
-from daemon.store import Store
+from daemon.store import ModelState, Store
 from daemon.updater import pause
 
 log = logging.getLogger("inferd.registry")
@@ -250,6 +251,19 @@ class RegistryClient:
             self._targets[name] = version
             await self._save_state(self.sequence)
 
+    async def _cleared(self, name: str, version: str, state: ModelState) -> bool:
+        """``inferd model unquarantine`` since ``version`` was last offered (the journal's latest entry for it; an
+        offer records one of its own, so a clearing counts once): the target is forgotten and offered again,
+        exactly as when the version was pruned and comes back through a download."""
+        last = next((h for h in reversed(state.history) if h.get("version") == version), None)
+        if last is None or last.get("event") != "unquarantined":
+            return False
+        del self._targets[name]
+        await self._save_state(self.sequence)
+        log.info("registry: %s:%s was unquarantined: offered again", name, version,
+                 extra={"event_kind": "registry_target_cleared", "model": name, "version": version})
+        return True
+
     # -- installs -----------------------------------------------------------------------------------------------
 
     async def _install_followed(self, index: Index, result: PollResult) -> None:
@@ -283,7 +297,8 @@ class RegistryClient:
                                               f"the model is configured for {model.runtime}")
                     await self._download_install(model.name, version, entry)
                     result.installed.append(f"{model.name}:{version}")
-                elif self._targets.get(model.name) == version:
+                elif self._targets.get(model.name) == version and not await self._cleared(model.name, version,
+                                                                                             state):
                     continue  # offered before (and rolled back or refused): the updater's to decide, not retried
             except RegistryError as exc:
                 self._failed(exc.reason, str(exc), model=model.name, version=version)
@@ -313,7 +328,7 @@ class RegistryClient:
         fd, raw_path = await loop.run_in_executor(
             None, lambda: tempfile.mkstemp(prefix=f"registry-{name}-{version}-", suffix=".part", dir=tmp_dir))
         path = Path(raw_path)
-        await loop.run_in_executor(None, _close, fd)
+        await loop.run_in_executor(None, os.close, fd)
         try:
             url = self.url + entry.path
             log.info("registry: downloading %s:%s (%d bytes)", name, version, entry.size,
@@ -383,9 +398,3 @@ def check_artifact_file(path: Path, name: str, version: str, signers: Mapping[st
 def _write_state(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     atomic_write(path, json.dumps(state, indent=1).encode() + b"\n")
-
-
-def _close(fd: int) -> None:
-    import os
-
-    os.close(fd)

@@ -356,3 +356,61 @@ def test_a_channel_moved_back_to_an_installed_version_is_served_again(
         registry_publish.promote(central.root, "mlp", "1", "stable", central.key)
         assert request(daemon.url + "/admin/registry/sync", "POST").status == 200
         serving("1")
+
+
+def test_an_unquarantined_version_is_offered_again(tmp_path: Path, site: Site, keyset: KeySet, mlp_onnx: bytes,
+                                                    start_daemon: Callable[..., DaemonProcess]) -> None:
+    """Version 2 from the registry, on probation when the daemon is SIGKILLed: the restart rolls back to 1 and
+    quarantines 2 (a crash is a failed probation), and the registry leaves 2 alone though its channel names it.
+    ``inferd model unquarantine`` is the operator saying "try it again": the next sync offers the installed 2 once
+    more (no second download), and it serves."""
+    import sys
+
+    from support.daemon import REPO
+
+    (tmp_path / "central").mkdir()
+    keys.generate_signing_key(tmp_path / "central" / "index.key")
+    central = Central(tmp_path / "central" / "registry", tmp_path / "central" / "index.key", keyset, mlp_onnx)
+    central.publish("1")
+    central.model = build_mlp(V2_WEIGHTS)
+    central.publish("2")
+    files = {str(p.relative_to(central.root)): p.read_bytes() for p in central.root.rglob("*")
+             if p.is_file() and not p.name.startswith(".")}
+    site.install(pack_model(keyset, mlp_onnx, version="1"))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    store = Store(site.state_dir)
+
+    def serving(daemon: DaemonProcess, version: str) -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while (now := served_version(daemon)) != version:
+            assert time.monotonic() < deadline, f"version {version} never served ({now} does)"
+            time.sleep(0.05)
+
+    with Threaded(RawServer(files)) as server:
+        site.extra = {"registry": {"url": server.url, "poll_interval_s": 3600, "min_free_bytes": 0,
+                                   "index_keys": [{"path": str(central.key_path.with_name("index.key.pub"))}]},
+                      "updates": {"probation": {"seconds": 600}}}
+        config = site.write_config()
+        daemon = start_daemon(config)
+        serving(daemon, "2")  # on probation for ten minutes
+        daemon.stop(signal.SIGKILL)
+
+        daemon = start_daemon(config)
+        assert served_version(daemon) == "1"
+        assert "2" in store.state("mlp").quarantined
+        result = request(daemon.url + "/admin/registry/sync", "POST").json()  # after the start-up poll
+        assert (result["installed"], result["refused"]) == ([], [])
+        assert served_version(daemon) == "1"  # quarantined: not offered though the channel names it
+
+        done = subprocess.run([sys.executable, "-m", "daemon", "model", "unquarantine", "mlp", "2", "--config",
+                               str(config)], capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert done.returncode == 0, done.stderr
+        reply = request(daemon.url + "/admin/registry/sync", "POST")
+        assert reply.status == 200 and reply.json()["refused"] == [], reply.body
+        serving(daemon, "2")
+        assert daemon.wait_for("registry_target_cleared")["version"] == "2"
+    state = store.state("mlp")
+    assert (state.active, state.previous, state.quarantined) == ("2", "1", [])
+    assert [h["event"] for h in state.history if h.get("version") == "2"][-3:] == ["unquarantined", "offered",
+                                                                                    "activated"]
+    assert sum(p == "artifacts/mlp/2.inferd" for p, _ in server.requests) == 1
