@@ -52,6 +52,7 @@ GRPC_STATUS: dict[str, grpc.StatusCode] = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "forbidden": grpc.StatusCode.PERMISSION_DENIED,
 }
+#: not ``model_repository``: its RPCs are UNIMPLEMENTED here (the repository extension is served over HTTP)
 EXTENSIONS: list[str] = ["statistics", "model_configuration"]
 #: the trailing metadata key of a shed client's retry hint: gRPC's server pushback (gRFC A6), honoured by clients
 #: with a retry policy; its value is the predicted time for the queue to drain, in milliseconds (at least 1)

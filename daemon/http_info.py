@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from daemon.http_api import HttpApi
 
 SERVER_NAME = "inferd"
-EXTENSIONS: list[str] = ["binary_tensor_data", "statistics", "model_configuration"]
+EXTENSIONS: list[str] = ["binary_tensor_data", "statistics", "model_configuration", "model_repository"]
 #: where the HTTP frontend leaves the authenticated caller for a handler (aiohttp requests are mutable mappings)
 CALLER = "inferd.caller"
 

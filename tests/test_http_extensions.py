@@ -37,7 +37,15 @@ def binary_body(doc: dict[str, Any], *tensors: np.ndarray) -> tuple[bytes, dict[
 
 
 def test_server_advertises_its_extensions(served: DaemonProcess) -> None:
-    assert set(request(served.url + "/v2").json()["extensions"]) >= {"binary_tensor_data", "statistics"}
+    """A client decides from this list whether to use an extension: it names exactly the ones docs/http-api.md says
+    are supported, and the repository routes served since issue #11 among them."""
+    from conftest import REPO
+
+    advertised = request(served.url + "/v2").json()["extensions"]
+    assert set(advertised) == {"binary_tensor_data", "statistics", "model_configuration", "model_repository"}
+    table = (REPO / "docs" / "http-api.md").read_text().split("### Triton extensions", 1)[1].split("\n### ", 1)[0]
+    documented = {row.split("`")[1] for row in table.splitlines() if row.startswith("| `") and "| yes |" in row}
+    assert documented == set(advertised)
 
 
 def test_triton_client_binary_round_trip(served: DaemonProcess) -> None:
