@@ -7,6 +7,7 @@ import http.client
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import pytest
 from conftest import KeySet, Site, build_mlp, mlp_reference, pack_model
 from httpclient import infer, request
 from mqttclient import Broker
-from support.daemon import DaemonProcess
+from support.daemon import REPO, DaemonProcess
 from support.mqtt import PREFIX, mlp_request
 from support.registry import Central, RawServer, Threaded, nginx
 from tflite_builder import random_mlp_weights
@@ -364,10 +365,6 @@ def test_an_unquarantined_version_is_offered_again(tmp_path: Path, site: Site, k
     quarantines 2 (a crash is a failed probation), and the registry leaves 2 alone though its channel names it.
     ``inferd model unquarantine`` is the operator saying "try it again": the next sync offers the installed 2 once
     more (no second download), and it serves."""
-    import sys
-
-    from support.daemon import REPO
-
     (tmp_path / "central").mkdir()
     keys.generate_signing_key(tmp_path / "central" / "index.key")
     central = Central(tmp_path / "central" / "registry", tmp_path / "central" / "index.key", keyset, mlp_onnx)
