@@ -123,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--signer", type=Path, action="append", default=[], help="trusted public key, with --kek")
     s.add_argument("--url", default=None, help="with --activate, or for a model's first version: the running "
                    "daemon to switch (default: the config's listener when a daemon answers there)")
-    s.add_argument("--key", default=None, help="an API key with the admin scope, for --url")
+    cli_models.add_key_args(s)  # --key-file PATH or $INFERD_API_KEY, for the daemon's admin API
     s.set_defaults(func=cmd_install)
 
     cli_models.register(msub)  # activate, rollback, remove, history, unquarantine, list

@@ -1,27 +1,34 @@
 """``inferd model activate / rollback / remove / history / unquarantine / list``: the local side of model updates.
 
-A running daemon is told through its admin API (``--url URL [--key KEY]``, or the config's own listener when it
-answers), so an activation or rollback from the shell takes the same load-beside, smoke-test, switch and probation
-path as a registry update (daemon/updater.py). Without a running daemon the store's journal is changed instead and
-the daemon applies it when it starts. Removal and unquarantine are store changes either way (the daemon reads the
-journal on each decision).
+A running daemon is told through its admin API (``--url URL``, or the config's own listener when it answers; with
+auth on, the admin key from ``--key-file PATH`` or ``$INFERD_API_KEY``, never the command line), so an activation or
+rollback from the shell takes the same load-beside, smoke-test, switch and probation path as a registry update
+(daemon/updater.py). Without a running daemon the store's journal is changed instead and the daemon applies it when
+it starts. Removal and unquarantine are store changes either way (the daemon reads the journal on each decision).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import InferdError, StoreError
+from daemon.errors import InferdError, KeyProblem, StoreError
 
 #: how long to wait for the config's listener to answer before deciding no daemon runs there
 PROBE_TIMEOUT_S = 1.0
 #: an activation waits for the load, warm-up, smoke test and switch
 API_TIMEOUT_S = 300.0
+#: the admin key for a script or unit that cannot write a file: only its own user (and root) can read a process's
+#: environment, whereas anyone on the box reads its command line (/proc/PID/cmdline, ps) and shells keep history
+KEY_ENV = "INFERD_API_KEY"
+#: one printable token: whitespace or a control character would end up in an HTTP header, whose error quotes it
+_KEY_SHAPE = re.compile(r"[!-~]{1,512}")
 
 
 def register(msub: Any) -> None:
@@ -64,7 +71,56 @@ def register(msub: Any) -> None:
 def _target_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config", "-c", type=Path, help="the daemon's config (its store, and its listener)")
     s.add_argument("--url", default=None, help="the running daemon's base URL, e.g. http://127.0.0.1:8080")
-    s.add_argument("--key", default=None, help="an API key with the admin scope (when auth is on)")
+    add_key_args(s)
+
+
+def add_key_args(s: argparse.ArgumentParser) -> None:
+    """``--key-file`` (read at once, so a bad file stops the command before it changes anything); ``--key`` is
+    refused rather than dropped, or argparse would take ``--key SECRET`` as an abbreviation of ``--key-file`` and
+    quote the secret back as a file name that cannot be read."""
+    s.add_argument("--key-file", dest="key", action=_KeyFile, default=None, metavar="PATH",
+                   help=f"a file (mode 0600) holding an API key with the admin scope, when auth is on "
+                        f"(default: ${KEY_ENV})")
+    s.add_argument("--key", dest="key_on_command_line", action=_KeyOnCommandLine, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+
+
+class _KeyFile(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from daemon.keys import read_secret_file
+
+        try:
+            setattr(namespace, self.dest, checked_key(read_secret_file(Path(values)), f"key file {values}"))
+        except KeyProblem as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+
+
+class _KeyOnCommandLine(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        raise argparse.ArgumentError(self, "an API key on the command line is readable by every user of this "
+                                           f"machine (ps, /proc) and stays in shell history: give --key-file PATH "
+                                           f"(mode 0600) or set {KEY_ENV}")
+
+
+def checked_key(raw: bytes | str, origin: str) -> str:
+    """The key in ``raw`` (surrounding whitespace dropped, as editors add a newline), refused unless it is one
+    printable token; the error names where it came from, never what it holds."""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    key = text.strip()
+    if not _KEY_SHAPE.fullmatch(key):
+        raise KeyProblem(f"{origin} must hold one API key (printable, no spaces, at most 512 characters)"
+                         + ("; it is empty" if not key else ""))
+    return key
+
+
+def admin_key(key: str | None) -> str | None:
+    """``key`` (from --key-file), else ``$INFERD_API_KEY`` when set, else None (auth off: no header sent)."""
+    if key is not None:
+        return key
+    env = os.environ.get(KEY_ENV)
+    return checked_key(env, f"${KEY_ENV}") if env else None
 
 
 def daemon_url(args: argparse.Namespace) -> str | None:
@@ -91,8 +147,10 @@ def daemon_url(args: argparse.Namespace) -> str | None:
 
 
 def call_admin(url: str, path: str, doc: dict[str, Any], key: str | None) -> dict[str, Any]:
-    """POST to the daemon's admin API; its refusal becomes an error with the daemon's own message."""
+    """POST to the daemon's admin API with ``key`` (None: ``$INFERD_API_KEY``, read only when a daemon is called);
+    its refusal becomes an error with the daemon's own message."""
     headers = {"Content-Type": "application/json"}
+    key = admin_key(key)
     if key:
         headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(url + path, data=json.dumps(doc).encode(),  # noqa: S310 - the operator's URL

@@ -4,6 +4,7 @@ running daemon's admin API (the updater's path), and on the store's journal when
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ from conftest import KeySet, Site
 from httpclient import infer
 from support.daemon import REPO
 from support.update_models import MODEL, body, pack_version
-from support.updates import lookup_site
+from support.updates import audited, lookup_site
 
+from daemon.security import add_key_to_file
 from daemon.store import Store
 
 
@@ -176,3 +178,56 @@ def test_a_first_version_installed_beside_a_running_daemon_serves_at_once(site: 
     assert reply.status == 200 and reply.json()["model_version"] == "1"
     state = Store(site.state_dir).state(MODEL)
     assert (state.active, state.previous, state.probation, state.quarantined) == ("1", None, None, [])
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it, with INFERD_API_KEY only where ``env`` sets it."""
+    base = {k: v for k, v in os.environ.items() if k != "INFERD_API_KEY"}
+    return subprocess.run([sys.executable, "-m", "daemon", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=120, env={**base, **(env or {})})
+
+
+def test_the_admin_key_comes_from_a_0600_file_or_the_environment_never_the_command_line(
+        site: Site, keyset: KeySet, start_daemon: Any) -> None:
+    """A key on the command line is readable by every local user (ps, /proc/PID/cmdline) and stays in shell
+    history, so --key is refused without the secret quoted back; --key-file must be 0600 like every other secret."""
+    lookup_site(site, keyset, ["1", "2"])
+    keys_file = site.root / "secrets" / "api-keys.json"
+    keys_file.parent.mkdir(mode=0o700)
+    token = add_key_to_file(keys_file, "ops", ["admin"], None)
+    site.extra["auth"] = {"required": True, "keys_file": {"path": str(keys_file)}}
+    d = start_daemon(site.write_config())
+    secret = token.split("_", 2)[2]
+
+    for how in (["--key", token], [f"--key={token}"]):
+        refused = run_cli("model", "activate", MODEL, "2", "--url", d.url, *how)
+        assert refused.returncode == 2 and "--key-file PATH" in refused.stderr and "INFERD_API_KEY" in refused.stderr
+        assert secret not in refused.stderr + refused.stdout
+    no_key = run_cli("model", "activate", MODEL, "2", "--url", d.url)
+    assert no_key.returncode == 1 and "refused (401)" in no_key.stderr
+
+    key_file = site.root / "admin.key"
+    key_file.write_text(token + "\n")  # an editor's trailing newline is not part of the key
+    key_file.chmod(0o640)
+    loose = run_cli("model", "activate", MODEL, "2", "--url", d.url, "--key-file", str(key_file))
+    assert loose.returncode == 2 and "readable by group or others (mode 0640)" in loose.stderr
+    assert Store(site.state_dir).state(MODEL).active == "1"  # refused before anything was asked of the daemon
+    key_file.chmod(0o600)
+    out = run_cli("model", "activate", MODEL, "2", "--url", d.url, "--key-file", str(key_file))
+    assert out.returncode == 0 and f"activated {MODEL}:2 on the daemon" in out.stdout, out.stderr
+    d.wait_for("committed", timeout=30)
+
+    for bad in ("", f"{token} {token}"):
+        key_file.write_text(bad)
+        shaped = run_cli("model", "rollback", MODEL, "--url", d.url, "--key-file", str(key_file))
+        assert shaped.returncode == 2 and "must hold one API key" in shaped.stderr
+        assert secret not in shaped.stderr
+    mangled = run_cli("model", "rollback", MODEL, "--url", d.url, env={"INFERD_API_KEY": f"{token}\nX-Evil: 1"})
+    assert mangled.returncode == 1 and "$INFERD_API_KEY must hold one API key" in mangled.stderr
+    assert secret not in mangled.stderr
+    back = run_cli("model", "rollback", MODEL, "--url", d.url, env={"INFERD_API_KEY": token})
+    assert back.returncode == 0 and f"rolled {MODEL} back to 1 on the daemon" in back.stdout, back.stderr
+    assert infer(d.url, MODEL, body([0]), headers={"Authorization": f"Bearer {token}"}).status == 403  # admin only
+    assert d.stop() == 0  # the audit writer has flushed
+    done = [(r["action"], r.get("who")) for r in audited(site) if r.get("result") == "ok"]
+    assert ("admin.activate", "ops") in done and ("admin.rollback", "ops") in done, done
