@@ -35,6 +35,7 @@ from daemon.fsutil import atomic_write
 from daemon.registry_fetch import Fetcher, tls_context
 from daemon.registry_index import Index, RegistryError
 from daemon.store import ModelState, Store
+from daemon.update_records import Incompatible
 from daemon.updater import pause
 
 log = logging.getLogger("inferd.registry")
@@ -96,6 +97,8 @@ class RegistryClient:
         #: index entries (model, version, sha256) whose artifact was refused for what it is, not for how it came:
         #: a lying registry is not downloaded from again and again, until the index lists other bytes
         self._refused: dict[tuple[str, str, str], tuple[str, str]] = {}
+        #: (model, version) -> (its allow_breaking then, why): an incompatible version is not loaded again each poll
+        self._incompatible: dict[tuple[str, str], tuple[bool, str]] = {}
         #: per model, the channel's version last offered to the updater (persisted): a channel moved back to a
         #: version still installed (a promote after a bad release) is a new target and offered again
         self._targets: dict[str, str] = {}
@@ -307,13 +310,20 @@ class RegistryClient:
                 result.refused.append({"model": model.name, "version": version, "reason": exc.reason,
                                        "message": str(exc)})
                 continue
+            seen = self._incompatible.get((model.name, version))
+            if seen is not None and seen[0] == model.allow_breaking:
+                result.refused.append({"model": model.name, "version": version, "reason": "update_refused",
+                                       "message": f"refused before (the config still says the same): {seen[1]}"})
+                continue
             if self.updater is not None:
                 await pause("installed", model.name, version)  # test hook (daemon/updater.py)
                 try:
                     await self.updater.offer(model.name, version, source="registry")
                     await self._target(model.name, version)
                 except InferdError as exc:  # the updater logged and journaled why; the registry counts it too
-                    if exc.code != "conflict":  # a bad version is not offered each poll; a refusal for now
+                    if isinstance(exc, Incompatible):
+                        self._incompatible[(model.name, version)] = (model.allow_breaking, str(exc))
+                    elif exc.code != "conflict":  # a bad version is not offered each poll; a refusal for now
                         await self._target(model.name, version)  # (a probation running, no memory) is retried
                     self._failed("update_refused", f"{model.name}:{version} was installed but not taken into "
                                  f"service: {exc}", model=model.name, version=version)

@@ -20,6 +20,11 @@ class UpdateRefused(InferdError):
     code = "conflict"
 
 
+class Incompatible(UpdateRefused):
+    """The offered version's inputs or outputs would break callers and the model does not allow it: refused until
+    its config says ``allow_breaking: true`` (so the registry does not load it again at every poll)."""
+
+
 class BadVersion(InferdError):
     """The offered version failed to load, verify or pass its smoke test: it was quarantined and never served."""
 
@@ -101,5 +106,5 @@ def journal_rollback(s: ModelState, current: str | None, target: str, reason: st
     s.record("rolled_back", current or "-", to=target, reason=reason)
 
 
-__all__ = ["BadVersion", "Probation", "UpdateRefused", "check_activation", "journal_rollback", "now_iso",
-           "quarantine_version", "rollback_target"]
+__all__ = ["BadVersion", "Incompatible", "Probation", "UpdateRefused", "check_activation", "journal_rollback",
+           "now_iso", "quarantine_version", "rollback_target"]

@@ -41,6 +41,7 @@ from daemon.models import LoadedVersion, ModelManager
 from daemon.store import ModelState, Store
 from daemon.update_records import (
     BadVersion,
+    Incompatible,
     Probation,
     UpdateRefused,
     check_activation,
@@ -158,7 +159,7 @@ class Updater:
                                                            loaded.session.inputs, loaded.session.outputs)
                 if problems and not cfg.allow_breaking:
                     await self._abandon(name, loaded, "incompatible: " + "; ".join(problems))
-                    raise UpdateRefused(f"{name}:{version} is not compatible with {old.version}: {'; '.join(problems)}"
+                    raise Incompatible(f"{name}:{version} is not compatible with {old.version}: {'; '.join(problems)}"
                                         f" (set allow_breaking: true on model {name!r} to accept it)")
             await self.pause("staged", name, version)
             await self.switch(name, loaded, old, source, who)
