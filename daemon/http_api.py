@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
-from aiohttp import HttpVersion11, web, web_protocol, web_server
+from aiohttp import HttpVersion11, web, web_protocol, web_response, web_server
 
 from daemon import http_admin, protocol, responses, service
 from daemon.access import Guard, Route
@@ -61,6 +61,8 @@ HTTP_STATUS: dict[str, int] = {
 }
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: the Server header of every answer: no Python or aiohttp version for a scanner to match against known flaws
+SERVER_HEADER = "inferd"
 EXPECT = "Expect"
 Handler = Callable[["HttpApi", web.BaseRequest, list[str]], Awaitable[web.StreamResponse]]
 
@@ -110,6 +112,9 @@ class HttpApi:
         each connection does inside its limits (daemon/http_limits.py), so the listener itself is plain TCP."""
         loop = asyncio.get_running_loop()
         limit = self.max_body_bytes
+        # aiohttp's default Server value, which each answer takes when it names none: so the answers aiohttp makes
+        # itself (a request it cannot parse) say it too, at no cost per request (a test fails if aiohttp renames it)
+        web_response.SERVER_SOFTWARE = SERVER_HEADER
 
         def make_request(message: Any, payload: Any, proto: Any, writer: Any, task: Any) -> web.BaseRequest:
             return web.BaseRequest(message=message, payload=payload, protocol=proto, payload_writer=writer, task=task,

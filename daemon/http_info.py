@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib.resources
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import yaml
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
 
 import daemon
 from daemon import protocol
@@ -93,7 +95,28 @@ async def model_stats(api: HttpApi, request: web.BaseRequest, params: list[str])
     return json_response({"model_stats": [s.triton_stats() for s in stats]})
 
 
+class ModelLimited:
+    """A registry's metrics as a key limited to some models may see them: a sample labelled with another model is
+    left out, as /v2/models/stats leaves out other models' statistics (a model's traffic is its owner's business).
+    Server-wide samples, which name no model, stay."""
+
+    def __init__(self, registry: CollectorRegistry, models: frozenset[str]) -> None:
+        self.registry = registry
+        self.models = models
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [s for s in family.samples if s.labels.get("model") in self.models
+                            or "model" not in s.labels]
+            yield kept
+
+
 async def metrics(api: HttpApi, request: web.BaseRequest, params: list[str]) -> web.Response:
     process = await asyncio.get_running_loop().run_in_executor(None, generate_latest, api.registry.process)
-    body = generate_latest(api.registry.inferd) + process
+    caller = request.get(CALLER)
+    inferd: Any = api.registry.inferd
+    if caller is not None and caller.models is not None:
+        inferd = ModelLimited(inferd, caller.models)
+    body = generate_latest(inferd) + process
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

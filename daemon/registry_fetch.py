@@ -19,6 +19,7 @@ from urllib.parse import urljoin
 
 import aiohttp
 
+import daemon
 from daemon.config_registry import host_allowed
 from daemon.registry_index import RegistryError
 
@@ -30,6 +31,9 @@ CHUNK = 256 << 10
 #: drops in a row that brought no new byte before a download is given up
 MAX_IDLE_DROPS = 3
 MAX_DROPS = 50
+#: what the registry is told the client is: inferd's version (the operator's own server may want it), never the
+#: Python and aiohttp versions aiohttp would send by default
+USER_AGENT = f"inferd/{daemon.__version__}"
 
 
 class HostNotAllowed(RegistryError):
@@ -68,6 +72,7 @@ class Fetcher:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=tls, limit=4),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s),
+            headers={"User-Agent": USER_AGENT},
             trust_env=False,  # no proxy from the environment: the box connects to what its config names, only
             auto_decompress=False,  # artifacts are compared byte for byte with the index
         )

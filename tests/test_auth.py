@@ -3,12 +3,15 @@ and a key limited to another model; the probes left open to loopback; refusals a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -18,10 +21,12 @@ from httpclient import request
 from support.accepted import wait_until
 from support.daemon import served_daemon
 
+import daemon
 from daemon import http_api
 from daemon.access import auth_required, build_guard
 from daemon.config import parse_config
 from daemon.errors import ConfigError
+from daemon.registry_fetch import Fetcher, tls_context
 from daemon.security import add_key_to_file, remove_key_from_file
 
 BODY = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
@@ -43,7 +48,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory, keyset: KeySet, mlp_onnx: 
     keys_file = root / "secrets" / "api-keys.json"
     keys_file.parent.mkdir(mode=0o700)
     grants = {"app": (["infer", "read"], ["mlp"]), "reader": (["read"], None), "ops": (["admin", "metrics"], None),
-              "all": (["health", "read", "infer", "metrics"], None), "mlp-admin": (["admin"], ["mlp"])}
+              "all": (["health", "read", "infer", "metrics"], None), "mlp-admin": (["admin"], ["mlp"]),
+              "mlp-all": (["health", "read", "infer", "metrics", "admin"], ["mlp"])}
     tokens = {name: add_key_to_file(keys_file, name, scopes, models) for name, (scopes, models) in grants.items()}
     site.models = [{"name": n, "runtime": "onnxruntime", "threads": 1} for n in ("mlp", "other")]
     site.extra = {"auth": {"required": True, "keys_file": {"path": str(keys_file)}},
@@ -56,34 +62,75 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-# every route, with the scope it needs and the model it names (None: a route of the whole server)
-ROUTES = [
-    ("GET", "/v2", "read", None), ("GET", "/v2/", "read", None), ("GET", "/v2/openapi.json", "read", None),
-    ("GET", "/v2/models/stats", "read", None), ("GET", "/metrics", "metrics", None),
-    ("GET", "/v2/models/mlp", "read", "mlp"), ("GET", "/v2/models/mlp/versions/1", "read", "mlp"),
-    ("GET", "/v2/models/mlp/ready", "health", "mlp"), ("GET", "/v2/models/mlp/versions/1/ready", "health", "mlp"),
-    ("GET", "/v2/models/mlp/config", "read", "mlp"), ("GET", "/v2/models/mlp/versions/1/config", "read", "mlp"),
-    ("GET", "/v2/models/mlp/stats", "read", "mlp"), ("GET", "/v2/models/mlp/versions/1/stats", "read", "mlp"),
-    ("POST", "/v2/models/mlp/infer", "infer", "mlp"), ("POST", "/v2/models/mlp/versions/1/infer", "infer", "mlp"),
-    ("GET", "/admin/models/mlp", "admin", "mlp"), ("POST", "/v2/repository/index", "admin", None),
-]
+#: what a caller holding the scope sends to each operation that changes state, and the answer that proves it got
+#: past authentication and authorization without changing anything (a body refused as invalid, a model not
+#: configured, no registry configured); every other operation answers 200 to the holder
+HARMLESS: dict[str, tuple[dict[str, Any] | None, int, str]] = {
+    "adminActivate": ({}, 400, "mlp"), "adminRollback": ({"to": 5}, 400, "mlp"), "adminRemove": ({}, 400, "mlp"),
+    "repositoryLoad": ({"parameters": 5}, 400, "mlp"), "repositoryUnload": (None, 404, "absent"),
+    "registrySync": (None, 409, "mlp"),
+}
 
 
-@pytest.mark.parametrize(("method", "path", "scope", "model"), ROUTES)
+def documented_routes() -> list[tuple[str, str, str, bool, str]]:
+    """(method, path template, scope, whether it names a model, operationId) of every operation in
+    docs/openapi.yaml, so a route added there is tried here too (the document and the route table are compared
+    by test_route_scopes_in_the_document_match_the_daemon). The probes are left out: they are open to loopback
+    (test_probes_stay_open_to_loopback_and_nothing_else_does; tests/test_access.py from beyond it)."""
+    doc = yaml.safe_load(OPENAPI.read_text(encoding="utf-8"))
+    found = []
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            handler, _ = http_api.HttpApi._route(method.upper(), path.replace("{model}", "m"))
+            if not http_api.ROUTES[handler].probe:
+                found.append((method.upper(), path, op["x-inferd-scope"], "{model}" in path, op["operationId"]))
+    return found
+
+
+ROUTES = documented_routes()
+
+
+def concrete(path: str, model: str) -> str:
+    return path.replace("{model}", model).replace("{version}", "1")
+
+
+def holder_call(method: str, scope: str, operation: str) -> tuple[dict[str, Any] | None, int, str]:
+    """(body, status, model) of a call by a caller with the scope."""
+    return HARMLESS.get(operation, (BODY if scope == "infer" else {} if method == "POST" else None, 200, "mlp"))
+
+
+@pytest.mark.parametrize(("method", "path", "scope", "named", "operation"), ROUTES, ids=[r[4] for r in ROUTES])
 def test_every_route_refuses_strangers_and_wrong_scopes(secured: Secured, method: str, path: str, scope: str,
-                                                        model: str | None) -> None:
-    url = secured.daemon.url + path
-    body = BODY if method == "POST" else None
+                                                        named: bool, operation: str) -> None:
+    body, status, model = holder_call(method, scope, operation)
+    url = secured.daemon.url + concrete(path, model)
     none = request(url, method, body)
     assert none.status == 401 and none.headers["www-authenticate"] == 'Bearer realm="inferd"'
     assert "needs an API key" in none.json()["error"]
     wrong = request(url, method, body, headers=bearer("ifd_0123456789ab_" + "A" * 43))
     assert wrong.status == 401 and 'error="invalid_token"' in wrong.headers["www-authenticate"]
     holder = {"health": "all", "read": "reader", "infer": "app", "metrics": "ops", "admin": "ops"}[scope]
-    assert request(url, method, body, headers=bearer(secured.keys[holder])).status == 200
+    allowed = request(url, method, body, headers=bearer(secured.keys[holder]))
+    assert allowed.status == status, allowed.body
     lacking = "ops" if scope not in ("metrics", "admin") else "reader"
     refused = request(url, method, body, headers=bearer(secured.keys[lacking]))
     assert refused.status == 403 and f"lacks the {scope!r} scope" in refused.json()["error"]
+
+
+MODEL_ROUTES = [r for r in ROUTES if r[3]]
+
+
+@pytest.mark.parametrize(("method", "path", "scope", "named", "operation"), MODEL_ROUTES,
+                         ids=[r[4] for r in MODEL_ROUTES])
+def test_every_model_route_refuses_a_key_limited_to_another_model(secured: Secured, method: str, path: str,
+                                                                   scope: str, named: bool, operation: str) -> None:
+    body, _, _ = holder_call(method, scope, operation)
+    # every scope, but model mlp only: "other" is refused before anything is read or changed
+    reply = request(secured.daemon.url + concrete(path, "other"), method, body,
+                    headers=bearer(secured.keys["mlp-all"]))
+    assert reply.status == 403 and "may not use model 'other'" in reply.json()["error"]
 
 
 def test_a_key_limited_to_one_model_reaches_only_that_model(secured: Secured) -> None:
@@ -98,6 +145,65 @@ def test_a_key_limited_to_one_model_sees_only_its_statistics(secured: Secured) -
     assert {s["name"] for s in stats["model_stats"]} == {"mlp"}
     every = request(secured.daemon.url + "/v2/models/stats", headers=bearer(secured.keys["reader"])).json()
     assert {s["name"] for s in every["model_stats"]} == {"mlp", "other"}
+
+
+def test_a_key_limited_to_one_model_sees_only_its_metrics(secured: Secured) -> None:
+    for token in ("app", "all"):  # a request counted for each model
+        request(secured.daemon.url + "/v2/models/mlp/infer", "POST", BODY, headers=bearer(secured.keys[token]))
+    request(secured.daemon.url + "/v2/models/other/infer", "POST", BODY, headers=bearer(secured.keys["all"]))
+    limited = request(secured.daemon.url + "/metrics", headers=bearer(secured.keys["mlp-all"])).body.decode()
+    every = request(secured.daemon.url + "/metrics", headers=bearer(secured.keys["ops"])).body.decode()
+    assert 'model="other"' in every and 'model="mlp"' in every
+    assert 'model="other"' not in limited
+    lines = limited.splitlines()
+    for series, label in (("inferd_requests_total{", 'model="mlp"'), ("inferd_model_loaded{", 'model="mlp"'),
+                          ("inferd_build_info{", ""), ("process_cpu_seconds_total", "")):  # its models', the server's
+        assert any(x.startswith(series) and label in x for x in lines), series
+
+
+def test_no_answer_names_the_python_or_aiohttp_version(secured: Secured) -> None:
+    url = secured.daemon.url
+    answers = [request(url + "/v2", headers=bearer(secured.keys["reader"])), request(url + "/v2"),  # 200, 401
+               request(url + "/nowhere", headers=bearer(secured.keys["reader"]), check=False),  # 404
+               request(url + "/metrics", headers=bearer(secured.keys["ops"]))]
+    servers = [a.headers.get("server") for a in answers]
+    # and an answer aiohttp makes itself: a request it cannot parse never reaches the daemon's handler
+    host, port = secured.daemon.url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+        raw = b""
+        while chunk := conn.recv(65536):  # aiohttp closes the connection after such an answer
+            raw += chunk
+    head = raw.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    assert head[0].split(" ")[1] == "400", head
+    servers += [line.split(":", 1)[1].strip() for line in head[1:] if line.lower().startswith("server:")]
+    assert servers == ["inferd"] * 5, servers
+
+
+def test_the_registry_client_names_inferd_and_its_version_only() -> None:
+    tls = tls_context(None)  # reads the system's CA files: off the loop
+    heads: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append((await reader.readuntil(b"\r\n\r\n")).decode("latin-1"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    async def fetch() -> tuple[int, bytes, str | None]:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        fetcher = Fetcher(["127.0.0.1"], 10.0, tls)
+        try:
+            return await fetcher.get_small(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/index.json")
+        finally:
+            await fetcher.close()
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(fetch())[:2] == (200, b"{}")
+    agents = [line.split(":", 1)[1].strip() for line in heads[0].split("\r\n")
+              if line.lower().startswith("user-agent:")]
+    assert agents == [f"inferd/{daemon.__version__}"], heads
 
 
 def test_a_model_limited_admin_key_cannot_use_server_wide_admin_routes(secured: Secured) -> None:
@@ -156,6 +262,7 @@ def test_refusals_are_counted_in_the_metrics(secured: Secured) -> None:
 
 def test_route_scopes_in_the_document_match_the_daemon() -> None:
     doc = yaml.safe_load(OPENAPI.read_text(encoding="utf-8"))
+    documented = set()
     for path, item in doc["paths"].items():
         concrete = path.replace("{model}", "m").replace("{version}", "1")
         for method, op in item.items():
@@ -163,6 +270,9 @@ def test_route_scopes_in_the_document_match_the_daemon() -> None:
                 continue
             handler, _ = http_api.HttpApi._route(method.upper(), concrete)
             assert op["x-inferd-scope"] == http_api.ROUTES[handler].scope, f"{method} {path}"
+            documented.add(handler)
+    # and every route the daemon has is in the document: so the tests built from it try every route
+    assert documented == set(http_api.ROUTES), set(http_api.ROUTES) - documented
 
 
 def test_a_listener_beyond_loopback_needs_auth_or_an_explicit_no(tmp_path: Path) -> None:
