@@ -139,11 +139,11 @@ class Updater:
             cfg = entry.config
             state: ModelState = await self._io(self.store.state, name)
             watched = self.probations.get(name)
-            check_activation(name, version, state, await self._io(self.store.versions, name), pinned=cfg.version,
-                             on_probation=watched.version if watched is not None else None)
             old = entry.active
             if old is not None and old.version == version and entry.status == "ready":
-                return  # already serving: nothing to do
+                return  # already serving (on probation or not): nothing to do, nothing to refuse
+            check_activation(name, version, state, await self._io(self.store.versions, name), pinned=cfg.version,
+                             on_probation=watched.version if watched is not None else None)
             await self._check_memory(name, version, old)
 
             def offered(s: ModelState) -> None:

@@ -265,6 +265,8 @@ def test_repository_unload_is_refused_during_a_probation(site: Site, keyset: Key
     assert reply.status == 409 and "a probation is in progress: roll back or wait" in reply.json()["error"]
     assert infer(d.url, MODEL, body([0])).json()["model_version"] == "2"
     assert admin(d).json()["probation"]["version"] == "2"  # still watched
+    again = admin(d, "activate", {"version": "2"})  # the version on trial asked again: nothing to do, not a 409
+    assert again.status == 200 and again.json()["probation"]["version"] == "2"
     assert admin(d, "rollback").json()["serving"] == "1"
     assert request(d.url + f"/v2/repository/models/{MODEL}/unload", "POST", {}).status == 200
     wait_until(lambda: [r["result"] for r in audited(site) if r["action"] == "repository.unload"] == ["refused", "ok"],
