@@ -28,12 +28,14 @@ def test_per_request_keys_are_checked_and_refusals_are_error_replies(
     keys_file.parent.mkdir(mode=0o700)
     app = add_key_to_file(keys_file, "sensor-app", ["infer"], ["mlp"])
     reader = add_key_to_file(keys_file, "reader", ["read"], None)
+    elsewhere = add_key_to_file(keys_file, "elsewhere-app", ["infer"], ["other"])  # the scope, another model
     site.extra = {"auth": {"keys_file": {"path": str(keys_file)}}}
     daemon = start_connected(start_daemon, mqtt_site(site, keyset, mlp_onnx, broker, auth_required=True))
     req = Requester(broker.port)
     try:
         cases = [(None, "401", "needs an API key"), ("Bearer ifd_0123456789ab_" + "A" * 43, "401", "not valid"),
-                 (f"Bearer {reader}", "403", "lacks the 'infer' scope"), (f"Bearer {app}", "200", None)]
+                 (f"Bearer {reader}", "403", "lacks the 'infer' scope"),
+                 (f"Bearer {elsewhere}", "403", "may not use model 'mlp'"), (f"Bearer {app}", "200", None)]
         for i, (authorization, status, says) in enumerate(cases):
             user = [("authorization", authorization)] if authorization else None
             req.request(TOPIC, mlp_request(X), correlation=f"c{i}".encode(), user=user)
@@ -45,7 +47,7 @@ def test_per_request_keys_are_checked_and_refusals_are_error_replies(
                 np.testing.assert_allclose(outputs(reply.payload), mlp_reference(X), rtol=1e-5)
     finally:
         req.close()
-    assert app not in json.dumps(daemon.log) and reader not in json.dumps(daemon.log)
+    assert all(token not in json.dumps(daemon.log) for token in (app, reader, elsewhere))
 
 
 def acl_from_docs(prefix: str) -> str:
