@@ -213,8 +213,8 @@ def _parts(work: Path) -> int:
 @pytest.mark.slow
 def test_a_lost_part_file_is_redone_and_the_output_is_exact(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
     """The commit rule: the committed chunks are the part files from 0 without a gap. A power cut that keeps a
-    later rename and loses an earlier one looks like a gap; the resumed run redoes from it (.npz, assembled at the
-    end from the parts, which the SIGKILL test with its CSV output does not cover)."""
+    later rename and loses an earlier one looks like a gap; the resumed run redoes from it (.npz, written during
+    the run at its offsets: the resumed run writes the parts before the gap again, then the redone chunks)."""
     x = np.random.default_rng(9).normal(size=(300_000, 4)).astype(np.float32)
     src = tmp_path / "rows.npy"
     np.save(src, x)
