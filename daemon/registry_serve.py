@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import web, web_response
 
 
 def make_app(root: Path) -> web.Application:
@@ -37,6 +37,7 @@ def make_app(root: Path) -> web.Application:
 async def serve(root: Path, host: str, port: int) -> None:
     if not await asyncio.get_running_loop().run_in_executor(None, root.is_dir):
         raise OSError(f"{root} is not a folder")
+    web_response.SERVER_SOFTWARE = "inferd"  # as the daemon says it: no Python or aiohttp versions to a stranger
     runner = web.AppRunner(make_app(root), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

@@ -167,7 +167,7 @@ def test_inferd_registry_serve_answers_etag_and_range(central: Central) -> None:
                 conn.close()
 
         status, headers, _ = get("/index.json")
-        assert status == 200 and headers["etag"]
+        assert status == 200 and headers["etag"] and headers["server"] == "inferd"
         assert get("/index.json", **{"If-None-Match": headers["etag"]})[0] == 304
         status, headers, body = get("/artifacts/mlp/1.inferd", Range="bytes=100-")
         assert status == 206 and body == artifact[100:]
