@@ -36,18 +36,27 @@ def test_a_loopback_daemon_is_safe(tmp_path: Path, keyset: KeySet) -> None:
 
 
 def test_exposed_without_auth_and_open_key_files_are_unsafe(tmp_path: Path, keyset: KeySet) -> None:
-    loose = tmp_path / "loose.kek"
-    loose.write_bytes(keyset.kek_path.read_bytes())
-    loose.chmod(0o644)
+    loose = {what: tmp_path / f"loose-{what}" for what in ("keys.kek[0]", "auth.keys_file", "server.tls.key",
+                                                           "grpc.tls.key_file", "mqtt.password", "mqtt.tls.key_file")}
+    for path in loose.values():  # one file per kind of secret, so each finding must name its own
+        path.write_bytes(keyset.kek_path.read_bytes())
+        path.chmod(0o644)
+    cert = str(tmp_path / "cert.pem")
     status, findings, text = doctor({
-        "server": {"host": "0.0.0.0"}, "auth": {"required": False},
-        "keys": {"kek": [{"path": str(loose)}, {"path": str(tmp_path / "missing.kek")}]},
-        "mqtt": {"enabled": True, "host": "broker.lan", "password": {"path": str(loose)}},
+        "server": {"host": "0.0.0.0", "tls": {"enabled": True, "cert_file": cert,
+                                              "key": {"path": str(loose["server.tls.key"])}}},
+        "auth": {"required": False, "keys_file": {"path": str(loose["auth.keys_file"])}},
+        "grpc": {"enabled": True, "tls": {"enabled": True, "cert_file": cert,
+                                          "key_file": str(loose["grpc.tls.key_file"])}},
+        "keys": {"kek": [{"path": str(loose["keys.kek[0]"])}, {"path": str(tmp_path / "missing.kek")}]},
+        "mqtt": {"enabled": True, "host": "broker.lan", "password": {"path": str(loose["mqtt.password"])},
+                 "tls": {"enabled": False, "cert_file": cert, "key_file": str(loose["mqtt.tls.key_file"])}},
     }, tmp_path)
     assert status == 1
     unsafe = [f["text"] for f in findings if f["level"] == "UNSAFE"]
     assert any("auth is off" in t for t in unsafe)
-    assert any("mode 0644" in t for t in unsafe)
+    for what, path in loose.items():
+        assert f"{what}: {path} has mode 0644: group or others can read it (0600)" in unsafe, (what, unsafe)
     assert any("missing.kek" in t and "No such file" in t for t in unsafe)
     assert any("password crosses the network in clear" in t for t in unsafe)
     assert "unsafe finding(s)" in text

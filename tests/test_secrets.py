@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DaemonProcess, KeySet, Site
+from conftest import DaemonProcess, KeySet, Site, pack_model
 from httpclient import request
 from mqttclient import Broker, Requester
 from support.mqtt import PREFIX, mlp_request, mqtt_site
@@ -88,15 +88,38 @@ def test_no_secret_is_written_anywhere(site: Site, keyset: KeySet, mlp_onnx: byt
         assert kek.key not in data and base64.b64encode(kek.key) not in data, f"the KEK's bytes are in {path}"
 
 
-@pytest.mark.parametrize("what", ["mqtt.tls.key_file"])
-def test_key_files_others_can_read_are_refused(site: Site, keyset: KeySet, mlp_onnx: bytes, broker: Broker,
-                                               tmp_path: Path, start_daemon: Callable[..., DaemonProcess],
-                                               what: str) -> None:
+@pytest.mark.parametrize("what", ["server.tls.key", "auth.keys_file", "mqtt.password", "mqtt.tls.key_file"])
+def test_key_files_others_can_read_are_refused(site: Site, keyset: KeySet, mlp_onnx: bytes, tmp_path: Path,
+                                               request: pytest.FixtureRequest,
+                                               start_daemon: Callable[..., DaemonProcess], what: str) -> None:
+    """Each kind of secret file, made readable by its group, stops start-up naming that file (a KEK's case is in
+    test_serve; gRPC's key in test_grpc_auth)."""
     pki = make_pki(tmp_path / "pki")
-    pki["client_key"].chmod(0o640)
-    config = mqtt_site(site, keyset, mlp_onnx, broker, tls={"enabled": True, "ca_file": str(pki["ca"]),
-                                                           "cert_file": str(pki["client"]),
-                                                           "key_file": str(pki["client_key"])})
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir(mode=0o700)
+    keys_file = secrets_dir / "api-keys.json"
+    add_key_to_file(keys_file, "app", ["infer"], None)
+    password = secrets_dir / "mqtt.password"
+    password.write_text("broker-password")
+    password.chmod(0o600)
+    loose = {"server.tls.key": pki["server_key"], "auth.keys_file": keys_file, "mqtt.password": password,
+             "mqtt.tls.key_file": pki["client_key"]}[what]
+    loose.chmod(0o640)
+    site.extra = {
+        "server": {"tls": {"enabled": True, "cert_file": str(pki["server"]), "key": {"path": str(pki["server_key"])}}},
+        "auth": {"required": True, "keys_file": {"path": str(keys_file)}},
+    }
+    if what.startswith("mqtt."):
+        broker: Broker = request.getfixturevalue("broker")
+        mqtt = {"password": {"path": str(password)}, "username": "inferd"} if what == "mqtt.password" else {
+            "tls": {"enabled": True, "ca_file": str(pki["ca"]), "cert_file": str(pki["client"]),
+                    "key_file": str(pki["client_key"])}}
+        config = mqtt_site(site, keyset, mlp_onnx, broker, **mqtt)
+    else:
+        site.install(pack_model(keyset, mlp_onnx, name="mlp", version="1"))
+        site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+        config = site.write_config()
     daemon = start_daemon(config, wait=False)
     assert daemon.proc.wait(timeout=60) != 0
-    assert "readable by group or others" in daemon.wait_for_event("inferd: error: ")["event"]
+    error = daemon.wait_for_event("inferd: error: ")["event"]
+    assert f"key file {loose} is readable by group or others (mode 0640)" in error, error
