@@ -32,8 +32,10 @@ from daemon.security import (
 
 log = logging.getLogger("inferd.auth")
 
-#: audit records of refused calls a second, in all (see Guard._refused)
-AUDIT_REFUSALS_PER_S = 50
+#: refusals recorded one by one per known caller, and for all strangers together, before they are only counted
+#: (see Guard._refused); the allowance grows back by one every AUDIT_REFUSAL_REFILL_S
+AUDIT_REFUSAL_BURST = 20
+AUDIT_REFUSAL_REFILL_S = 60.0
 #: the longest caller-chosen text an audit record keeps
 AUDIT_FIELD_MAX = 128
 
@@ -101,20 +103,44 @@ def load_keys(config: Config) -> list[ApiKey]:
     return found
 
 
+class _Allowance:
+    """How many more refusals of one caller (or of all strangers) may be recorded one by one (a token bucket), and
+    which (peer, kind) were recorded in the current window."""
+
+    __slots__ = ("at", "seen", "tokens", "window")
+
+    def __init__(self, now: float) -> None:
+        self.tokens = float(AUDIT_REFUSAL_BURST)
+        self.at = self.window = now
+        self.seen: set[tuple[str | None, str]] = set()
+
+    def take(self, mark: tuple[str | None, str], now: float) -> bool:
+        self.tokens = min(float(AUDIT_REFUSAL_BURST), self.tokens + (now - self.at) / AUDIT_REFUSAL_REFILL_S)
+        self.at = now
+        if now - self.window >= AUDIT_REFUSAL_REFILL_S:
+            self.window, self.seen = now, set()
+        if mark in self.seen or self.tokens < 1.0:
+            return False
+        self.seen.add(mark)
+        self.tokens -= 1.0
+        return True
+
+
 class Guard:
     """Authenticates and authorizes one request; counts and audits every refusal."""
 
     def __init__(self, authenticator: Authenticator, required: bool, open_probes: str,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, grants: dict[str, tuple[object, ...]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.authenticator = authenticator
         self.required = required
         self.open_probes = open_probes
         self.audit = audit
+        #: a key's name (or "certificate NAME") -> what it grants: a reload names the callers it changed
+        self.grants = dict(grants or {})
         self.refusals: dict[tuple[str, str], int] = {}  # (transport, reason) -> count, for the metrics
-        self._window = 0.0  # the audit rate limit (see _refused)
-        self._written = 0
-        self._seen: set[tuple[str | None, str, str | None]] = set()
-        self._suppressed = 0
+        self._allowances: dict[str | None, _Allowance] = {}  # who (None: strangers) -> audit allowance
+        self._clock = clock
 
     @property
     def fingerprint(self) -> tuple[object, ...]:
@@ -153,22 +179,20 @@ class Guard:
         self.refusals[key] = self.refusals.get(key, 0) + 1
         if self.audit is None:
             return
-        # A stranger must not be able to rotate the audit trail away: refusals are written at most once a second
-        # per (peer, kind, caller) and AUDIT_REFUSALS_PER_S a second in all, the rest counted in the next record
-        # written; what the caller chose (the model name, the reply topic) is cut short.
-        now = time.monotonic()
-        if now - self._window >= 1.0:
-            self._window, self._written, self._seen = now, 0, set()
-        mark = (peer, exc.code, who)
-        if mark in self._seen or self._written >= AUDIT_REFUSALS_PER_S:
-            self._suppressed += 1
+        # A stranger must not be able to rotate the audit trail away, and every peer it sends is its own choice
+        # (any IPv6 address; on MQTT the reply topic, so MQTT refusals are told apart by kind alone): all strangers
+        # share one small allowance of records, each known caller has its own, and a (peer, kind) is recorded once
+        # a window. The rest are counted: one "auth.suppressed" record a minute gives the counts by transport,
+        # kind and caller. What the caller chose (the model name, the reply topic) is cut short.
+        allowance = self._allowances.get(who)
+        now = self._clock()
+        if allowance is None:
+            allowance = self._allowances[who] = _Allowance(now)
+        if not allowance.take(("mqtt" if transport == "mqtt" else peer, exc.code), now):
+            self.audit.count("auth.suppressed", transport=transport, kind=exc.code, who=who)
             return
-        self._seen.add(mark)
-        self._written += 1
-        suppressed, self._suppressed = self._suppressed, 0
         self.audit.record("auth", exc.code, who=who, peer=_cut(peer), transport=transport, route=route.name,
-                          model=_cut(model), reason=_cut(str(exc)), **({"suppressed": suppressed} if suppressed
-                                                                        else {}))
+                          model=_cut(model), reason=_cut(str(exc)))
 
 
 def build_guard(config: Config, audit: AuditLog | None = None) -> Guard:
@@ -177,6 +201,10 @@ def build_guard(config: Config, audit: AuditLog | None = None) -> Guard:
     keys = load_keys(config)
     certificates = {c.identity: Caller(c.name, frozenset(c.scopes), frozenset(c.models) if c.models is not None
                                        else None, "mtls") for c in config.auth.certificates}
+    grants: dict[str, tuple[object, ...]] = {
+        k.name: (k.key_id, k.digest, tuple(sorted(k.scopes)), _sorted(k.models)) for k in keys}
+    grants.update((f"certificate {c.name}", (identity, tuple(sorted(c.scopes)), _sorted(c.models)))
+                  for identity, c in certificates.items())
     if (required or config.mqtt.auth_required) and not keys and not certificates:
         exposed = [f"{name} on {host}" for name, host in listeners(config) if not is_loopback(host)]
         where = f" ({', '.join(exposed)} is not loopback)" if exposed and required else \
@@ -184,7 +212,20 @@ def build_guard(config: Config, audit: AuditLog | None = None) -> Guard:
         raise ConfigError(f"auth is required{where} but no API key or certificate caller is configured: add one "
                           "with 'inferd auth add-key' and set auth.keys_file, or set auth.required: false to serve "
                           "without authentication")
-    return Guard(Authenticator(keys, certificates), required, config.auth.open_probes, audit)
+    return Guard(Authenticator(keys, certificates), required, config.auth.open_probes, audit, grants)
+
+
+def _sorted(models: frozenset[str] | None) -> tuple[str, ...] | None:
+    return tuple(sorted(models)) if models is not None else None
+
+
+def grant_changes(old: dict[str, tuple[object, ...]], new: dict[str, tuple[object, ...]]) -> str:
+    """The callers a reload added, removed or changed (a new key under an old name, other scopes or models), by
+    name only: the reload's audit record says who can call now without a secret or hash in it."""
+    parts = [f"{what}: {', '.join(sorted(names))}" for what, names in (
+        ("added", new.keys() - old.keys()), ("removed", old.keys() - new.keys()),
+        ("changed", {n for n in old.keys() & new.keys() if old[n] != new[n]})) if names]
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 class GuardHolder(Protocol):
@@ -202,19 +243,21 @@ def reload_section(current: Guard, audit: AuditLog | None,
         fresh = build_guard(new, audit)
         if fresh.fingerprint == state["guard"].fingerprint:
             return None
-        fresh.refusals = state["guard"].refusals  # the counters go on
+        fresh.refusals = state["guard"].refusals  # the counters go on, and so do the audit allowances
+        fresh._allowances = state["guard"]._allowances
 
         def switch() -> str:
+            changed = grant_changes(state["guard"].grants, fresh.grants)
             for holder in holders:
                 holder.guard = fresh
             state["guard"] = fresh
             return (f"auth re-read: {fresh.authenticator.key_count} API key(s), "
-                    f"{'required' if fresh.required else 'off'}")
+                    f"{'required' if fresh.required else 'off'}{changed}")
 
         return switch
 
     return prepare
 
 
-__all__ = ["PROBE", "Guard", "Route", "auth_required", "build_guard", "is_loopback", "listeners", "load_keys",
-           "reload_section"]
+__all__ = ["PROBE", "Guard", "Route", "auth_required", "build_guard", "grant_changes", "is_loopback", "listeners",
+           "load_keys", "reload_section"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, cast
 from adapters.cpus import usable_cpus
 from daemon import access, announce, http_api, keys, memory, metrics, protocol, sdnotify, tls_server, update_recovery
 from daemon.audit import AuditLog
+from daemon.audit import default_path as default_audit_path
 from daemon.config import Config
 from daemon.context import Activity
 from daemon.errors import ConfigError
@@ -230,13 +230,9 @@ class Daemon:
 
 
 def audit_path(config: Config) -> Path:
-    """audit.path, else systemd's LogsDirectory= ($LOGS_DIRECTORY), else <state_dir>/audit/audit.log."""
-    if config.audit.path is not None:
-        return config.audit.path
-    logs = os.environ.get("LOGS_DIRECTORY")
-    if logs:
-        return Path(logs.split(":")[0]) / "audit.log"
-    return config.state_dir / "audit" / "audit.log"
+    """audit.path, else systemd's LogsDirectory= ($LOGS_DIRECTORY), else <state_dir>/audit/audit.log (the rule
+    lives in daemon/audit.py, which the command line's audited actions share)."""
+    return default_audit_path(config)
 
 
 def security_counts(api: http_api.HttpApi) -> tuple[dict[tuple[str, str], int], dict[str, int]]:

@@ -4,30 +4,47 @@ Separate from the main log, because its readers (an auditor, an incident review)
 fsynced before a record counts as written, rotated by size with a fixed number of files kept, and never a payload,
 key or token in it. Records are written by one thread of its own, so an fsync never blocks the event loop; a flood of
 failures that outruns the disk fills a bounded queue, and what could not be queued is counted and reported in the
-next record written (``dropped``), so a gap is visible rather than silent.
+next record written (``dropped``), so a gap is visible rather than silent. What is too frequent to record one by
+one (a stranger's flood of refusals) is counted instead, and the counts go out as one record per action a minute
+(:meth:`AuditLog.count`), so the flood cannot rotate the admin and activation records away.
+
+The command line's admin actions (``inferd auth``, ``inferd model`` without a daemon) append to the same file
+through :func:`cli_audited`.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
 import queue
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from daemon.errors import ConfigError
 from daemon.fsutil import fsync_dir
+
+if TYPE_CHECKING:
+    from daemon.config import Config
 
 log = logging.getLogger("inferd.audit")
 
 #: records waiting for the writer; past this, records are dropped and counted
 QUEUE_MAX = 10_000
+#: how often what :meth:`AuditLog.count` counted is written, as one record per action
+SUMMARY_S = 60.0
+#: put on the queue when counting starts, so a writer waiting without a deadline sets one
+_WAKE: dict[str, Any] = {}
 
 
 class AuditLog:
-    def __init__(self, path: Path, max_bytes: int = 10 << 20, keep: int = 5) -> None:
+    def __init__(self, path: Path, max_bytes: int = 10 << 20, keep: int = 5, summary_s: float = SUMMARY_S) -> None:
         if max_bytes < 4096:
             raise ValueError("audit max_bytes must be at least 4096")
         if keep < 1:
@@ -42,6 +59,10 @@ class AuditLog:
         self._fd = -1
         self._lock = threading.Lock()  # guards ``dropped`` between the loop and the writer
         self._thread: threading.Thread | None = None
+        self.summary_s = summary_s
+        self._tallies: dict[tuple[str, tuple[tuple[str, Any], ...]], int] = {}  # under _lock
+        self._tally_since = ""
+        self._tally_due = 0.0
 
     def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +74,7 @@ class AuditLog:
                **details: Any) -> None:
         """Queue one record; never blocks. ``details`` must not hold secrets or payloads (callers pass names,
         versions, reasons)."""
-        entry = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "action": action,
+        entry = {"ts": _now(), "action": action,
                  "result": result, "who": who, "peer": peer, **details}
         if self._thread is None or self._queue.qsize() >= QUEUE_MAX:
             with self._lock:
@@ -61,8 +82,23 @@ class AuditLog:
             return
         self._queue.put(entry)
 
+    def count(self, action: str, **labels: str | None) -> None:
+        """Count one occurrence instead of recording it; never blocks. Every ``summary_s`` (and at close) the
+        counts go out as one record per action: ``{"action": ..., "result": "counted", "since": ..., "counts":
+        [{**labels, "count": N}, ...]}``. ``labels`` must come from small fixed sets (a transport, a kind, a
+        configured caller's name): each distinct combination is one entry of the record."""
+        key = (action, tuple(sorted(labels.items())))
+        with self._lock:
+            first = not self._tallies
+            if first:
+                self._tally_since = _now()
+                self._tally_due = time.monotonic() + self.summary_s
+            self._tallies[key] = self._tallies.get(key, 0) + 1
+        if first and self._thread is not None:
+            self._queue.put(_WAKE)
+
     def close(self) -> None:
-        """Write what is queued, then stop the writer."""
+        """Write what is queued and counted, then stop the writer."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -80,7 +116,10 @@ class AuditLog:
     def _run(self) -> None:
         stop = False
         while not stop:
-            batch = [self._queue.get()]
+            try:
+                batch = [self._queue.get(timeout=self._until_summary())]
+            except queue.Empty:  # the counts are due
+                batch = []
             while True:  # everything already queued goes out under one fsync
                 try:
                     batch.append(self._queue.get_nowait())
@@ -88,8 +127,8 @@ class AuditLog:
                     break
             stop = None in batch
             lines = []
-            for entry in batch:
-                if entry is None:
+            for entry in [*batch, *self._summaries(stop)]:
+                if entry is None or entry is _WAKE:
                     continue
                 with self._lock:
                     dropped, self.dropped = self.dropped, 0
@@ -102,6 +141,23 @@ class AuditLog:
                 log.error("audit log %s: cannot write %d record(s): %s", self.path, len(lines), exc)
                 with self._lock:
                     self.dropped += len(lines)
+
+    def _until_summary(self) -> float | None:
+        with self._lock:
+            return max(0.0, self._tally_due - time.monotonic()) if self._tallies else None
+
+    def _summaries(self, now: bool) -> list[dict[str, Any]]:
+        """The counts as records, once due (or ``now``, at close); counting starts afresh."""
+        with self._lock:
+            if not self._tallies or (not now and time.monotonic() < self._tally_due):
+                return []
+            tallies, self._tallies = self._tallies, {}
+            since = self._tally_since
+        by_action: dict[str, list[dict[str, Any]]] = {}
+        for (action, labels), n in tallies.items():
+            by_action.setdefault(action, []).append({**dict(labels), "count": n})
+        return [{"ts": _now(), "action": action, "result": "counted", "who": None, "peer": None, "since": since,
+                 "counts": counts} for action, counts in by_action.items()]
 
     def _write(self, lines: list[bytes]) -> None:
         if self._fd < 0:  # a rotation that failed half way (or a disk that came back): open the file again
@@ -135,4 +191,83 @@ class AuditLog:
         self._open()
 
 
-__all__ = ["AuditLog"]
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def default_path(config: Config) -> Path:
+    """audit.path, else systemd's LogsDirectory= ($LOGS_DIRECTORY), else <state_dir>/audit/audit.log."""
+    if config.audit.path is not None:
+        return config.audit.path
+    logs = os.environ.get("LOGS_DIRECTORY")
+    if logs:
+        return Path(logs.split(":")[0]) / "audit.log"
+    return config.state_dir / "audit" / "audit.log"
+
+
+def local_user() -> str:
+    """Who runs the command: the user sudo ran it for, else the account it runs as."""
+    sudo = os.environ.get("SUDO_USER")
+    if sudo and os.geteuid() == 0:
+        return sudo
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # an account without a name (a container's bare uid)
+        return f"uid {os.getuid()}"
+
+
+@contextmanager
+def cli_audited(config: Config | Path | None, action: str, **details: Any) -> Iterator[dict[str, Any]]:
+    """Audit one admin action of the command line in the daemon's audit log (``via: cli``, ``who``: the local
+    user): ``ok`` with ``details`` and whatever the body adds to the yielded dict, or ``refused`` with the reason
+    when the body raises. The log is opened first: an action that could not be audited is not done. No config
+    (a keys file named by ``--file``), or ``audit.enabled: false``: not audited."""
+    if isinstance(config, Path):
+        from daemon.config import load_config
+
+        config = load_config(config)
+    if config is None or not config.audit.enabled:
+        yield {}
+        return
+    path = default_path(config)
+    log_ = AuditLog(path, config.audit.max_bytes, config.audit.keep)
+    created = _missing_parents(path)
+    try:
+        log_.start()
+    except OSError as exc:
+        raise ConfigError(f"cannot write the audit log {path} ({exc.strerror or exc}): an admin action is not done "
+                          "unaudited; run this as the daemon's user or root") from None
+    _own_like_parent(created)
+    added: dict[str, Any] = {}
+    try:
+        yield added
+    except Exception as exc:
+        log_.record(action, "refused", who=local_user(), via="cli", **details, reason=str(exc))
+        raise
+    else:
+        log_.record(action, "ok", who=local_user(), via="cli", **{**details, **added})
+    finally:
+        log_.close()
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """``path`` and the folders above it that do not exist yet, the outermost first."""
+    missing = []
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing.append(p)
+    return missing[::-1]
+
+
+def _own_like_parent(created: list[Path]) -> None:
+    """Root (``sudo inferd ...``) making the audit log or its folder: hand them to the owner of the folder they
+    were made in (the daemon's account), or the daemon could neither open nor rotate its own log."""
+    if not created or os.geteuid() != 0:
+        return
+    owner = created[0].parent.stat()
+    for p in created:
+        os.chown(p, owner.st_uid, owner.st_gid)
+
+
+__all__ = ["AuditLog", "cli_audited", "default_path", "local_user"]

@@ -5,6 +5,7 @@ auth on, the admin key from ``--key-file PATH`` or ``$INFERD_API_KEY``, never th
 rollback from the shell takes the same load-beside, smoke-test, switch and probation path as a registry update
 (daemon/updater.py). Without a running daemon the store's journal is changed instead and the daemon applies it when
 it starts. Removal and unquarantine are store changes either way (the daemon reads the journal on each decision).
+A change made here rather than by a daemon is audited here, in the config's audit log (daemon/audit.cli_audited).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from daemon.audit import cli_audited
 from daemon.errors import InferdError, KeyProblem, StoreError
 
 #: how long to wait for the config's listener to answer before deciding no daemon runs there
@@ -199,7 +201,13 @@ def cmd_activate(args: argparse.Namespace) -> int:
 
 def activate_in_store(config: Path | None, name: str, version: str) -> None:
     """Make ``version`` the journal's active one for the daemon's next start, refused as the updater would refuse
-    it (a journaled probation too: the next start would judge it failed and undo the activation)."""
+    it (a journaled probation too: the next start would judge it failed and undo the activation); audited in the
+    config's audit log either way (``admin.activate``, via cli), as the daemon audits its admin route."""
+    with cli_audited(config, "admin.activate", model=name, version=version):
+        _activate_in_journal(config, name, version)
+
+
+def _activate_in_journal(config: Path | None, name: str, version: str) -> None:
     from daemon.update_records import check_activation
 
     store, pinned = _store_and_pin(config, name)
@@ -227,19 +235,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         return 0
     from daemon.update_records import journal_rollback, rollback_target
 
-    store, pinned = _store_and_pin(args.config, args.name)
-    done: dict[str, str] = {}
+    with cli_audited(args.config, "admin.rollback", model=args.name, to=args.to) as done:  # "to": where it went
+        store, pinned = _store_and_pin(args.config, args.name)
 
-    def target(s: Any) -> str:
-        return rollback_target(args.name, args.to, s, s.active, store.versions(args.name), pinned=pinned)
+        def target(s: Any) -> str:
+            return rollback_target(args.name, args.to, s, s.active, store.versions(args.name), pinned=pinned)
 
-    target(store.state(args.name))  # before the locked change, which would create a mistyped model's folder
+        target(store.state(args.name))  # before the locked change, which would create a mistyped model's folder
 
-    def change(s: Any) -> None:
-        done["to"] = target(s)
-        journal_rollback(s, s.active, done["to"], "manual (cli)")
+        def change(s: Any) -> None:
+            done["to"] = target(s)
+            journal_rollback(s, s.active, done["to"], "manual (cli)")
 
-    store.update_state(args.name, change)
+        store.update_state(args.name, change)
     print(f"rolled {args.name} back to {done['to']} in the store (no daemon answered: it serves it when it starts)")
     return 0
 
@@ -250,7 +258,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
         call_admin(url, f"/admin/models/{args.name}/remove", {"version": args.version}, args.key)
         print(f"removed {args.name}:{args.version} on the daemon at {url}")
         return 0
-    _store(args.config).remove_version(args.name, args.version)
+    with cli_audited(args.config, "admin.remove", model=args.name, version=args.version):
+        _store(args.config).remove_version(args.name, args.version)
     print(f"removed {args.name}:{args.version}")
     return 0
 
@@ -265,7 +274,8 @@ def cmd_unquarantine(args: argparse.Namespace) -> int:
         s.reasons.pop(args.version, None)
         s.record("unquarantined", args.version)
 
-    store.update_state(args.name, change)  # the journal entry is what the registry client reads (docs/registry.md)
+    with cli_audited(args.config, "admin.unquarantine", model=args.name, version=args.version):
+        store.update_state(args.name, change)  # the journal entry is what the registry client reads (docs/registry.md)
     print(f"{args.name}:{args.version} may be offered again: the registry offers it at its next poll when the "
           "model's channel names it, or 'inferd model activate' tries it now")
     return 0

@@ -1,5 +1,6 @@
 """``inferd auth`` (make, list and revoke API keys in the keys file the config names) and ``inferd doctor`` (the
-effective security posture); docs/security.md."""
+effective security posture); docs/security.md. Adding and revoking a key through ``--config`` is audited in the
+config's audit log (who: the local user, via: cli), like the daemon's own admin actions."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from daemon.audit import cli_audited
 from daemon.errors import ConfigError
 from daemon.security import SCOPES, add_key_to_file, parse_keys_file, remove_key_from_file
 
@@ -66,7 +68,10 @@ def _split(value: str | None) -> list[str] | None:
 
 def cmd_add_key(args: argparse.Namespace) -> int:
     path = keys_file(args)
-    token = add_key_to_file(path, args.name, _split(args.scopes) or [], _split(args.models))
+    scopes, models = _split(args.scopes) or [], _split(args.models)
+    with cli_audited(args.config, "auth.add_key", key=args.name, scopes=scopes, models=models) as done:
+        token = add_key_to_file(path, args.name, scopes, models)
+        done["id"] = token.split("_")[1]  # the public half of the token (list-keys shows it), never the secret
     print(token)
     print(f"key {args.name!r} added to {path}; this is the only time it is shown: give it to the caller now. A "
           "running daemon accepts it after SIGHUP (systemctl reload inferd).", file=sys.stderr)
@@ -91,7 +96,8 @@ def cmd_list_keys(args: argparse.Namespace) -> int:
 
 def cmd_remove_key(args: argparse.Namespace) -> int:
     path = keys_file(args)
-    remove_key_from_file(path, args.name)
+    with cli_audited(args.config, "auth.remove_key", key=args.name):
+        remove_key_from_file(path, args.name)
     print(f"key {args.name!r} removed from {path}; a running daemon refuses it after SIGHUP", file=sys.stderr)
     return 0
 

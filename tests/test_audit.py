@@ -1,4 +1,5 @@
-"""The audit log (daemon/audit.py): JSON lines, fsynced by its own thread, rotated by size, gaps counted."""
+"""The audit log (daemon/audit.py): JSON lines, fsynced by its own thread, rotated by size, gaps counted; a flood of
+refusals from strangers counted, not recorded one by one (daemon/access.py), so it cannot rotate the trail away."""
 
 from __future__ import annotations
 
@@ -7,8 +8,21 @@ import stat
 from pathlib import Path
 
 import pytest
+from support.accepted import wait_until
 
+from daemon.access import AUDIT_REFUSAL_BURST, AUDIT_REFUSAL_REFILL_S, Guard, Route, build_guard, reload_section
 from daemon.audit import AuditLog
+from daemon.config import parse_config
+from daemon.security import (
+    Authenticator,
+    Forbidden,
+    Unauthenticated,
+    add_key_to_file,
+    new_key,
+    remove_key_from_file,
+)
+
+INFER = Route("infer", "infer")
 
 
 def read(path: Path) -> list[dict]:
@@ -65,3 +79,91 @@ def test_records_refused_while_stopped_are_counted_in_the_next_one(tmp_path: Pat
 def test_nonsense_limits_are_refused(tmp_path: Path, max_bytes: int, keep: int) -> None:
     with pytest.raises(ValueError, match="at least"):
         AuditLog(tmp_path / "a.log", max_bytes, keep)
+
+
+def test_counts_go_out_as_one_record_per_action_when_due(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, summary_s=0.2)
+    log.start()
+    for kind in ("unauthenticated", "unauthenticated", "forbidden"):
+        log.count("auth.suppressed", transport="http", kind=kind, who=None)
+    wait_until(lambda: path.exists() and "counted" in path.read_text(), 10.0, "the counts to be written")
+    (summary,) = read(path)
+    assert summary["action"] == "auth.suppressed" and summary["result"] == "counted" and summary["since"]
+    assert sorted((c["kind"], c["count"]) for c in summary["counts"]) == [("forbidden", 1), ("unauthenticated", 2)]
+    log.count("auth.suppressed", transport="mqtt", kind="forbidden", who="app")
+    log.close()  # what is counted is written at close, not lost
+    assert read(path)[-1]["counts"] == [{"kind": "forbidden", "transport": "mqtt", "who": "app", "count": 1}]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def refuse(guard: Guard, authorization: str | None, peer: str, transport: str = "http", model: str = "m") -> str:
+    with pytest.raises((Unauthenticated, Forbidden)) as refused:
+        guard.verify(INFER, model, authorization, peer, transport)
+    return refused.value.code
+
+
+def test_strangers_on_many_peers_cannot_rotate_the_admin_records_away(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, max_bytes=16384, keep=1)
+    token, key = new_key("reader", ["read"], None)
+    clock = Clock()
+    guard = Guard(Authenticator([key]), True, "loopback", log, clock=clock)
+    log.start()
+    log.record("admin.activate", "ok", who="ops", peer="127.0.0.1", model="fraud", version="7")
+    for i in range(6000):  # an hour of a flood from a new IPv6 address every 0.6 s, then as fast as it can
+        clock.now += 0.6 if i < 6000 - 1000 else 0.0
+        refuse(guard, "Bearer ifd_0123456789ab_" + "A" * 43, f"2001:db8::{i:x}")
+    for i in range(500):  # MQTT: the reply topic is the stranger's to choose
+        refuse(guard, None, f"replies/{i}", transport="mqtt")
+    assert refuse(guard, f"Bearer {token}", "127.0.0.1") == "forbidden"  # a known caller has its own allowance
+    log.close()
+    records = [r for f in ("audit.log.1", "audit.log") if (tmp_path / f).exists() for r in read(tmp_path / f)]
+    assert records[0]["action"] == "admin.activate"  # still there after 6,500 refusals
+    one_by_one = [r for r in records if r["action"] == "auth" and r["who"] is None]
+    refills = int(3000 / AUDIT_REFUSAL_REFILL_S) + 1
+    assert len(one_by_one) <= AUDIT_REFUSAL_BURST + refills, len(one_by_one)
+    assert any(r["who"] == "reader" and r["result"] == "forbidden" for r in records)
+    counted = [c for r in records if r["action"] == "auth.suppressed" for c in r["counts"]]
+    assert sum(c["count"] for c in counted) + len(one_by_one) == 6500  # every refusal is in the trail, as a count
+    by = {(c["transport"], c["kind"]): c["count"] for c in counted}
+    assert by[("mqtt", "unauthenticated")] >= 499 and by[("http", "unauthenticated")] >= 6000 - len(one_by_one)
+
+
+def test_a_burst_of_strangers_within_a_second_gets_the_small_allowance(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.log")
+    guard = Guard(Authenticator([]), True, "loopback", log)  # the real clock
+    log.start()
+    for i in range(2000):
+        refuse(guard, None, f"2001:db8::{i:x}")
+    log.close()
+    records = read(tmp_path / "audit.log")
+    assert len([r for r in records if r["action"] == "auth"]) == AUDIT_REFUSAL_BURST
+    (summary,) = [r for r in records if r["action"] == "auth.suppressed"]
+    assert summary["counts"] == [{"kind": "unauthenticated", "transport": "http", "who": None,
+                                  "count": 2000 - AUDIT_REFUSAL_BURST}]
+
+
+def test_the_reload_record_names_the_keys_that_came_went_or_changed(tmp_path: Path) -> None:
+    keys_file = tmp_path / "api-keys.json"
+    for name in ("old", "kept", "reissued"):
+        add_key_to_file(keys_file, name, ["infer"], None)
+    config = {"auth": {"required": True, "keys_file": {"path": str(keys_file)}}}
+    prepare = reload_section(build_guard(parse_config(config)), None, [])
+    remove_key_from_file(keys_file, "old")
+    remove_key_from_file(keys_file, "reissued")
+    secret = add_key_to_file(keys_file, "reissued", ["infer"], None)  # same name, a new key
+    added = add_key_to_file(keys_file, "new", ["infer", "read"], ["fraud"])
+    switch = prepare(parse_config(config))
+    assert switch is not None
+    line = switch()
+    assert line == "auth re-read: 3 API key(s), required (added: new; removed: old; changed: reissued)"
+    assert secret not in line and added not in line
+    assert prepare(parse_config(config)) is None  # nothing changed: no record of a change

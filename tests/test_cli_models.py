@@ -231,3 +231,25 @@ def test_the_admin_key_comes_from_a_0600_file_or_the_environment_never_the_comma
     assert d.stop() == 0  # the audit writer has flushed
     done = [(r["action"], r.get("who")) for r in audited(site) if r.get("result") == "ok"]
     assert ("admin.activate", "ops") in done and ("admin.rollback", "ops") in done, done
+
+
+def test_without_a_daemon_every_change_is_audited_with_the_local_user(site: Site, keyset: KeySet) -> None:
+    """The daemon audits its admin routes; the same actions done on the journal from the shell are audited in the
+    same log (via: cli, who: the user at the shell), refusals too."""
+    lookup_site(site, keyset, ["1", "2", "3"])
+    config = str(site.write_config())
+    inferd("model", "activate", MODEL, "2", "--config", config)
+    inferd("model", "rollback", MODEL, "--config", config)
+    inferd("model", "remove", MODEL, "3", "--config", config)
+    inferd("model", "activate", MODEL, "3", "--config", config, ok=False)  # removed: refused, and audited
+    Store(site.state_dir).update_state(MODEL, lambda s: s.quarantined.append("2"))
+    inferd("model", "unquarantine", MODEL, "2", "--config", config)
+    artifact = site.root / "v4.inferd"
+    artifact.write_bytes(pack_version(keyset, "4"))
+    inferd("model", "install", str(artifact), "--config", config, "--activate")
+    records = [r for r in audited(site) if r.get("via") == "cli"]
+    assert [(r["action"], r["result"], r.get("version", r.get("to"))) for r in records] == [
+        ("admin.activate", "ok", "2"), ("admin.rollback", "ok", "1"), ("admin.remove", "ok", "3"),
+        ("admin.activate", "refused", "3"), ("admin.unquarantine", "ok", "2"), ("admin.activate", "ok", "4")]
+    assert "not installed" in records[3]["reason"]
+    assert all(r["model"] == MODEL and r["who"] and r["peer"] is None for r in records)
