@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import DaemonProcess, KeySet, Site, pack_model
+from support.accepted import wait_until
 
-from daemon.security import Authenticator, parse_keys_file
+from daemon.security import Authenticator, add_key_to_file, parse_keys_file
 
 
 def inferd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -98,3 +102,28 @@ def test_an_audit_log_root_creates_belongs_to_the_daemons_account(tmp_path: Path
     for made in (state / "audit", state / "audit" / "audit.log"):  # the default place, made by this command
         assert (made.stat().st_uid, made.stat().st_gid) == (65534, 65534), made
     assert audited(state / "audit" / "audit.log")[0]["action"] == "auth.add_key"
+
+
+def test_a_key_added_from_the_shell_is_named_in_the_daemons_reload_record(
+        site: Site, keyset: KeySet, mlp_onnx: bytes, tmp_path: Path,
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    """The shell's record and the daemon's share one file: who added the key, then which keys the reload took."""
+    keys_file = tmp_path / "secrets" / "api-keys.json"
+    keys_file.parent.mkdir(mode=0o700)
+    add_key_to_file(keys_file, "old", ["infer"], None)
+    site.install(pack_model(keyset, mlp_onnx))
+    site.models = [{"name": "mlp", "runtime": "onnxruntime", "threads": 1}]
+    audit = tmp_path / "audit.log"
+    site.extra = {"auth": {"required": True, "keys_file": {"path": str(keys_file)}}, "audit": {"path": str(audit)}}
+    config = site.write_config()
+    daemon = start_daemon(config)
+    token = inferd("auth", "add-key", "--name", "new", "--scopes", "infer", "--config", str(config)).stdout.strip()
+    assert inferd("auth", "remove-key", "old", "--config", str(config)).returncode == 0
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    assert "(added: new; removed: old)" in daemon.wait_for("reloaded", new=True)["event"]
+    wait_until(lambda: any(r["action"] == "config.reload" for r in audited(audit)), 10.0, "the reload's record")
+    records = audited(audit)
+    assert [r["action"] for r in records if r.get("via") == "cli"] == ["auth.add_key", "auth.remove_key"]
+    (reload,) = [r for r in records if r["action"] == "config.reload"]
+    assert reload["result"] == "applied" and any("added: new; removed: old" in c for c in reload["changes"])
+    assert token.split("_", 2)[2] not in audit.read_text()
