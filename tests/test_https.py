@@ -4,6 +4,7 @@ refused at the handshake, and certificates re-read on SIGHUP without dropping an
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DaemonProcess, KeySet, Site, pack_model
+from cryptography import x509
 from httpclient import request
 from support.daemon import served_daemon
 from support.tls import issue, make_pki
@@ -25,6 +27,10 @@ from support.tls import issue, make_pki
 from daemon.security import add_key_to_file
 
 BODY = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+#: callers mapped by identity, each to be matched by one kind of name only (test_each_kind_of_name_is_matched_alone)
+SAN_IDENTITIES = {"dns-caller": "sensor.inferd.test", "uri-caller": "spiffe://inferd.test/sensor",
+                  "email-caller": "sensor@inferd.test", "cn-caller": "cn-only-sensor", "o-caller": "plant-7",
+                  "ip-caller": "10.9.8.7"}
 
 
 @dataclass
@@ -65,7 +71,9 @@ def secure_site(root: Path, keyset: KeySet, mlp_onnx: bytes) -> tuple[Site, dict
         "server": {"tls": {"enabled": True, "cert_file": str(live / "server.pem"),
                            "key": {"path": str(live / "server.key")}, "client_ca_file": str(live / "ca.pem")}},
         "auth": {"required": True, "keys_file": {"path": str(keys_file)}, "open_probes": "none",
-                 "certificates": [{"identity": "device-17", "name": "device-17", "scopes": ["infer"]}]},
+                 "certificates": [{"identity": "device-17", "name": "device-17", "scopes": ["infer"]},
+                                  *({"identity": identity, "name": name, "scopes": ["infer"]}
+                                    for name, identity in SAN_IDENTITIES.items())]},
     }
     site.write_config()
     return site, pki, token
@@ -93,6 +101,39 @@ def test_an_unmapped_certificate_still_needs_a_key(https: Https) -> None:
     assert request(url, "POST", BODY, context=https.context(stranger)).status == 401
     ok = request(url, "POST", BODY, context=https.context(stranger), headers={"Authorization": f"Bearer {https.token}"})
     assert ok.status == 200
+
+
+@pytest.mark.parametrize(("kind", "caller"), [
+    ("dns", "dns-caller"), ("uri", "uri-caller"), ("email", "email-caller"), ("cn", "cn-caller"),
+    ("organization", None), ("ip", None), ("other-dns", None)])
+def test_each_kind_of_name_is_matched_alone(https: Https, kind: str, caller: str | None) -> None:
+    """The CN differs from every SAN, so a caller found proves the SAN (or, for ``cn``, the CN) was matched; names
+    outside CN, DNS, URI and e-mail (the subject's O, an IP SAN) and a near miss never name a caller."""
+    ids = SAN_IDENTITIES
+    cn, sans, organization = f"unmapped-{kind}", [], None
+    if kind == "dns":
+        sans = [x509.DNSName(ids["dns-caller"]), x509.DNSName("other.inferd.test")]
+    elif kind == "uri":
+        sans = [x509.UniformResourceIdentifier(ids["uri-caller"])]
+    elif kind == "email":
+        sans = [x509.RFC822Name(ids["email-caller"])]
+    elif kind == "cn":
+        cn = ids["cn-caller"]  # and no SAN extension at all
+    elif kind == "organization":
+        organization = ids["o-caller"]
+    elif kind == "ip":
+        sans = [x509.IPAddress(ipaddress.ip_address(ids["ip-caller"]))]
+    else:  # a SAN that only contains, or differs in case from, a mapped identity: matching is exact
+        sans = [x509.DNSName("x." + ids["dns-caller"]), x509.DNSName(ids["dns-caller"].upper())]
+    cert = issue(https.pki, https.certs, cn, sans=sans, organization=organization, stem=f"san-{kind}")
+    ctx = https.context(cert)
+    answer = request(https.url + "/v2/models/mlp/infer", "POST", BODY, context=ctx)
+    if caller is None:
+        assert answer.status == 401
+        return
+    assert answer.status == 200
+    refused = request(https.url + "/v2", context=ctx)  # the refusal names the caller the certificate was matched to
+    assert refused.status == 403 and f"'{caller}' lacks the 'read' scope" in refused.json()["error"]
 
 
 @pytest.mark.parametrize("kind", ["none", "expired", "self-signed", "other-ca"])

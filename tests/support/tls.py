@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -53,9 +54,13 @@ def make_pki(d: Path, cn: str = "test-ca") -> dict[str, Path]:
     return paths
 
 
-def issue(pki: dict[str, Path], d: Path, cn: str, expired: bool = False, self_signed: bool = False) -> dict[str, Path]:
-    """A client certificate named ``cn`` (its CN, and a DNS SAN of the same name) signed by ``pki``'s CA, or by
-    itself; ``expired``: valid until an hour ago. Returns {"cert", "key"}."""
+def issue(pki: dict[str, Path], d: Path, cn: str, expired: bool = False, self_signed: bool = False,
+          sans: Sequence[x509.GeneralName] | None = None, organization: str | None = None,
+          stem: str | None = None) -> dict[str, Path]:
+    """A client certificate named ``cn`` signed by ``pki``'s CA, or by itself; ``expired``: valid until an hour ago.
+    Its SANs are ``sans`` (default: a DNS SAN equal to the CN; ``[]``: no SAN extension), so a test can tell a match
+    on the CN from one on a SAN; ``organization`` adds an O to the subject (a name that must never match). Written as
+    ``stem``.pem/.key (default: the CN). Returns {"cert", "key"}."""
     d.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -66,11 +71,15 @@ def issue(pki: dict[str, Path], d: Path, cn: str, expired: bool = False, self_si
         issuer = x509.load_pem_x509_certificate(pki["ca"].read_bytes()).subject
     start, end = (now - datetime.timedelta(days=2), now - datetime.timedelta(hours=1)) if expired else \
         (now - datetime.timedelta(minutes=1), now + datetime.timedelta(days=1))
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(issuer).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
-            .sign(signer, hashes.SHA256()))  # type: ignore[arg-type]
-    paths = {"cert": d / f"{cn}.pem", "key": d / f"{cn}.key"}
+    subject = _name(cn) if organization is None else x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end))
+    names = [x509.DNSName(cn)] if sans is None else list(sans)
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+    paths = {"cert": d / f"{stem or cn}.pem", "key": d / f"{stem or cn}.key"}
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(key, paths["key"])
     return paths
