@@ -10,6 +10,7 @@ only when ``grpc.enabled`` is set: grpcio and protobuf are not free to import.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import ssl
@@ -118,10 +119,21 @@ def peer_host(peer: str) -> str | None:
 
 
 def certificate_ids(context: grpc.aio.ServicerContext) -> tuple[str, ...]:
-    """The names of a verified client certificate (mutual TLS): its CN and SANs, as grpc's auth context has them."""
+    """The names of a verified client certificate (mutual TLS): its CN and its DNS, URI and e-mail SANs, as over
+    HTTPS. grpc's auth context lists every SAN as bare text, IP addresses too, which never name a caller (an address
+    is where a client is, not who): those are left out."""
     auth = context.auth_context() or {}
-    return tuple(v.decode(errors="replace") for key in ("x509_common_name", "x509_subject_alternative_name")
-                 for v in auth.get(key, ()))
+    names = [v.decode(errors="replace") for v in auth.get("x509_common_name", ())]
+    return tuple(names + [v for v in (b.decode(errors="replace") for b in auth.get("x509_subject_alternative_name", ()))
+                          if not _is_address(v)])
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):

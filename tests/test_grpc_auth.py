@@ -3,6 +3,7 @@ otherwise), the probes stay open to loopback, and a stock tritonclient passes it
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 from conftest import DaemonProcess, KeySet, Site, mlp_reference, pack_model
+from cryptography import x509
 from support.daemon import served_daemon
 from tritonclient.utils import InferenceServerException
 
@@ -125,18 +127,22 @@ def test_a_client_certificate_names_a_grpc_caller(site: Site, keyset: KeySet, ml
                                                      "key_file": str(pki["server_key"]),
                                                      "client_ca_file": str(pki["ca"])}},
         "auth": {"required": True, "keys_file": {"path": str(keys_file)},
-                 "certificates": [{"identity": "sensor-9", "name": "sensor-9", "scopes": ["infer"]}]},
+                 "certificates": [{"identity": "sensor-9", "name": "sensor-9", "scopes": ["infer"]},
+                                  {"identity": "10.9.8.7", "name": "by-address", "scopes": ["infer"]}]},
     }
     daemon = start_daemon(site.write_config())
     url = f"127.0.0.1:{daemon.wait_for('grpc_listening')['port']}"
 
-    def client(cn: str) -> tgrpc.InferenceServerClient:
-        cert = issue(pki, tmp_path / "clients", cn)
+    def client(cn: str, sans: list[x509.GeneralName] | None = None) -> tgrpc.InferenceServerClient:
+        cert = issue(pki, tmp_path / "clients", cn, sans=sans)
         return tgrpc.InferenceServerClient(url, ssl=True, root_certificates=str(pki["ca"]),
                                            private_key=str(cert["key"]), certificate_chain=str(cert["cert"]))
 
     sensor, stranger = client("sensor-9"), client("stranger")
+    placed = client("somewhere", [x509.IPAddress(ipaddress.ip_address("10.9.8.7"))])  # an IP SAN names nobody
     try:
+        with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+            infer(placed, {})
         np.testing.assert_allclose(infer(sensor, {}), mlp_reference(np.array([[1, 2, 3, 4]], np.float32)), rtol=1e-5)
         with pytest.raises(InferenceServerException, match="PERMISSION_DENIED"):  # the certificate grants infer only
             sensor.get_server_metadata()
@@ -146,3 +152,4 @@ def test_a_client_certificate_names_a_grpc_caller(site: Site, keyset: KeySet, ml
     finally:
         sensor.close()
         stranger.close()
+        placed.close()
