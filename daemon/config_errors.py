@@ -35,9 +35,19 @@ def describe(err: Any, root: type[BaseModel]) -> str:
         return f"{path}.runtime: {value.get('runtime')!r} is not a known runtime (expected one of {sorted(_TAGS)})"
     if kind == "union_tag_not_found":
         return f"{path}.runtime: required key is missing (expected one of {sorted(_TAGS)})"
-    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    shown = repr(_without_userinfo(value)) if not isinstance(value, (dict, list)) else type(value).__name__
     where = path or "config"
     return f"{where}: {shown} is not valid: {msg}{_quote_hint(kind, value, loc)}"
+
+
+def _without_userinfo(value: Any) -> Any:
+    """A URL's ``user:password@`` is never repeated in an error (it is a secret put where it does not belong)."""
+    if isinstance(value, str) and "://" in value and "@" in value:
+        scheme, _, rest = value.partition("://")
+        authority, sep, tail = rest.partition("/")
+        if "@" in authority:
+            return f"{scheme}://***@{authority.rpartition('@')[2]}{sep}{tail}"
+    return value
 
 
 def _quote_hint(kind: str, value: Any, loc: list[Any]) -> str:

@@ -14,7 +14,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from daemon.errors import InferdError, InvalidInput, NotReady, StoreError, VersionNotFound
+from daemon.errors import (
+    InferdError,
+    InvalidInput,
+    NotReady,
+    PayloadTooLarge,
+    RequestTimeout,
+    StoreError,
+    VersionNotFound,
+)
 from daemon.store import ModelState, removal_refusal
 
 #: where http_api leaves the authenticated caller
@@ -38,8 +46,23 @@ def _who(request: web.BaseRequest) -> str:
     return caller.name if caller is not None else "anonymous"
 
 
-async def _body(request: web.BaseRequest) -> dict[str, Any]:
-    raw = await request.read()
+#: an admin body is a few names ({"version": "3"}): anything much larger is not one
+ADMIN_BODY_MAX = 64 << 10
+
+
+async def _body(api: Any, request: web.BaseRequest) -> dict[str, Any]:
+    """The JSON object an admin route takes; 413 past ADMIN_BODY_MAX, 408 when it does not arrive within the
+    inference body's own deadline (server.limits.body_timeout_s)."""
+    from daemon.http_api import read_body
+
+    timeout = api.client_limits.body_timeout_s
+    try:
+        raw = await asyncio.wait_for(read_body(request, ADMIN_BODY_MAX), timeout)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s "
+                             "(server.limits.body_timeout_s)") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"an admin request body is at most {ADMIN_BODY_MAX} bytes") from None
     if not raw.strip():
         return {}
     try:
@@ -128,7 +151,7 @@ async def admin_model(api: Any, request: web.BaseRequest, params: list[str]) -> 
 
 async def admin_activate(api: Any, request: web.BaseRequest, params: list[str]) -> web.Response:
     name = params[0]
-    version = _version_field(await _body(request), "version", True)
+    version = _version_field(await _body(api, request), "version", True)
     assert version is not None
 
     async def work() -> dict[str, Any]:
@@ -140,7 +163,7 @@ async def admin_activate(api: Any, request: web.BaseRequest, params: list[str]) 
 
 async def admin_rollback(api: Any, request: web.BaseRequest, params: list[str]) -> web.Response:
     name = params[0]
-    to = _version_field(await _body(request), "to", False)
+    to = _version_field(await _body(api, request), "to", False)
 
     async def work() -> dict[str, Any]:
         await api.updater.rollback(name, to, who=_who(request))
@@ -154,7 +177,7 @@ async def admin_remove(api: Any, request: web.BaseRequest, params: list[str]) ->
     answering from files that are gone. Refused for the version serving, the rollback target and a version an
     update is trying."""
     name = params[0]
-    version = _version_field(await _body(request), "version", True)
+    version = _version_field(await _body(api, request), "version", True)
     assert version is not None
     updater = api.updater
 
@@ -185,7 +208,7 @@ async def admin_remove(api: Any, request: web.BaseRequest, params: list[str]) ->
 
 async def repository_index(api: Any, request: web.BaseRequest, params: list[str]) -> web.Response:
     """Triton's index: one entry per model and loaded version (a model with none loaded: one entry, no version)."""
-    doc = await _body(request)
+    doc = await _body(api, request)
     ready_only = doc.get("ready", False)
     if not isinstance(ready_only, bool):
         raise InvalidInput("'ready' must be true or false")
@@ -207,7 +230,7 @@ async def repository_load(api: Any, request: web.BaseRequest, params: list[str])
     """Load a model: its journal's active version when it is not serving, or ``parameters.version`` through the
     updater (the same path as an activation)."""
     name = params[0]
-    doc = await _body(request)
+    doc = await _body(api, request)
     parameters = doc.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidInput("'parameters' must be an object")

@@ -169,6 +169,8 @@ def test_refusals_change_nothing(site: Site, keyset: KeySet, start_daemon: Any) 
     assert reply.status == 409 and "not enough memory" in reply.json()["error"]
     assert admin(d, "activate", {"version": "9"}).status == 404
     assert admin(d, "activate", {}).status == 400
+    oversized = admin(d, "activate", {"version": "3", "note": "x" * (70 << 10)})  # an admin body is a few names
+    assert oversized.status == 413 and "at most 65536 bytes" in oversized.json()["error"]
     assert Store(site.state_dir).state(MODEL).pending is None
     d.stop()
     site.extra["updates"] = {}
