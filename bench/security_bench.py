@@ -1,14 +1,16 @@
 """What security costs, in one run on the tabular model (1 and 16 clients):
 
-- auth on (every request carries an API key, parsed, HMAC-checked and authorized) against the same daemon with auth
-  off; target: the key check costs under 5% of throughput;
+- auth on (every request carries an API key, parsed, HMAC-checked and authorized) against auth off, in one daemon
+  whose auth.required a SIGHUP reload switches between measurements (two processes of the same code differ by a few
+  per cent on this box from memory layout alone, as much as the target); target: the key check costs under 5% of
+  throughput;
 - a well-behaved client's latency while it is attacked, against its latency without (ratios recorded): by
   slow-loris connections (headers trickled a byte at a time from 127.0.0.2-9, reopened as soon as the daemon cuts
   them at server.limits.header_timeout_s, set to 1 s here) and by a connection flood (one address, 127.0.0.10,
   keeping far more connections open than server.limits.max_connections_per_client, set to 32, lets it hold). The
   run fails when an attack was never cut: then it measured nothing.
 
-Both daemons pinned to CPU 0, the load generator and the attacker to CPU 1; alternating rounds, medians; every answer
+The daemon pinned to CPU 0, the load generator and the attacker to CPU 1; alternating rounds, medians; every answer
 sampled and checked against the in-process result. Appends its table to bench/RESULTS.md; exits 1 on a miss.
 
 Usage: python bench/security_bench.py [--rounds 3] [--seconds 2] [--no-write]
@@ -17,13 +19,17 @@ Usage: python bench/security_bench.py [--rounds 3] [--seconds 2] [--no-write]
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import statistics
 import sys
 import tempfile
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -33,6 +39,7 @@ from harness import (  # noqa: E402
     CLIENT_CPU,
     SERVER_CPU,
     Measured,
+    Server,
     answer_checker,
     bench_args,
     bench_keys,
@@ -40,6 +47,7 @@ from harness import (  # noqa: E402
     json_body,
     machine,
     measure_checked,
+    one_request,
     publish,
     start_inferd,
 )
@@ -146,6 +154,29 @@ class Flood:
         self.thread.join()
 
 
+def switch_auth(server: Server, config: Path, required: bool, probe: tuple[bytes, dict[str, str]]) -> None:
+    """Set auth.required in the daemon's config and reload it (SIGHUP); back once a request without a key gets the
+    answer the new setting gives (401 with auth on, 200 off)."""
+    doc = yaml.safe_load(config.read_text())
+    if doc["auth"]["required"] == required:
+        return
+    doc["auth"]["required"] = required
+    config.write_text(yaml.safe_dump(doc))
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            one_request(server.port, "tabular", *probe)
+            refused = False
+        except RuntimeError as exc:
+            refused = " 401 " in str(exc)
+        if refused == required:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the reload to auth.required={required} did not take within 30 s")
+        time.sleep(0.05)
+
+
 def main() -> int:
     args = bench_args()
     os.sched_setaffinity(0, {CLIENT_CPU})
@@ -163,40 +194,38 @@ def main() -> int:
     check = answer_checker(model, "X", xs)
     cfg = [{"name": "tabular", "runtime": "onnxruntime", "threads": 1, "workers": 1}]
     limits = {"server": {"limits": {"header_timeout_s": 1.0, "max_connections_per_client": 32}}}
-    servers = {
-        "auth off": start_inferd(work, "off", cfg, limits),
-        "auth on": start_inferd(work, "on", cfg, {**limits, "audit": {"enabled": True},
-                                                  "auth": {"required": True, "keys_file": {"path": str(keys_file)}}}),
-    }
+    # One daemon for both: auth.required switched by a SIGHUP reload between measurements, so the ratio compares
+    # the same process (two processes of the same code differ by several per cent here, by layout alone).
+    server = start_inferd(work, "auth", cfg, {**limits, "audit": {"enabled": True},
+                                              "auth": {"required": False, "keys_file": {"path": str(keys_file)}}})
     raw: dict[tuple[int, str], list[Measured]] = {}
     cut = {SLOW: 0, FLOOD: 0}
     try:
         for r in range(args.rounds):
             for clients in (1, 16):
-                names = list(servers) if r % 2 == 0 else list(reversed(servers))
+                names = ["auth off", "auth on"] if r % 2 == 0 else ["auth on", "auth off"]
                 for name in names:
+                    switch_auth(server, work / "auth.yaml", name == "auth on", plain[0])
                     bodies = keyed if name == "auth on" else plain
                     raw.setdefault((clients, name), []).append(
-                        measure_checked(servers[name], "tabular", bodies, clients, args.seconds, check))
-                for label, attack in ((SLOW, SlowLoris(servers["auth off"].port, 200)),
-                                      (FLOOD, Flood(servers["auth off"].port, 300))):
+                        measure_checked(server, "tabular", bodies, clients, args.seconds, check))
+                switch_auth(server, work / "auth.yaml", False, plain[0])
+                for label, attack in ((SLOW, SlowLoris(server.port, 200)), (FLOOD, Flood(server.port, 300))):
                     with attack:
                         raw.setdefault((clients, label), []).append(
-                            measure_checked(servers["auth off"], "tabular", plain, clients, args.seconds, check))
+                            measure_checked(server, "tabular", plain, clients, args.seconds, check))
                     cut[label] += attack.cut
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     finally:
-        for s in servers.values():
-            s.proc.terminate()
-        for s in servers.values():
-            s.proc.wait(timeout=30)
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
     med = {k: {"rps": statistics.median(m.result.throughput for m in v),
                "p50": statistics.median(m.result.percentile(50) for m in v),
                "p99": statistics.median(m.result.percentile(99) for m in v),
                "cpu": statistics.median(m.cpu_us for m in v)} for k, v in raw.items()}
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## Auth run of {when} (commit {commit()})", "",
-             f"Machine: {machine()}. Daemons on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}; tabular model, "
+             f"Machine: {machine()}. One daemon, auth.required switched by SIGHUP between measurements, on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}; tabular model, "
              f"one thread; {args.rounds} alternating rounds of {args.seconds:g} s; medians. Auth on: every request "
              "sends `Authorization: Bearer <key>` (parsed, HMAC-checked, scope and model authorized).", "",
              "| clients | server | req/s | p50 ms | p99 ms | CPU us/req |", "|---:|---|---:|---:|---:|---:|"]
