@@ -180,13 +180,16 @@ class Daemon:
                 self.config = self.reloader.config
                 if self.registry_client is not None:  # the reloaded models' channels and artifact signers
                     await self.registry_client.use(self.config)
-                if self.updater is not None:
-                    self.updater.use(self.config)
-                    if result.applied:
-                        await self.updater.apply_policies()
                 if self.audit is not None:  # an operator's action (SIGHUP, systemctl reload): audited like one
                     self.audit.record("config.reload", "applied" if result.applied else "rejected", who="operator",
                                       config=str(self.config_path), changes=result.changes, reason=result.reason)
+                if self.updater is not None:
+                    self.updater.use(self.config)
+                    if result.applied:  # after the record: it may wait behind an update's lock, and may fail
+                        try:
+                            await self.updater.apply_policies()
+                        except Exception:  # the reload stands; the next one (or update) applies the policy
+                            log.exception("reload: applying the version policies failed")
 
     def _registry_metrics(self) -> tuple[int, dict[str, int]] | None:
         client = self.registry_client

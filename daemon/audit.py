@@ -44,7 +44,8 @@ _WAKE: dict[str, Any] = {}
 
 
 class AuditLog:
-    def __init__(self, path: Path, max_bytes: int = 10 << 20, keep: int = 5, summary_s: float = SUMMARY_S) -> None:
+    def __init__(self, path: Path, max_bytes: int = 10 << 20, keep: int = 5, summary_s: float = SUMMARY_S,
+                 rotate: bool = True) -> None:
         if max_bytes < 4096:
             raise ValueError("audit max_bytes must be at least 4096")
         if keep < 1:
@@ -52,6 +53,9 @@ class AuditLog:
         self.path = path
         self.max_bytes = max_bytes
         self.keep = keep
+        #: False for the command line: it only appends; rotating is the daemon's (a file root made would lock the
+        #: daemon out of its own log, and two rotations at once could delete one)
+        self.rotate = rotate
         self.dropped = 0
         self.written = 0
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
@@ -164,7 +168,7 @@ class AuditLog:
             self._open()
         wrote = False
         for line in lines:
-            if self._size and self._size + len(line) > self.max_bytes:
+            if self.rotate and self._size and self._size + len(line) > self.max_bytes:
                 if wrote:
                     os.fsync(self._fd)
                     wrote = False
@@ -230,7 +234,7 @@ def cli_audited(config: Config | Path | None, action: str, **details: Any) -> It
         yield {}
         return
     path = default_path(config)
-    log_ = AuditLog(path, config.audit.max_bytes, config.audit.keep)
+    log_ = AuditLog(path, config.audit.max_bytes, config.audit.keep, rotate=False)
     created = _missing_parents(path)
     try:
         log_.start()
@@ -241,13 +245,15 @@ def cli_audited(config: Config | Path | None, action: str, **details: Any) -> It
     added: dict[str, Any] = {}
     try:
         yield added
-    except Exception as exc:
-        log_.record(action, "refused", who=local_user(), via="cli", **details, reason=str(exc))
-        raise
-    else:
-        log_.record(action, "ok", who=local_user(), via="cli", **{**details, **added})
-    finally:
+    except BaseException as exc:  # Ctrl-C too: whatever happened is on record
+        log_.record(action, "refused", who=local_user(), via="cli", **details, reason=str(exc) or type(exc).__name__)
         log_.close()
+        raise
+    log_.record(action, "ok", who=local_user(), via="cli", **{**details, **added})
+    log_.close()
+    if log_.dropped:  # done, but not on record: the command must not look like a success
+        raise ConfigError(f"{action} was done, but its audit record could not be written to {path} (see the error "
+                          "above): write it down by hand")
 
 
 def _missing_parents(path: Path) -> list[Path]:

@@ -8,6 +8,7 @@ imports nothing of the config's.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from typing import Annotated, Any, Union
@@ -15,6 +16,8 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel
 
 _TAGS = {"onnxruntime", "openvino", "litert"}
+#: the user:password@ of a URL inside a message
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]*@")
 
 
 def describe(err: Any, root: type[BaseModel]) -> str:
@@ -28,7 +31,7 @@ def describe(err: Any, root: type[BaseModel]) -> str:
     if kind == "missing":
         return f"{path}: required key is missing"
     value = err.get("input")
-    msg = err["msg"]
+    msg = _USERINFO.sub(r"\1***@", err["msg"])  # a validator may have quoted the value too
     if kind == "keyed":
         return f"{path}{err.get('ctx', {}).get('at', '')}: {msg}"
     if kind == "union_tag_invalid":

@@ -66,13 +66,13 @@ class RegistryConfig(_Model):
         if value is None:
             return None
         parts = urlsplit(value)
+        if parts.username is not None or parts.password is not None:  # it would be shown in logs, errors, doctor
+            raise ValueError("the registry URL must not carry a user name or password: serve the registry to the box "
+                             "over TLS with ca_file pinned, or behind its own network rules")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
         if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
             raise ValueError(f"{value!r}: plain http is allowed on loopback only (use https)")
-        if parts.username is not None or parts.password is not None:  # it would be shown in logs, errors, doctor
-            raise ValueError("the registry URL must not carry a user name or password: serve the registry to the box "
-                             "over TLS with ca_file pinned, or behind its own network rules")
         if parts.query or parts.fragment:
             raise ValueError(f"{value!r}: the registry URL takes no query or fragment")
         return value if value.endswith("/") else value + "/"

@@ -97,8 +97,9 @@ class RegistryClient:
         #: index entries (model, version, sha256) whose artifact was refused for what it is, not for how it came:
         #: a lying registry is not downloaded from again and again, until the index lists other bytes
         self._refused: dict[tuple[str, str, str], tuple[str, str]] = {}
-        #: (model, version) -> (its allow_breaking then, why): an incompatible version is not loaded again each poll
-        self._incompatible: dict[tuple[str, str], tuple[bool, str]] = {}
+        #: (model, version) -> (its allow_breaking then, the version it was judged against, why): an incompatible
+        #: version is not loaded again each poll while both are as they were
+        self._incompatible: dict[tuple[str, str], tuple[bool, str | None, str]] = {}
         #: per model, the channel's version last offered to the updater (persisted): a channel moved back to a
         #: version still installed (a promote after a bad release) is a new target and offered again
         self._targets: dict[str, str] = {}
@@ -311,9 +312,9 @@ class RegistryClient:
                                        "message": str(exc)})
                 continue
             seen = self._incompatible.get((model.name, version))
-            if seen is not None and seen[0] == model.allow_breaking:
+            if seen is not None and seen[:2] == (model.allow_breaking, state.active):
                 result.refused.append({"model": model.name, "version": version, "reason": "update_refused",
-                                       "message": f"refused before (the config still says the same): {seen[1]}"})
+                                       "message": f"refused before (the config still says the same): {seen[2]}"})
                 continue
             if self.updater is not None:
                 await pause("installed", model.name, version)  # test hook (daemon/updater.py)
@@ -322,7 +323,7 @@ class RegistryClient:
                     await self._target(model.name, version)
                 except InferdError as exc:  # the updater logged and journaled why; the registry counts it too
                     if isinstance(exc, Incompatible):
-                        self._incompatible[(model.name, version)] = (model.allow_breaking, str(exc))
+                        self._incompatible[(model.name, version)] = (model.allow_breaking, state.active, str(exc))
                     elif exc.code != "conflict":  # a bad version is not offered each poll; a refusal for now
                         await self._target(model.name, version)  # (a probation running, no memory) is retried
                     self._failed("update_refused", f"{model.name}:{version} was installed but not taken into "

@@ -11,8 +11,9 @@ import pytest
 from support.accepted import wait_until
 
 from daemon.access import AUDIT_REFUSAL_BURST, AUDIT_REFUSAL_REFILL_S, Guard, Route, build_guard, reload_section
-from daemon.audit import AuditLog
+from daemon.audit import AuditLog, cli_audited
 from daemon.config import parse_config
+from daemon.errors import ConfigError
 from daemon.security import (
     Authenticator,
     Forbidden,
@@ -83,10 +84,11 @@ def test_nonsense_limits_are_refused(tmp_path: Path, max_bytes: int, keep: int) 
 
 def test_counts_go_out_as_one_record_per_action_when_due(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    log = AuditLog(path, summary_s=0.2)
+    log = AuditLog(path, summary_s=0.5)
+    for kind in ("unauthenticated", "unauthenticated", "forbidden"):  # before the writer runs: one window, however
+        log.count("auth.suppressed", transport="http", kind=kind, who=None)  # slow the box
+    log._tally_due = 0.0  # and due at once
     log.start()
-    for kind in ("unauthenticated", "unauthenticated", "forbidden"):
-        log.count("auth.suppressed", transport="http", kind=kind, who=None)
     wait_until(lambda: path.exists() and "counted" in path.read_text(), 10.0, "the counts to be written")
     (summary,) = read(path)
     assert summary["action"] == "auth.suppressed" and summary["result"] == "counted" and summary["since"]
@@ -167,3 +169,20 @@ def test_the_reload_record_names_the_keys_that_came_went_or_changed(tmp_path: Pa
     assert line == "auth re-read: 3 API key(s), required (added: new; removed: old; changed: reissued)"
     assert secret not in line and added not in line
     assert prepare(parse_config(config)) is None  # nothing changed: no record of a change
+
+
+def test_the_command_line_appends_past_the_limit_and_leaves_rotating_to_the_daemon(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    path.write_bytes(b'{"action": "earlier"}\n' * 250)  # past max_bytes already
+    log = AuditLog(path, max_bytes=4096, keep=2, rotate=False)
+    log.start()
+    log.record("admin.activate", "ok", who="ops")
+    log.close()
+    assert not path.with_name("audit.log.1").exists() and read(path)[-1]["action"] == "admin.activate"
+
+
+def test_a_command_line_action_whose_record_cannot_be_written_does_not_look_done(tmp_path: Path) -> None:
+    config = parse_config({"state_dir": str(tmp_path / "state"), "audit": {"path": "/dev/full"}})
+    with pytest.raises(ConfigError, match="was done, but its audit record could not be written"), \
+            cli_audited(config, "admin.activate", model="m", version="2"):
+        pass

@@ -245,9 +245,10 @@ def test_the_first_url_must_be_allowed_too(tmp_path: Path, keyset: KeySet) -> No
 def test_a_registry_url_with_credentials_is_refused(tmp_path: Path, keyset: KeySet) -> None:
     from daemon.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="must not carry a user name or password") as refused:
-        box_config(tmp_path, keyset, "https://ops:s3cret-pw@registry.example/", [keyset.public_path])
-    assert "s3cret-pw" not in str(refused.value)  # the refusal does not repeat it either
+    for url in ("https://ops:s3cret-pw@registry.example/", "http://ops:s3cret-pw@10.0.0.1/", "ftp://ops:s3cret-pw@x/"):
+        with pytest.raises(ConfigError, match="must not carry a user name or password") as refused:
+            box_config(tmp_path, keyset, url, [keyset.public_path])
+        assert "s3cret-pw" not in str(refused.value)  # the refusal does not repeat it either
 
 
 def test_tls_is_verified_and_the_ca_can_be_pinned(tmp_path: Path, keyset: KeySet, central: Central,
