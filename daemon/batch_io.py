@@ -17,12 +17,20 @@ from typing import IO, Any
 
 import numpy as np
 import orjson
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from daemon.batch_arrow import arrow_of, numpy_of
-from daemon.fsutil import atomic_output
+# pyarrow takes its allocator when first imported: jemalloc, unless the user chose one, since mimalloc handles a chunk
+# freed on another thread than the reader's badly (docs/batch.md, "Throughput"); no child inherits the variable
+_CHOSEN = "ARROW_DEFAULT_MEMORY_POOL" in os.environ
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
+import pyarrow as pa  # noqa: E402
+import pyarrow.csv as pacsv  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from daemon.batch_arrow import arrow_of, numpy_of  # noqa: E402
+from daemon.fsutil import atomic_output  # noqa: E402
+
+if not _CHOSEN:
+    del os.environ["ARROW_DEFAULT_MEMORY_POOL"]
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".npy": "npy", ".npz": "npz"}
 
@@ -84,7 +92,7 @@ class Source:
             return names, names
         if self.format == "parquet":
             schema = pq.ParquetFile(path).schema_arrow
-            return schema.names, [f.name for f in schema if _numeric(f.type)]
+            return schema.names, [f.name for f in schema if pa.types.is_integer(t := f.type) or pa.types.is_floating(t)]
         if self.format == "jsonl":
             with path.open("rb") as f:
                 first = next((line for line in f if line.strip()), b"{}")
@@ -205,10 +213,6 @@ def _npz_rows(path: Path) -> int:
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape = read(f)[0]
     return int(shape[0]) if shape else 0
-
-
-def _numeric(t: pa.DataType) -> bool:
-    return bool(pa.types.is_integer(t) or pa.types.is_floating(t))
 
 
 class _Counting:
@@ -373,13 +377,9 @@ def _flatten(b: pa.RecordBatch, shapes: dict[str, tuple[int, ...]]) -> pa.Record
         values = col.flatten()
         width = int(np.prod(shape))
         for k, index in enumerate(np.ndindex(*shape)):
-            arrays.append(_every(values, k, width))
+            arrays.append(arrow_of(numpy_of(values)[k::width]))
             names.append("_".join([name, *map(str, index)]))
     return pa.RecordBatch.from_arrays(arrays, names=names)
-
-
-def _every(values: pa.Array, start: int, step: int) -> pa.Array:
-    return arrow_of(numpy_of(values)[start::step])
 
 
 def _stream_npy(f: IO[bytes], column: pa.Field, batches: Callable[[], Iterator[pa.RecordBatch]],

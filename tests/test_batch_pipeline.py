@@ -255,3 +255,22 @@ def test_the_default_chunk_is_about_16_mib_of_model_input() -> None:
     assert default_chunk_rows(tabular, "jsonl") == 10_000, "JSON rows are Python objects until converted"
     assert default_chunk_rows([TensorSpec("s", "FP32", (-1,))], "csv") == 1_000_000
     assert default_chunk_rows([TensorSpec("big", "FP64", (-1, 4096, 4096))], "npy") == 1
+
+
+_POOL_PROBE = ("import os, sys; import daemon.cli, daemon.batch; early = 'pyarrow' in sys.modules; "
+               "import daemon.batch_io, pyarrow as pa; "
+               "print(early, pa.default_memory_pool().backend_name, os.environ.get('ARROW_DEFAULT_MEMORY_POOL'))")
+
+
+@pytest.mark.parametrize(("chosen", "expected"), [(None, "False jemalloc None"), ("system", "False system system")])
+def test_a_batch_process_allocates_arrow_buffers_from_jemalloc_unless_the_user_chose(chosen: str | None,
+                                                                                     expected: str) -> None:
+    # chunks cross threads (read on one, freed on another), which mimalloc, pyarrow's default, handles slowly; the
+    # choice holds only if the command line imports no pyarrow before daemon.batch_io does, and no child inherits it
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if chosen is not None:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
+    probe = subprocess.run([sys.executable, "-c", _POOL_PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == expected.split()
