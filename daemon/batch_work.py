@@ -45,6 +45,11 @@ class WorkFolder:
             OutputStream(output, fmt) if fmt in STREAMED else ArrayStream(output, fmt, rows) if rows is not None
             else None)
         self._streamed = 0  # parts already written to the stream
+        # what this run's commits (chunks ``_start`` on) leave for ``finish`` to know without reading them back: the
+        # first with scored rows and its schema, and which had rejected rows
+        self._start = 0
+        self._first: pa.Schema | None = None
+        self._rejected: set[int] = set()
 
     def start(self, resume: bool) -> dict[str, Any]:
         """The counts to go on from: fresh ones, or (``resume``) the interrupted run's, its stale files removed."""
@@ -68,6 +73,7 @@ class WorkFolder:
                     leftover.unlink()
             for temp in self.output.parent.glob(f".{self.output.name}.*.tmp"):  # an output cut short
                 temp.unlink()
+            self._start = counts["chunks"]
             return counts
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(journal_path, json.dumps({"format": FORMAT, "identity": self.identity}, indent=1).encode()
@@ -109,6 +115,10 @@ class WorkFolder:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)  # the commit; the folder's fsync is left out (see the module's docstring)
+        if batch is not None and self._first is None:
+            self._first = batch.schema
+        if reasons:
+            self._rejected.add(k)
         if self.stream is not None:
             self._feed(k)
             self._to_stream(batch, len(reasons))
@@ -147,7 +157,9 @@ class WorkFolder:
     def finish(self, rejects: Path, chunks: int, scored: int, id_name: str, outputs: list[TensorSpec]) -> None:
         """Complete the output and the rejects file from the committed chunks, then remove the folder."""
         parts = [self._part(k) for k in range(chunks)]
-        schema = next((s for s in map(_schema, parts) if len(s)), None) or empty_schema(id_name, outputs)
+        # only an earlier run's parts are read back (this run knows its own: finish runs on the scoring thread)
+        earlier = (s for s in map(_schema, parts[:self._start]) if len(s))
+        schema = next(earlier, None) or self._first or empty_schema(id_name, outputs)
         if self.stream is not None:
             self._feed(chunks)
         if isinstance(self.stream, ArrayStream) and not self.stream.accepts(schema, 0):
@@ -165,7 +177,8 @@ class WorkFolder:
                 mapped.clear()  # the batches go before the maps they view
                 for m in maps:
                     m.close()
-        found = "".join(info["rejects"] for p in parts if (info := _chunk_info(p)) is not None).encode()
+        found = "".join(info["rejects"] for k, p in enumerate(parts) if (k < self._start or k in self._rejected)
+                        and (info := _chunk_info(p)) is not None).encode()
         if found:
             atomic_write(rejects, found)
         else:

@@ -108,6 +108,36 @@ def test_sigkill_then_ctrl_c_then_resume_gives_exactly_the_uninterrupted_output(
         assert _scan_for(root, needle) == []
 
 
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_rejects_of_both_runs(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
+    """The end of a run reads back only the parts of the run before it: which of this run's own chunks had rejects
+    it keeps from their commits."""
+    x = np.random.default_rng(11).normal(size=(100_000, 4)).astype(np.float32)
+    x[::997, 1] = np.nan  # a rejected row in most chunks, before and after the kill
+    x[:CHUNK, 0] = np.inf  # chunk 0 wholly rejected: a part without columns
+    src = tmp_path / "rows.npy"
+    np.save(src, x)
+    art = tmp_path / "mlp.inferd"
+    art.write_bytes(pack_model(keyset, mlp_onnx))
+    whole = tmp_path / "whole" / "scores.parquet"
+    done = subprocess.run(_command(art, keyset, src, whole), cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+
+    out = tmp_path / "resumed" / "scores.parquet"
+    work = out.with_name(out.name + ".inferd-batch")
+    cmd = _command(art, keyset, src, out)
+    assert _interrupt_after(cmd, dict(os.environ), work, 2, signal.SIGKILL) == -signal.SIGKILL
+    assert 2 < _committed(work) < len(x) // CHUNK
+    resumed = subprocess.run([*cmd, "--resume"], cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 3, resumed.stderr
+    assert "resumed after chunk" in resumed.stdout
+    assert out.read_bytes() == whole.read_bytes()
+    rejects = out.with_name(out.name + ".rejects.jsonl").read_text()
+    assert rejects == whole.with_name(whole.name + ".rejects.jsonl").read_text()
+    rows = [json.loads(line)["row"] for line in rejects.splitlines()]
+    assert rows == sorted({*range(CHUNK), *range(0, len(x), 997)})
+
+
 _MEASURE = """
 import json, sys, tracemalloc
 import onnxruntime, pyarrow as pa, pyarrow.csv, pyarrow.parquet
