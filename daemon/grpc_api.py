@@ -10,13 +10,10 @@ only when ``grpc.enabled`` is set: grpcio and protobuf are not free to import.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import math
-import ssl
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import unquote
 
@@ -25,15 +22,14 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 import daemon
-from daemon import grpc_codec, responses, service
+from daemon import grpc_codec, grpc_tls, responses, service
 from daemon.access import Guard, Route
 from daemon.admission import retry_after_s
-from daemon.config_frontends import GrpcConfig, GrpcTlsConfig
+from daemon.config_frontends import GrpcConfig
 from daemon.context import Activity, RequestContext
-from daemon.errors import Busy, InferdError, KeyProblem, NotReady
+from daemon.errors import Busy, InferdError, NotReady
 from daemon.frontend import Health, Readiness
 from daemon.http_info import SERVER_NAME
-from daemon.keys import read_secret_file
 from daemon.model_config import triton_model_config
 from daemon.models import ModelManager
 from daemon.protocol import Limits, tensor_metadata
@@ -118,24 +114,6 @@ def peer_host(peer: str) -> str | None:
     return None
 
 
-def certificate_ids(context: grpc.aio.ServicerContext) -> tuple[str, ...]:
-    """The names of a verified client certificate (mutual TLS): its CN and its DNS, URI and e-mail SANs, as over
-    HTTPS. grpc's auth context lists every SAN as bare text, IP addresses too, which never name a caller (an address
-    is where a client is, not who): those are left out."""
-    auth = context.auth_context() or {}
-    names = [v.decode(errors="replace") for v in auth.get("x509_common_name", ())]
-    return tuple(names + [v for v in (b.decode(errors="replace") for b in auth.get("x509_subject_alternative_name", ()))
-                          if not _is_address(v)])
-
-
-def _is_address(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, manager: ModelManager, limits: Limits, readiness: Readiness, activity: Activity,
                  guard: Guard | None = None) -> None:
@@ -154,7 +132,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         authorization = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
         try:
             return guard.check(GRPC_ROUTES[rpc], model or None, authorization if isinstance(authorization, str)
-                               else None, peer_host(context.peer()), "grpc", certificate_ids(context))
+                               else None, peer_host(context.peer()), "grpc", grpc_tls.certificate_ids(context))
         except InferdError as exc:
             await _fail(context, exc)
 
@@ -278,45 +256,6 @@ def server_options(cfg: GrpcConfig) -> list[tuple[str, int]]:
     ]
 
 
-#: (private key, certificate chain, client CA or None) as PEM bytes
-TlsFiles = tuple[bytes, bytes, bytes | None]
-
-
-def certificate_files(tls: GrpcTlsConfig) -> TlsFiles:
-    """The listener's PEM files, read here (at start and on a reload), never at import or config time."""
-    if tls.cert_file is None or tls.key_file is None:  # the config's validator refuses this already
-        raise OSError("grpc.tls needs both cert_file and key_file")
-
-    def read(path: Path, what: str) -> bytes:
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise OSError(f"grpc.tls.{what}: cannot read {path}: {exc.strerror or exc}") from None
-
-    ca = read(tls.client_ca_file, "client_ca_file") if tls.client_ca_file is not None else None
-    try:
-        key = read_secret_file(tls.key_file)  # a key that group or others can read is refused, like a KEK
-    except KeyProblem as exc:
-        raise OSError(f"grpc.tls.key_file: {exc}") from None
-    return key, read(tls.cert_file, "cert_file"), ca
-
-
-def _certificates(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
-    key, chain, ca = files
-    return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca)
-
-
-def _usable(tls: GrpcTlsConfig, files: TlsFiles) -> None:
-    """Refuse certificate files OpenSSL would not serve (a reload keeps the old ones then)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-        if files[2] is not None:
-            context.load_verify_locations(cadata=files[2].decode("ascii", errors="replace"))
-    except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"grpc.tls: cannot use {tls.cert_file} / {tls.key_file}: {exc}") from None
-
-
 class GrpcFrontend:
     name = "grpc"
 
@@ -326,7 +265,7 @@ class GrpcFrontend:
         self.port = cfg.port  # the configured one until start(), then the bound one (port 0 picks a free port)
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
-        self._tls_files: TlsFiles | None = None  # the certificate files served now
+        self._tls_files: grpc_tls.TlsFiles | None = None  # the certificate files served now
         self._next_certificates: grpc.ServerCertificateConfiguration | None = None  # for grpcio's next handshake
 
     def _fetch_certificates(self) -> grpc.ServerCertificateConfiguration | None:
@@ -340,13 +279,13 @@ class GrpcFrontend:
         tls = self.cfg.tls
         if not tls.enabled or self._tls_files is None:
             return None
-        files = certificate_files(tls)
+        files = grpc_tls.certificate_files(tls)
         if files == self._tls_files:
             return None
-        _usable(tls, files)
+        grpc_tls.usable(tls, files)
 
         def switch() -> str:
-            self._tls_files, self._next_certificates = files, _certificates(files)
+            self._tls_files, self._next_certificates = files, grpc_tls.certificates(files)
             return f"gRPC certificate re-read from {tls.cert_file}; new connections use it"
 
         return switch
@@ -360,9 +299,9 @@ class GrpcFrontend:
         tls = self.cfg.tls
         try:
             if tls.enabled:
-                files = await asyncio.get_running_loop().run_in_executor(None, certificate_files, tls)
+                files = await asyncio.get_running_loop().run_in_executor(None, grpc_tls.certificate_files, tls)
                 self._tls_files, self._next_certificates = files, None
-                creds = grpc.dynamic_ssl_server_credentials(_certificates(files), self._fetch_certificates,
+                creds = grpc.dynamic_ssl_server_credentials(grpc_tls.certificates(files), self._fetch_certificates,
                                                             require_client_authentication=files[2] is not None)
                 self.port = server.add_secure_port(address, creds)
             else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -24,14 +23,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from daemon import artifact, keys, registry_index
+from daemon import keys, registry_index
 from daemon.config import Config
 from daemon.errors import InferdError
 from daemon.fsutil import atomic_write
+from daemon.registry_artifact import ArtifactRefused, check_artifact_file
 from daemon.registry_fetch import Fetcher, tls_context
 from daemon.registry_index import Index, RegistryError
 from daemon.store import ModelState, Store
@@ -43,14 +42,6 @@ log = logging.getLogger("inferd.registry")
 STATE_FILE = Path("registry") / "state.json"
 #: refusals about the artifact itself (another download would bring the same bytes); the rest are retried each poll
 PERMANENT = frozenset({"sha256_mismatch", "untrusted_signer", "bad_artifact", "runtime_mismatch", "too_large"})
-
-
-class ArtifactRefused(RegistryError):
-    """The downloaded file is not what the index lists, or not an artifact this box trusts."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -367,43 +358,6 @@ def next_delay(previous: float, failed: bool, interval: float, cap: float) -> fl
     """The wait before the next poll, before jitter: the interval after a good poll; after a failed one, double the
     last wait (at least the interval), at most ``cap``."""
     return min(max(previous, interval) * 2, max(cap, interval)) if failed else interval
-
-
-def check_artifact_file(path: Path, name: str, version: str, signers: Mapping[str, Ed25519PublicKey],
-                        require_signature: bool) -> None:
-    """The artifact's own checks that need no key-encryption key, streamed: its header names what the index
-    lists, and its Ed25519 signature is by a trusted signer (the full check, decryption included, runs at load)."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(artifact.MAX_HEADER + 64)
-        try:
-            header, _ = artifact.read_header(head)
-        except InferdError as exc:
-            raise ArtifactRefused("bad_artifact", f"{name}:{version}: {exc}") from None
-        if (header.name, header.version) != (name, version):
-            raise ArtifactRefused("bad_artifact", f"the index lists {name}:{version} but the artifact is "
-                                  f"{header.name}:{header.version}")
-        key = signers.get(header.signer)
-        if key is None:
-            if require_signature:
-                raise ArtifactRefused("untrusted_signer", f"{name}:{version} is signed by key {header.signer}, "
-                                      "which is not in keys.signers")
-            return
-        body = hashlib.sha256()
-        f.seek(0)
-        left = size - artifact.SIG_LEN
-        while left > 0:
-            block = f.read(min(left, 1 << 20))
-            if not block:
-                break
-            body.update(block)
-            left -= len(block)
-        signature = f.read(artifact.SIG_LEN)
-    try:
-        key.verify(signature, artifact.signed_message(body.digest()))
-    except InvalidSignature:
-        raise ArtifactRefused("bad_artifact", f"{name}:{version}: the artifact's signature by {header.signer} is "
-                              "invalid") from None
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:

@@ -21,9 +21,10 @@ from support.registry import Central, RawServer, inferd_serve, nginx, touch_writ
 from support.registry_box import box_config, failure_counts, make_central, poll, refusal_line, run, served_files
 from support.tls import make_pki
 
-from daemon import keys, registry, registry_index, registry_publish
+from daemon import keys, registry, registry_artifact, registry_index, registry_publish
 from daemon.config import KeySource
-from daemon.registry import ArtifactRefused, RegistryClient, check_artifact_file
+from daemon.registry import RegistryClient
+from daemon.registry_artifact import ArtifactRefused, check_artifact_file
 from daemon.registry_index import REASONS, RegistryError, reason_label
 from daemon.store import Store
 
@@ -344,8 +345,8 @@ def test_refusal_reasons_are_a_fixed_documented_set() -> None:
         classes.add(cls)
         stack.extend(cls.__subclasses__())
     assert {"HostNotAllowed", "TruncatedDownload", "StaleSequence", "ArtifactRefused"} <= {c.__name__ for c in classes}
-    named = {c.reason for c in classes} | set(re.findall(r'(?:ArtifactRefused\(|_failed\()\s*"(\w+)"',
-                                                         inspect.getsource(registry)))
+    sources = inspect.getsource(registry) + inspect.getsource(registry_artifact)
+    named = {c.reason for c in classes} | set(re.findall(r'(?:ArtifactRefused\(|_failed\()\s*"(\w+)"', sources))
     assert {"sha256_mismatch", "untrusted_signer", "update_refused", "internal"} <= named <= REASONS
     assert registry.PERMANENT <= REASONS
     docs = (REPO / "docs" / "registry.md").read_text(encoding="utf-8")
