@@ -91,6 +91,9 @@ def test_a_sync_request_cuts_the_wait_short(tmp_path: Path, keyset: KeySet, cent
             assert time.monotonic() < deadline, what
             await asyncio.sleep(0.01)  # polling a condition with a deadline
 
+    def index_requests() -> int:
+        return sum(p == "index.json" for p, _ in server.requests)
+
     async def scenario() -> int:
         async with server:
             config = box_config(tmp_path, keyset, server.url, [index_pub(central)], poll_interval_s=3600)
@@ -100,8 +103,9 @@ def test_a_sync_request_cuts_the_wait_short(tmp_path: Path, keyset: KeySet, cent
             try:
                 await until(lambda: client.polls == 1, "the first poll never started")
                 client.request_sync()  # during the poll or after it: either way one more poll, not lost
-                await until(lambda: client.polls == 2, "a sync request did not cut the hour's wait short")
-                return sum(p == "index.json" for p, _ in server.requests)
+                # the poll counter moves before the request goes out: wait for the registry to see the second one
+                await until(lambda: index_requests() == 2, "a sync request did not cut the hour's wait short")
+                return client.polls
             finally:
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
