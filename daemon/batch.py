@@ -170,7 +170,8 @@ class _Run:
         # reading and converting, scoring, and committing overlap (numpy, pyarrow, the runtime and fsync release
         # the GIL); the queues hold one chunk each, so memory stays a few chunks whatever the input's size
         try:
-            with batch_pipeline.Pipeline(self._chunks(counts["chunks"] * self.chunk_rows), commit) as pipe:
+            with batch_pipeline.Pipeline(self._chunks(counts["chunks"] * self.chunk_rows), commit,
+                                         self.work.settle) as pipe:
                 for chunk in pipe:  # the writer gets the ids and reasons, not the inputs: they are freed here
                     pipe.put(chunk.ids, chunk.reasons, *self._score(chunk))
             progress.close()

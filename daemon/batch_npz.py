@@ -5,35 +5,37 @@ size and CRC-32 in front, so numpy's and zipfile's writers need every row before
 for a cheap model that write after the last chunk was a serial tail as long as the scoring itself. When the row count
 is known before the run (.npy, .npz and Parquet inputs record it) and every column has a fixed width, the whole file's
 layout follows from the first chunk's schema: each member's local header, .npy header and data lie at offsets known
-at once. So each chunk goes to its offsets (``os.pwrite`` on the temp file) on the writer thread, overlapping the
-scoring; the CRC-32s accumulate as chunks arrive in order; and ``close`` only writes the headers that hold them, the
-central directory and the end records, then fsyncs and renames (``atomic_output``, as for every output).
+at once. So each chunk goes to its offsets (``os.pwrite``) in a file of the run's work folder on the writer thread,
+overlapping the scoring; the CRC-32s accumulate as chunks arrive in order; and ``close`` only writes the headers
+that hold them, the central directory and the end records, then fsyncs and renames. The file is the rows' only copy:
+a chunk's commit records ``state()`` (rows written, rows left out, the CRC-32s so far) once ``commit()`` has put its
+rows on disk, and a resumed run ``reopen``s the file at that state.
 
 Rejected rows make the count smaller than planned: a .npy output is cut after the rows scored and its header
-rewritten (padded to the same length); a .npz one would leave gaps between members, so ``accepts`` says no and the
-work folder assembles that output from its parts at the end, as for an input of unknown length. Text columns (ids read
-as strings) have no width until every row is seen: assembled too. Archives always carry zip64 fields (each member's
-local header and central entry, and the zip64 end records), so the layout never depends on the sizes and every
-run takes the path a file over 4 GiB needs; timestamps are the DOS epoch, so a resumed run's file is byte for byte
-an uninterrupted one's.
+rewritten (padded to the same length); a .npz one would leave a gap after each member, so ``close`` copies it tight
+(each member's CRC-32 computed again over the rows kept). Text columns (ids read as strings) have no width until
+every row is seen: ``accepts`` says no and the work folder assembles that output from its parts at the end, as for
+an input of unknown length. Archives always carry zip64 fields (each member's local header and central entry, and
+the zip64 end records), so the layout never depends on the sizes and every run takes the path a file over 4 GiB
+needs; timestamps are the DOS epoch, so a resumed run's file is byte for byte an uninterrupted one's.
 """
 
 from __future__ import annotations
 
-import contextlib
+import mmap
 import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from daemon.batch_arrow import numpy_of
-from daemon.batch_io import SYNC_BYTES, row_shapes
-from daemon.fsutil import atomic_output
+from daemon.batch_io import row_shapes
+from daemon.fsutil import fsync_dir
 
 _LOCAL = struct.Struct("<IHHHHHIIIHH")  # ZIP local file header (30 bytes), then name, then extra
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # central directory entry (46 bytes), then name, then extra
@@ -100,26 +102,28 @@ def _flags(name: bytes) -> int:
 
 
 class ArrayStream:
-    """A .npy or .npz output of ``rows`` rows planned, written chunk by chunk at its offsets in a temp file beside
-    its name; ``close`` makes it the output (headers, central directory, fsync, rename), ``abort`` removes it."""
+    """A .npy or .npz output of ``rows`` rows planned, written chunk by chunk at its offsets in ``temp`` (a file of
+    the run's work folder, so that a resumed run goes on writing it); ``close`` makes it the output (headers,
+    central directory, fsync, rename), ``discard`` removes it, ``release`` only lets go of it (kept for --resume)."""
 
-    def __init__(self, path: Path, fmt: str, rows: int) -> None:
+    def __init__(self, path: Path, fmt: str, rows: int, temp: Path) -> None:
         if fmt not in ("npy", "npz"):
             raise ValueError(f"a {fmt} output is not written at offsets")
-        self.path, self.fmt, self.rows = path, fmt, rows
-        self._stack = contextlib.ExitStack()
+        self.path, self.fmt, self.rows, self.temp = path, fmt, rows, temp
         self._fd = -1
         self._members: list[_Member] = []
         self._schema: pa.Schema | None = None
         self._end = 0
         self.written = self.rejected = 0
-        self._unsynced = 0
 
-    def accepts(self, schema: pa.Schema | None, rejected: int) -> bool:
-        """Whether this output can still be written at offsets after a chunk of this schema with ``rejected`` rows
-        left out (when not, the caller aborts it and assembles the output from the parts)."""
-        if rejected and self.fmt == "npz":
-            return False
+    @property
+    def schema(self) -> pa.Schema | None:
+        """The columns the layout was made for; None until the first chunk with scored rows."""
+        return self._schema
+
+    def accepts(self, schema: pa.Schema | None) -> bool:
+        """Whether chunks of this schema can be written at offsets: every column has a fixed width (text ids do
+        not until every row is seen; the caller then discards the stream and assembles the output from the parts)."""
         if schema is None:
             return True
         return all(fixed_dtype(schema.field(n).type) is not None for n in self._names(schema))
@@ -127,9 +131,8 @@ class ArrayStream:
     def _names(self, schema: pa.Schema) -> list[str]:
         return list(schema.names[1:] if self.fmt == "npy" else schema.names)  # a .npy output holds no ids
 
-    def _open(self, schema: pa.Schema) -> None:
-        f: IO[bytes] = self._stack.enter_context(atomic_output(self.path))
-        self._fd, self._schema = f.fileno(), schema
+    def _layout(self, schema: pa.Schema) -> None:
+        self._schema, self._members = schema, []
         shapes, at = row_shapes(schema), 0
         for name in self._names(schema):
             dtype = fixed_dtype(schema.field(name).type)
@@ -144,7 +147,32 @@ class ArrayStream:
             self._members.append(member)
             at = data_at + self.rows * member.row_bytes
         self._end = at
-        os.ftruncate(self._fd, at)
+
+    def _open(self, schema: pa.Schema) -> None:
+        self._layout(schema)
+        self._fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        os.fchmod(self._fd, 0o640)
+        os.ftruncate(self._fd, self._end)
+
+    def state(self) -> dict[str, Any]:
+        """What a chunk's commit records, for ``reopen`` (the rows so far and each member's CRC-32 so far)."""
+        return {"written": self.written, "rejected": self.rejected, "crc": [m.crc for m in self._members]}
+
+    def reopen(self, schema: pa.Schema, state: dict[str, Any]) -> None:
+        """Go on with the file an interrupted run left, from its last commit (bytes past it are written again)."""
+        self._layout(schema)
+        try:
+            fd = os.open(self.temp, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ValueError(f"--resume: the output in progress {self.temp} is missing; delete the folder "
+                             f"{self.temp.parent} to start over") from None
+        if os.fstat(fd).st_size != self._end or len(state["crc"]) != len(self._members):
+            os.close(fd)
+            raise ValueError(f"--resume: the output in progress {self.temp} does not have the layout its commits "
+                             f"record; delete the folder {self.temp.parent} to start over")
+        self._fd, self.written, self.rejected = fd, int(state["written"]), int(state["rejected"])
+        for m, crc in zip(self._members, state["crc"], strict=True):
+            m.crc = int(crc)
 
     def write(self, batch: pa.RecordBatch | None, rejected: int = 0) -> None:
         """The next chunk's scored rows (None: it had none) and the count of its rows left out."""
@@ -163,15 +191,12 @@ class ArrayStream:
             data = values.reshape(-1).view(np.uint8).data
             m.crc = zlib.crc32(data, m.crc)
             _pwrite(self._fd, data, m.data_at + self.written * m.row_bytes)
-            self._unsynced += len(data)
         self.written += batch.num_rows
 
-    def sync(self) -> None:
-        """Put what was written on disk once a few MiB have gathered, on the writer thread, so that the final fsync
-        has only the tail left to wait for."""
-        if self._fd >= 0 and self._unsynced >= SYNC_BYTES:
+    def commit(self) -> None:
+        """Put what was written on disk: the chunk's commit record may follow (called on the writer thread)."""
+        if self._fd >= 0:
             os.fdatasync(self._fd)
-            self._unsynced = 0
 
     def close(self, schema: pa.Schema) -> None:
         """Finish the output (``schema`` lays out an output no row reached)."""
@@ -185,28 +210,73 @@ class ArrayStream:
                 m.header = npy_header(m.dtype, (self.written, *m.shape), size=len(m.header))
                 os.ftruncate(self._fd, m.data_at + self.written * m.row_bytes)
             _pwrite(self._fd, memoryview(m.header), 0)
+            done = self.temp
+        elif self.written < self.rows:  # rejected rows leave a gap after each member: copied into a tight file
+            done = self._compacted()
         else:
-            central = b""
-            for m in self._members:
-                size = len(m.header) + self.rows * m.row_bytes
-                _pwrite(self._fd, memoryview(m.local_header(size) + m.header), m.header_at)
-                central += m.central_entry(size)
-            n, at = len(self._members), self._end
-            end64 = _END64.pack(0x06064B50, _END64.size - 12, (3 << 8) | _VERSION, _VERSION, 0, 0, n, n,
-                                len(central), at)
-            tail = (central + end64 + _LOCATOR.pack(0x07064B50, 0, at + len(central), 1)
-                    + _END.pack(0x06054B50, 0, 0, min(n, _MAX16), min(n, _MAX16), min(len(central), _MAX32),
-                                min(at, _MAX32), 0))
-            _pwrite(self._fd, memoryview(tail), at)
-        self._stack.close()  # fsync, rename, fsync the folder
+            self._finish_zip(self._fd, self._members, self.rows)
+            done = self.temp
+        fd = self._fd if done == self.temp else os.open(done, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            self._fd = -1
+        os.replace(done, self.path)
+        fsync_dir(self.path.parent)
+        self.temp.unlink(missing_ok=True)
 
-    def abort(self) -> None:
-        with contextlib.suppress(_Aborted):
-            self._stack.__exit__(_Aborted, _Aborted(), None)
+    def _compacted(self) -> Path:
+        """A copy of the archive with each member cut to the rows scored (the rare path: a .npz with rejects)."""
+        tight = self.temp.with_name(self.temp.name + ".tight")
+        out = os.open(tight, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        try:
+            os.fchmod(out, 0o640)
+            members, at = [], 0
+            with mmap.mmap(self._fd, 0, prot=mmap.PROT_READ) as src:
+                for m in self._members:
+                    header = npy_header(m.dtype, (self.written, *m.shape))
+                    data_at = at + _LOCAL.size + len(m.zip_name) + 20 + len(header)
+                    data = memoryview(src)[m.data_at : m.data_at + self.written * m.row_bytes]
+                    try:
+                        tight_m = _Member(m.name, m.dtype, m.shape, m.row_bytes, header, m.zip_name, at, data_at,
+                                          zlib.crc32(data, zlib.crc32(header)))
+                        _pwrite(out, data, data_at)
+                    finally:
+                        data.release()
+                    members.append(tight_m)
+                    at = data_at + self.written * m.row_bytes
+            self._finish_zip(out, members, self.written, at)
+        finally:
+            os.close(out)
+        os.close(self._fd)
+        self._fd = -1
+        return tight
 
+    def _finish_zip(self, fd: int, members: list[_Member], rows: int, end: int | None = None) -> None:
+        """Each member's headers (which hold its size and CRC-32), the central directory and the end records."""
+        central = b""
+        for m in members:
+            size = len(m.header) + rows * m.row_bytes
+            _pwrite(fd, memoryview(m.local_header(size) + m.header), m.header_at)
+            central += m.central_entry(size)
+        n, at = len(members), self._end if end is None else end
+        end64 = _END64.pack(0x06064B50, _END64.size - 12, (3 << 8) | _VERSION, _VERSION, 0, 0, n, n, len(central), at)
+        tail = (central + end64 + _LOCATOR.pack(0x07064B50, 0, at + len(central), 1)
+                + _END.pack(0x06054B50, 0, 0, min(n, _MAX16), min(n, _MAX16), min(len(central), _MAX32),
+                            min(at, _MAX32), 0))
+        _pwrite(fd, memoryview(tail), at)
 
-class _Aborted(Exception):
-    """Thrown into the temp file's context so that it is removed rather than renamed."""
+    def release(self) -> None:
+        """The run stops: the file stays in the work folder for --resume, up to its last commit."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def discard(self) -> None:
+        """The output will be assembled from the parts instead: the file goes."""
+        self.release()
+        self.temp.unlink(missing_ok=True)
 
 
 def _pwrite(fd: int, data: memoryview, at: int) -> None:

@@ -34,11 +34,15 @@ class _Failed:
 class Pipeline(Generic[T]):
     """Iterate it for the source's items (read ahead by a thread); ``put`` each result for ``commit`` (a thread)."""
 
-    def __init__(self, source: Iterator[T], commit: Callable[..., None]) -> None:
-        self._source, self._commit = source, commit
+    def __init__(self, source: Iterator[T], commit: Callable[..., None],
+                 idle: Callable[[], None] | None = None) -> None:
+        """``idle``: called on the writer thread after a commit when no result waits (a result waiting, or the
+        last item being scored, lets commits be grouped, and the end needs none: see WorkFolder.settle)."""
+        self._source, self._commit, self._idle = source, commit, idle
         self._read_q: queue.Queue[Any] = queue.Queue(1)
         self._write_q: queue.Queue[Any] = queue.Queue(1)
         self._stop = threading.Event()
+        self._ended = False  # the scoring loop has had the source's last item
         self._write_error: BaseException | None = None
         self._reader = threading.Thread(target=self._read, name="inferd-batch-reader")
         self._writer = threading.Thread(target=self._write, name="inferd-batch-writer")
@@ -52,6 +56,7 @@ class Pipeline(Generic[T]):
         while True:
             item = self._read_q.get()
             if item is _END:
+                self._ended = True
                 return
             if isinstance(item, _Failed):
                 raise item.exc
@@ -102,11 +107,18 @@ class Pipeline(Generic[T]):
                 continue
         return False
 
+    def _ending(self) -> bool:
+        """Whether the item being scored, if any, is the last: the reader's end waits behind it, or came."""
+        with self._read_q.mutex:
+            return self._ended or (bool(self._read_q.queue) and self._read_q.queue[0] is _END)
+
     def _write(self) -> None:
         while (result := self._write_q.get()) is not _END:
             if self._write_error is not None:
                 continue  # keep draining so the scoring loop never blocks on a dead writer
             try:
                 self._commit(*result)
+                if self._idle is not None and self._write_q.empty() and not self._ending():
+                    self._idle()
             except BaseException as exc:
                 self._write_error = exc

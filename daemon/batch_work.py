@@ -4,13 +4,16 @@ A chunk is committed by one file: its part (Arrow IPC: the scored rows, and in t
 rows with their reasons), written to a temp file, fsynced and renamed. The committed chunks are the longest run of
 part files from chunk 0 without a gap, so one fsync per chunk is enough: a rename never names a file whose bytes are
 not on disk, and a power cut that keeps a later rename but loses an earlier one only shortens the run (the later
-parts are redone). ``journal.json`` holds what the run was started with, written once. The output appears under its
-name only once written whole: written as the run goes (Parquet, CSV, JSON lines; .npy and .npz when the input
-records its row count: daemon/batch_npz.py), else assembled from the parts at the end.
+parts are redone). A .npy/.npz output written at its offsets (daemon/batch_npz.py) holds the rows itself: its
+chunks' parts carry only their counts, rejects and the output's state, written once the rows are on disk (``settle``).
+``journal.json`` holds what the run was started with, written once. The output appears under its name only once
+written whole: written as the run goes (Parquet, CSV, JSON lines; .npy and .npz when the input records its row
+count), else assembled from the parts at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -30,7 +33,11 @@ from daemon.batch_npz import ArrayStream
 from daemon.fsutil import atomic_write
 
 JOURNAL = "journal.json"
-FORMAT = 2
+FORMAT = 3
+#: a .npy/.npz output written at its offsets as the run goes; it becomes the output at the end
+STREAM = "output.partial"
+#: chunks written to it before their parts must be settled, when the writer is behind the scoring and never idle
+MAX_PENDING = 4
 _PART = re.compile(r"^part-(\d{8})\.arrow$")
 _CHUNK = b"chunk"  # the part's schema metadata key for its counts and rejects (outputs' shapes are "shape:NAME")
 
@@ -42,14 +49,16 @@ class WorkFolder:
         # a .npy/.npz output is laid out from the input's row count, where its files record it
         rows = count_rows([Path(p[0]) for p in self.identity.get("input", [])]) if fmt not in STREAMED else None
         self.stream: OutputStream | ArrayStream | None = (
-            OutputStream(output, fmt) if fmt in STREAMED else ArrayStream(output, fmt, rows) if rows is not None
-            else None)
+            OutputStream(output, fmt) if fmt in STREAMED else ArrayStream(output, fmt, rows, self.path / STREAM)
+            if rows is not None else None)
         self._streamed = 0  # parts already written to the stream
         # what this run's commits (chunks ``_start`` on) leave for ``finish`` to know without reading them back: the
         # first with scored rows and its schema, and which had rejected rows
         self._start = 0
         self._first: pa.Schema | None = None
-        self._rejected: set[int] = set()
+        self._rejected: dict[int, str] = {}  # chunk -> its reject lines
+        # chunks written to a .npy/.npz output in progress whose parts wait for ``settle`` (one fdatasync for them)
+        self._pending: list[tuple[int, pa.Schema]] = []
 
     def start(self, resume: bool) -> dict[str, Any]:
         """The counts to go on from: fresh ones, or (``resume``) the interrupted run's, its stale files removed."""
@@ -67,10 +76,16 @@ class WorkFolder:
                 raise ValueError(f"--resume: the run in {self.path} was started with another {', '.join(changed)}; "
                                  "rerun with the same model, input and options, or delete the folder")
             counts = self._committed()
+            last = _chunk_info(self._part(counts["chunks"] - 1)) if counts["chunks"] else None
+            stream = self.stream if isinstance(self.stream, ArrayStream) and last and "stream" in last else None
             for leftover in self.path.iterdir():  # not part of the committed run: redone now
                 part = _PART.match(leftover.name)
-                if leftover.name != JOURNAL and (part is None or int(part[1]) >= counts["chunks"]):
+                keep = leftover.name == JOURNAL or (leftover.name == STREAM and stream is not None)
+                if not keep and (part is None or int(part[1]) >= counts["chunks"]):
                     leftover.unlink()
+            if stream is not None and last:  # the committed chunks are in the output in progress: it goes on
+                stream.reopen(_schema(self._part(counts["chunks"] - 1)), last["stream"])
+                self._streamed = counts["chunks"]
             for temp in self.output.parent.glob(f".{self.output.name}.*.tmp"):  # an output cut short
                 temp.unlink()
             self._start = counts["chunks"]
@@ -102,10 +117,27 @@ class WorkFolder:
         values = ids.take(arrow_of(np.array(rows, dtype=np.int64))).to_pylist() if rows else []
         rejects = b"".join(orjson.dumps({id_name: v, "reason": reasons[i]}, option=orjson.OPT_APPEND_NEWLINE)
                            for i, v in zip(rows, values)).decode()
-        chunk = json.dumps({"scored": len(good), "rejects": rejects})
-        batch = record_batch(id_name, ids.take(arrow_of(good)) if reasons else ids, outputs, chunk) if len(good) \
-            else None
-        schema = batch.schema if batch is not None else pa.schema([], metadata={_CHUNK: chunk})
+        info: dict[str, Any] = {"scored": len(good), "rejects": rejects}
+        batch = record_batch(id_name, ids.take(arrow_of(good)) if reasons else ids, outputs) if len(good) else None
+        if isinstance(self.stream, ArrayStream):
+            self._feed(k)
+            self._to_stream(batch, len(reasons))
+        if isinstance(self.stream, ArrayStream) and self.stream.schema is not None:
+            # the rows are in the output in progress; their part (the chunk's counts, rejects and the stream's
+            # state, no second copy of the rows) is written by ``settle`` once they are on disk
+            info["stream"] = self.stream.state()
+            meta = {**(self.stream.schema.metadata or {}), _CHUNK: json.dumps(info)}
+            self._pending.append((k, self.stream.schema.with_metadata(meta)))
+            self._done(k, self.stream.schema, rejects)
+            self._streamed = k + 1
+            if len(self._pending) >= MAX_PENDING:
+                self.settle()
+            return
+        if batch is not None:
+            batch = batch.replace_schema_metadata({**batch.schema.metadata, _CHUNK: json.dumps(info)})
+            schema = batch.schema
+        else:
+            schema = pa.schema([], metadata={_CHUNK: json.dumps(info)})
         path = self._part(k)
         temp = path.with_name(f".{path.name}.tmp")
         with temp.open("wb") as f:
@@ -115,25 +147,45 @@ class WorkFolder:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)  # the commit; the folder's fsync is left out (see the module's docstring)
-        if batch is not None and self._first is None:
-            self._first = batch.schema
-        if reasons:
-            self._rejected.add(k)
-        if self.stream is not None:
+        self._done(k, schema if len(good) else None, rejects)
+        if isinstance(self.stream, OutputStream):
             self._feed(k)
-            self._to_stream(batch, len(reasons))
-            if self.stream is not None:
-                self.stream.sync()
-            self._streamed = k + 1
+            if batch is not None:
+                self.stream.write(batch)
+            self.stream.sync()
+        self._streamed = k + 1
+
+    def _done(self, k: int, schema: pa.Schema | None, rejects: str) -> None:
+        """What ``finish`` needs of this run's chunk ``k`` without reading its part back."""
+        if schema is not None and self._first is None:
+            self._first = schema
+        if rejects:
+            self._rejected[k] = rejects
+
+    def settle(self) -> None:
+        """Commit the chunks written to the output in progress since the last call: one fdatasync, then their
+        parts. A part is not fsynced: its chunk's rows are on disk before its name is, so a part a power cut
+        tears or loses only ends the committed run early (those chunks are redone), never names missing rows."""
+        if not self._pending:
+            return
+        assert isinstance(self.stream, ArrayStream)
+        self.stream.commit()
+        for k, schema in self._pending:
+            path = self._part(k)
+            temp = path.with_name(f".{path.name}.tmp")
+            with temp.open("wb") as f, pa.ipc.new_file(f, schema):
+                pass
+            os.replace(temp, path)
+        self._pending.clear()
 
     def _to_stream(self, batch: pa.RecordBatch | None, rejected: int) -> None:
-        """One committed chunk to the output stream; a .npy/.npz stream that cannot take it (rejected rows in a
-        .npz, text ids) is dropped, and the output is assembled from the parts at the end instead."""
+        """One chunk to the output stream; a .npy/.npz stream that cannot take it (text ids: no fixed width) is
+        dropped, and the output is assembled from the parts at the end instead."""
         if isinstance(self.stream, ArrayStream):
-            if self.stream.accepts(batch.schema if batch is not None else None, rejected):
+            if self.stream.accepts(batch.schema if batch is not None else None):
                 self.stream.write(batch, rejected)
             else:
-                self.stream.abort()
+                self.stream.discard()
                 self.stream = None
         elif self.stream is not None and batch is not None:
             self.stream.write(batch)
@@ -150,8 +202,14 @@ class WorkFolder:
         self._streamed = max(self._streamed, upto)
 
     def abort(self) -> None:
-        """The run stops before its end: the stream's temp file goes (a resumed run writes it again)."""
-        if self.stream is not None:
+        """The run stops before its end: a streamed Parquet/CSV/JSON lines temp file goes (a resumed run writes it
+        again from the parts); a .npy/.npz output in progress stays in the folder, which --resume goes on with."""
+        if isinstance(self.stream, ArrayStream):
+            # what was scored is kept for --resume; a failing settle (a full disk) must not hide why the run stopped
+            with contextlib.suppress(Exception):
+                self.settle()
+            self.stream.release()
+        elif self.stream is not None:
             self.stream.abort()
 
     def finish(self, rejects: Path, chunks: int, scored: int, id_name: str, outputs: list[TensorSpec]) -> None:
@@ -162,8 +220,8 @@ class WorkFolder:
         schema = next(earlier, None) or self._first or empty_schema(id_name, outputs)
         if self.stream is not None:
             self._feed(chunks)
-        if isinstance(self.stream, ArrayStream) and not self.stream.accepts(schema, 0):
-            self.stream.abort()  # no row reached it, and its columns have no fixed width
+        if isinstance(self.stream, ArrayStream) and not self.stream.accepts(schema):
+            self.stream.discard()  # no row reached it, and its columns have no fixed width
             self.stream = None
         if self.stream is not None:
             self.stream.close(schema)
@@ -177,8 +235,10 @@ class WorkFolder:
                 mapped.clear()  # the batches go before the maps they view
                 for m in maps:
                     m.close()
-        found = "".join(info["rejects"] for k, p in enumerate(parts) if (k < self._start or k in self._rejected)
-                        and (info := _chunk_info(p)) is not None).encode()
+        # the parts of this run's chunks that wait for a settle never will: the output is whole, the folder goes
+        self._pending.clear()
+        earlier_rejects = (info["rejects"] for p in parts[:self._start] if (info := _chunk_info(p)) is not None)
+        found = "".join([*earlier_rejects, *(self._rejected[k] for k in sorted(self._rejected))]).encode()
         if found:
             atomic_write(rejects, found)
         else:

@@ -83,9 +83,10 @@ def test_a_parquet_input_streams_a_npz_with_its_own_id_type(tmp_path: Path, keys
         np.testing.assert_array_equal(z["output"], _ort(mlp_onnx, x)[0])
 
 
-def test_text_ids_and_rejected_rows_make_the_npz_assembled_from_the_parts(tmp_path: Path, keyset: KeySet,
-                                                                         mlp_onnx: bytes) -> None:
-    """Neither layout is known from the first chunk (the widest id, the rows scored): the parts are assembled."""
+def test_text_ids_make_the_npz_assembled_from_the_parts_and_rejects_cut_each_member(tmp_path: Path, keyset: KeySet,
+                                                                                   mlp_onnx: bytes) -> None:
+    """Text ids have no width until the last row (the parts are assembled at the end); rejected rows leave each
+    streamed member shorter than planned (the archive is copied tight at the end)."""
     x = np.random.default_rng(3).normal(size=(90, 4)).astype(np.float32)
     x[61, 0] = np.nan
     src = tmp_path / "rows.npz"
@@ -103,6 +104,10 @@ def test_text_ids_and_rejected_rows_make_the_npz_assembled_from_the_parts(tmp_pa
                 np.testing.assert_array_equal(z["row"], keep)
             np.testing.assert_array_equal(z["output"], _ort(mlp_onnx, x[keep])[0])
         assert _members(out)
+        with zipfile.ZipFile(out) as archive:  # no gap where the rejected rows were planned
+            ends = [i.header_offset + 30 + len(i.filename) + 20 + i.file_size for i in archive.infolist()]
+            starts = [i.header_offset for i in archive.infolist()]
+            assert starts[1:] == ends[:-1] or ids, (starts, ends)
 
 
 def test_rejected_rows_cut_a_streamed_npy_short(tmp_path: Path, keyset: KeySet, mlp_onnx: bytes) -> None:
@@ -154,28 +159,64 @@ def test_the_row_count_comes_from_the_headers_where_the_format_records_it(tmp_pa
     assert count_rows([tmp_path / "e.csv"]) is None, "CSV records no count: its .npz output is assembled"
 
 
-def test_an_array_stream_refuses_a_count_other_than_planned_and_aborts_without_a_trace(tmp_path: Path) -> None:
+def test_an_array_stream_refuses_a_count_other_than_planned_and_is_discarded_without_a_trace(tmp_path: Path) -> None:
     def chunk(start: int, n: int) -> pa.RecordBatch:
         return record_batch("row", pa.array(np.arange(start, start + n)), {"wert_ä": np.ones((n, 2), np.float64)})
 
-    out = tmp_path / "x.npz"
-    stream = ArrayStream(out, "npz", 5)
+    out, work = tmp_path / "x.npz", tmp_path / "work"
+    work.mkdir()
+    stream = ArrayStream(out, "npz", 5, work / "partial")
     stream.write(chunk(0, 4))
     with pytest.raises(ValueError, match="more rows than the 5 the input holds"):
         stream.write(chunk(4, 2))
-    stream.abort()
-    assert list(tmp_path.iterdir()) == []
-    stream = ArrayStream(out, "npz", 5)
+    stream.discard()
+    assert list(work.iterdir()) == []
+    stream = ArrayStream(out, "npz", 5, work / "partial")
     stream.write(chunk(0, 4))
     with pytest.raises(ValueError, match="the input held 5 rows but 4 were read"):
         stream.close(chunk(0, 0).schema)
-    stream.abort()
-    stream = ArrayStream(out, "npz", 4)
+    stream.release()  # a run that stops keeps its output in progress for --resume
+    assert [p.name for p in work.iterdir()] == ["partial"]
+    assert not out.exists()
+    stream = ArrayStream(out, "npz", 4, work / "partial")
     stream.write(chunk(0, 4))
     stream.close(chunk(0, 0).schema)
+    assert list(work.iterdir()) == []
     assert [name for name, _ in _members(out)] == ["row.npy", "wert_ä.npy"], "a UTF-8 name is flagged as such"
     with np.load(out, allow_pickle=False) as z:
         np.testing.assert_array_equal(z["wert_ä"], np.ones((4, 2)))
+    assert out.stat().st_mode & 0o777 == 0o640
+
+
+def test_an_array_stream_reopened_at_a_commit_goes_on_to_the_same_bytes(tmp_path: Path) -> None:
+    """What --resume relies on: the state a commit records reopens the file; bytes written after it (a chunk
+    being written when the run was killed) are written again."""
+    def chunk(start: int, n: int) -> pa.RecordBatch:
+        return record_batch("row", pa.array(np.arange(start, start + n)),
+                            {"y": np.arange(start, start + n, dtype=np.float32)[:, None] * [1, 2]})
+
+    whole = ArrayStream(tmp_path / "whole.npz", "npz", 9, tmp_path / "whole.partial")
+    for start in (0, 3, 6):
+        whole.write(chunk(start, 3))
+    whole.close(chunk(0, 0).schema)
+    first = ArrayStream(tmp_path / "x.npz", "npz", 9, tmp_path / "x.partial")
+    first.write(chunk(0, 3))
+    first.commit()
+    state, schema = first.state(), first.schema
+    first.write(chunk(3, 3).slice(0, 2))  # past the commit: lost with the run
+    first.release()
+    again = ArrayStream(tmp_path / "x.npz", "npz", 9, tmp_path / "x.partial")
+    assert schema is not None
+    again.reopen(schema, state)
+    again.write(chunk(3, 3))
+    again.write(chunk(6, 3))
+    again.close(schema)
+    assert (tmp_path / "x.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
+    (tmp_path / "y.partial").write_bytes(b"short")
+    with pytest.raises(ValueError, match="does not have the layout its commits record"):
+        ArrayStream(tmp_path / "y.npz", "npz", 9, tmp_path / "y.partial").reopen(schema, state)
+    with pytest.raises(ValueError, match="is missing"):
+        ArrayStream(tmp_path / "z.npz", "npz", 9, tmp_path / "z.partial").reopen(schema, state)
 
 
 def _parts(work: Path) -> int:
@@ -186,7 +227,7 @@ def _parts(work: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("suffix", "bad"), [(".npz", []), (".npy", [3, 2500, 149_999])])
+@pytest.mark.parametrize(("suffix", "bad"), [(".npz", [3, 2500, 149_999]), (".npy", [3, 2500, 149_999])])
 def test_a_streamed_output_resumed_after_sigkill_is_the_uninterrupted_one_byte_for_byte(
         tmp_path: Path, keyset: KeySet, mlp_onnx: bytes, suffix: str, bad: list[int]) -> None:
     x = np.random.default_rng(9).normal(size=(150_000, 4)).astype(np.float32)
@@ -212,7 +253,7 @@ def test_a_streamed_output_resumed_after_sigkill_is_the_uninterrupted_one_byte_f
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline, "no chunk committed within 120 s"
             time.sleep(0.002)  # polling the work folder: the condition itself is what we wait for
-        temps = list(out.parent.glob(f".{out.name}.*.tmp"))
+        partial = (work / "output.partial").exists()
         assert proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -220,8 +261,26 @@ def test_a_streamed_output_resumed_after_sigkill_is_the_uninterrupted_one_byte_f
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert len(temps) == 1, "the output was being written during the run, not assembled at its end"
+    assert partial, "the output was being written during the run, not assembled at its end"
+    assert sum(p.stat().st_size for p in work.glob("part-*.arrow")) < 100_000, "the parts hold no second copy"
     assert not out.exists()
+    first = _parts(work)
+    # a resumed run stopped by Ctrl-C: the chunks it wrote are committed (settled) before it exits, for the next
+    proc = subprocess.Popen([*command(out), "--resume"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while _parts(work) <= first + 2:
+            assert proc.poll() is None, "the resumed run ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no chunk committed within 120 s"
+            time.sleep(0.002)  # polling the work folder: the condition itself is what we wait for
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _parts(work) > first + 2 and (work / "output.partial").exists() and not out.exists()
     resumed = subprocess.run([*command(out), "--resume"], cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == status, resumed.stderr
     assert "resumed after chunk" in resumed.stdout
@@ -233,7 +292,7 @@ def test_a_streamed_output_resumed_after_sigkill_is_the_uninterrupted_one_byte_f
         assert [name for name, _ in _members(out)] == ["row.npy", "output.npy"]
         with np.load(out, allow_pickle=False) as z:
             np.testing.assert_array_equal(z["row"], keep)
-            np.testing.assert_array_equal(z["output"], _ort(mlp_onnx, x)[0])
+            np.testing.assert_array_equal(z["output"], _ort(mlp_onnx, x[keep])[0])
     else:
         np.testing.assert_array_equal(np.load(out, allow_pickle=False), _ort(mlp_onnx, x[keep])[0])
     assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name] + ([f"{out.name}.rejects.jsonl"]

@@ -26,6 +26,8 @@ from daemon import cli
 from daemon.batch import default_chunk_rows
 from daemon.batch_pipeline import Pipeline
 
+DEADLINE_S = 30.0
+
 
 def _batch(art: Path, keyset: KeySet, *args: str) -> int:
     return cli.main(["batch", str(art), "--kek", str(keyset.kek_path), "--signer", str(keyset.public_path), *args])
@@ -103,6 +105,28 @@ def test_an_error_while_committing_reaches_the_scoring_loop() -> None:
     with pytest.raises(OSError, match="No space left"):
         _drive(iter(range(10_000)), commit, put)
     assert len(put) < 10_000, "the loop stopped soon after the writer failed"
+
+
+def test_the_writer_is_idle_only_when_nothing_waits_and_more_is_to_come() -> None:
+    """Grouped commits: ``idle`` (a settle) follows a commit when no result waits and the source has more; the
+    results handed over once the scoring loop has had the last item are committed without it (the end settles)."""
+    committed: list[int] = []
+    idled = threading.Event()
+    calls: list[list[int]] = []
+
+    def idle() -> None:
+        calls.append(list(committed))
+        idled.set()
+
+    with Pipeline(iter([1, 2, 3]), committed.append, idle) as pipe:
+        items = iter(pipe)
+        pipe.put(next(items))
+        assert idled.wait(DEADLINE_S), "the writer never went idle after the first commit"
+        rest = list(items)  # the source's end: what follows is the run's tail
+        for item in rest:
+            pipe.put(item)
+    assert committed == [1, 2, 3]
+    assert calls == [[1]]
 
 
 def test_a_nan_in_the_middle_of_a_npy_chunk_rejects_that_row_only(tmp_path: Path, keyset: KeySet,
