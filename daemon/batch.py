@@ -158,6 +158,12 @@ class _Run:
         from daemon import batch_pipeline
 
         counts = self.work.start(self.args.resume)
+        if counts.pop("finished", False):  # stopped after its output and rejects were whole: now renamed
+            self.output.with_name(f".{self.output.name}.lock").unlink(missing_ok=True)
+            note = f", {counts['rejected']:,} rejected (see {self.rejects})" if counts["rejected"] else ""
+            print(f"{self.label}: the interrupted run had already scored {counts['scored']:,} rows{note}; its output "
+                  f"is now {self.output}")
+            return EXIT_REJECTED if counts["rejected"] else EXIT_OK
         resumed_at = counts["chunks"]
         progress = _Progress(self.source, counts["chunks"] * self.chunk_rows)
 
@@ -175,7 +181,7 @@ class _Run:
                 for chunk in pipe:  # the writer gets the ids and reasons, not the inputs: they are freed here
                     pipe.put(chunk.ids, chunk.reasons, *self._score(chunk))
             progress.close()
-            self.work.finish(self.rejects, counts["chunks"], counts["scored"], self.id_name, self.session.outputs)
+            self.work.finish(self.rejects, counts, self.id_name, self.session.outputs)
         except BaseException:
             self.work.abort()
             raise

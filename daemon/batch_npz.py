@@ -166,10 +166,14 @@ class ArrayStream:
         except FileNotFoundError:
             raise ValueError(f"--resume: the output in progress {self.temp} is missing; delete the folder "
                              f"{self.temp.parent} to start over") from None
-        if os.fstat(fd).st_size != self._end or len(state["crc"]) != len(self._members):
+        if len(state["crc"]) != len(self._members) or os.fstat(fd).st_size < max(
+                m.data_at + int(state["written"]) * m.row_bytes for m in self._members):
             os.close(fd)
-            raise ValueError(f"--resume: the output in progress {self.temp} does not have the layout its commits "
+            raise ValueError(f"--resume: the output in progress {self.temp} does not hold the rows its commits "
                              f"record; delete the folder {self.temp.parent} to start over")
+        # a run stopped while sealing left a tail past the layout (a .npz) or cut it short (a .npy with rejects,
+        # never below the rows committed): back to the layout, the seal is written again
+        os.ftruncate(fd, self._end)
         self._fd, self.written, self.rejected = fd, int(state["written"]), int(state["rejected"])
         for m, crc in zip(self._members, state["crc"], strict=True):
             m.crc = int(crc)
@@ -199,35 +203,42 @@ class ArrayStream:
             os.fdatasync(self._fd)
 
     def close(self, schema: pa.Schema) -> None:
-        """Finish the output (``schema`` lays out an output no row reached)."""
+        """Finish the output (``schema`` lays out an output no row reached): ``seal`` then ``publish``."""
+        self.publish(self.seal(schema))
+
+    def seal(self, schema: pa.Schema) -> Path:
+        """Write the headers, the central directory and the end records; the file that holds the whole output,
+        fsynced (``temp``, or its tight copy), for ``publish``. A run stopped here resumes from its last commit:
+        ``reopen`` cuts the file back to its layout, and the bytes written here are written again."""
         if self._schema is None:
             self._open(schema)
         if self.written + self.rejected != self.rows:
             raise ValueError(f"the input held {self.rows:,} rows but {self.written + self.rejected:,} were read")
+        done = self.temp
         if self.fmt == "npy":
             (m,) = self._members
             if self.written < self.rows:  # rows were rejected: the array ends after the rows scored
                 m.header = npy_header(m.dtype, (self.written, *m.shape), size=len(m.header))
                 os.ftruncate(self._fd, m.data_at + self.written * m.row_bytes)
             _pwrite(self._fd, memoryview(m.header), 0)
-            done = self.temp
         elif self.written < self.rows:  # rejected rows leave a gap after each member: copied into a tight file
             done = self._compacted()
         else:
             self._finish_zip(self._fd, self._members, self.rows)
-            done = self.temp
-        fd = self._fd if done == self.temp else os.open(done, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            self._fd = -1
-        os.replace(done, self.path)
+        if done == self.temp:
+            os.fsync(self._fd)
+        self.release()
+        return done
+
+    def publish(self, sealed: Path) -> None:
+        """The sealed file becomes the output (renamed, its folder fsynced)."""
+        os.replace(sealed, self.path)
         fsync_dir(self.path.parent)
         self.temp.unlink(missing_ok=True)
 
     def _compacted(self) -> Path:
-        """A copy of the archive with each member cut to the rows scored (the rare path: a .npz with rejects)."""
+        """A copy of the archive with each member cut to the rows scored (the rare path: a .npz with rejects),
+        fsynced; removed again if it cannot be made whole."""
         tight = self.temp.with_name(self.temp.name + ".tight")
         out = os.open(tight, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
@@ -247,10 +258,12 @@ class ArrayStream:
                     members.append(tight_m)
                     at = data_at + self.written * m.row_bytes
             self._finish_zip(out, members, self.written, at)
-        finally:
+            os.fsync(out)
+        except BaseException:
             os.close(out)
-        os.close(self._fd)
-        self._fd = -1
+            tight.unlink(missing_ok=True)
+            raise
+        os.close(out)
         return tight
 
     def _finish_zip(self, fd: int, members: list[_Member], rows: int, end: int | None = None) -> None:

@@ -75,9 +75,19 @@ class Pipeline(Generic[T]):
                 self._read_q.get_nowait()
             except queue.Empty:
                 break
-        self._write_q.put(_END)  # the writer drains to here: what was scored is still committed, in order
-        self._writer.join()
-        self._reader.join()
+        # the writer drains to the end: what was scored is still committed, in order; a second Ctrl-C meanwhile
+        # must not leave the writer committing behind the caller's clean-up, so the waits are finished first
+        interrupted: BaseException | None = None
+        steps: list[Callable[[], object]] = [lambda: self._write_q.put(_END), self._writer.join, self._reader.join]
+        for step in steps:
+            while True:
+                try:
+                    step()
+                    break
+                except KeyboardInterrupt as exc:
+                    interrupted = exc
+        if interrupted is not None:
+            raise interrupted
         if kind is None:
             self._raise_write_error()
 

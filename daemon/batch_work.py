@@ -2,7 +2,7 @@
 
 A chunk is committed by one file: its part (Arrow IPC: the scored rows, and in the schema's metadata the rejected
 rows with their reasons), written to a temp file, fsynced and renamed. The committed chunks are the longest run of
-part files from chunk 0 without a gap, so one fsync per chunk is enough: a rename never names a file whose bytes are
+part files from chunk 0 without a gap, so one fsync per chunk is enough: a part's name never points at rows that are
 not on disk, and a power cut that keeps a later rename but loses an earlier one only shortens the run (the later
 parts are redone). A .npy/.npz output written at its offsets (daemon/batch_npz.py) holds the rows itself: its
 chunks' parts carry only their counts, rejects and the output's state, written once the rows are on disk (``settle``).
@@ -30,12 +30,15 @@ from adapters.base import TensorSpec
 from daemon.batch_arrow import arrow_of
 from daemon.batch_io import STREAMED, OutputStream, count_rows, write_output
 from daemon.batch_npz import ArrayStream
-from daemon.fsutil import atomic_write
+from daemon.fsutil import atomic_write, fsync_dir
 
 JOURNAL = "journal.json"
 FORMAT = 3
 #: a .npy/.npz output written at its offsets as the run goes; it becomes the output at the end
 STREAM = "output.partial"
+#: written once the output in progress is sealed (whole and fsynced), just before it is renamed to the output: a run
+#: stopped after it only has to finish the rename
+SEALED = "sealed.json"
 #: chunks written to it before their parts must be settled, when the writer is behind the scoring and never idle
 MAX_PENDING = 4
 _PART = re.compile(r"^part-(\d{8})\.arrow$")
@@ -75,6 +78,8 @@ class WorkFolder:
             if changed:
                 raise ValueError(f"--resume: the run in {self.path} was started with another {', '.join(changed)}; "
                                  "rerun with the same model, input and options, or delete the folder")
+            if (self.path / SEALED).exists():
+                return self._published()
             counts = self._committed()
             last = _chunk_info(self._part(counts["chunks"] - 1)) if counts["chunks"] else None
             stream = self.stream if isinstance(self.stream, ArrayStream) and last and "stream" in last else None
@@ -94,6 +99,19 @@ class WorkFolder:
         atomic_write(journal_path, json.dumps({"format": FORMAT, "identity": self.identity}, indent=1).encode()
                      + b"\n")
         return {"chunks": 0, "scored": 0, "rejected": 0}
+
+    def _published(self) -> dict[str, Any]:
+        """An earlier run sealed its output (its rejects file already written) and stopped before the rename."""
+        sealed = json.loads((self.path / SEALED).read_text(encoding="utf-8"))
+        done = self.path / sealed["file"]
+        if done.exists():
+            os.replace(done, self.output)
+            fsync_dir(self.output.parent)
+        elif not self.output.exists():
+            raise ValueError(f"--resume: the run in {self.path} had finished, but its output {self.output} is gone; "
+                             "delete the folder to start over")
+        shutil.rmtree(self.path)
+        return {**sealed["counts"], "finished": True}
 
     def _committed(self) -> dict[str, int]:
         counts = {"chunks": 0, "scored": 0, "rejected": 0}
@@ -182,7 +200,9 @@ class WorkFolder:
         """One chunk to the output stream; a .npy/.npz stream that cannot take it (text ids: no fixed width) is
         dropped, and the output is assembled from the parts at the end instead."""
         if isinstance(self.stream, ArrayStream):
-            if self.stream.accepts(batch.schema if batch is not None else None):
+            # once rows are in it, the layout stays: a chunk of other columns is an error (ValueError), not a
+            # reason to assemble from parts that hold none of those rows
+            if self.stream.schema is not None or self.stream.accepts(batch.schema if batch is not None else None):
                 self.stream.write(batch, rejected)
             else:
                 self.stream.discard()
@@ -212,9 +232,20 @@ class WorkFolder:
         elif self.stream is not None:
             self.stream.abort()
 
-    def finish(self, rejects: Path, chunks: int, scored: int, id_name: str, outputs: list[TensorSpec]) -> None:
-        """Complete the output and the rejects file from the committed chunks, then remove the folder."""
+    def finish(self, rejects: Path, counts: Mapping[str, int], id_name: str, outputs: list[TensorSpec]) -> None:
+        """Complete the rejects file and the output from the committed chunks, then remove the folder."""
+        # the chunks whose parts wait for a settle are in the output; from here a stop redoes them (the output's
+        # file may be closed by now, so nothing may settle them)
+        self._pending.clear()
+        chunks, scored = counts["chunks"], counts["scored"]
         parts = [self._part(k) for k in range(chunks)]
+        # the rejects file before the output: a run stopped between the two is finished by --resume
+        earlier_rejects = (info["rejects"] for p in parts[:self._start] if (info := _chunk_info(p)) is not None)
+        found = "".join([*earlier_rejects, *(self._rejected[k] for k in sorted(self._rejected))]).encode()
+        if found:
+            atomic_write(rejects, found)
+        else:
+            rejects.unlink(missing_ok=True)  # a stale one from an earlier run would be misread as this run's
         # only an earlier run's parts are read back (this run knows its own: finish runs on the scoring thread)
         earlier = (s for s in map(_schema, parts[:self._start]) if len(s))
         schema = next(earlier, None) or self._first or empty_schema(id_name, outputs)
@@ -223,7 +254,11 @@ class WorkFolder:
         if isinstance(self.stream, ArrayStream) and not self.stream.accepts(schema):
             self.stream.discard()  # no row reached it, and its columns have no fixed width
             self.stream = None
-        if self.stream is not None:
+        if isinstance(self.stream, ArrayStream):  # its parts hold no rows: once sealed, only the rename is left
+            sealed = self.stream.seal(schema)
+            atomic_write(self.path / SEALED, json.dumps({"file": sealed.name, "counts": dict(counts)}).encode())
+            self.stream.publish(sealed)
+        elif self.stream is not None:
             self.stream.close(schema)
         else:  # the parts, memory-mapped once, are read once per output (.npz members) without a copy
             maps = [pa.memory_map(str(p)) for p in parts]
@@ -235,14 +270,6 @@ class WorkFolder:
                 mapped.clear()  # the batches go before the maps they view
                 for m in maps:
                     m.close()
-        # the parts of this run's chunks that wait for a settle never will: the output is whole, the folder goes
-        self._pending.clear()
-        earlier_rejects = (info["rejects"] for p in parts[:self._start] if (info := _chunk_info(p)) is not None)
-        found = "".join([*earlier_rejects, *(self._rejected[k] for k in sorted(self._rejected))]).encode()
-        if found:
-            atomic_write(rejects, found)
-        else:
-            rejects.unlink(missing_ok=True)  # a stale one from an earlier run would be misread as this run's
         shutil.rmtree(self.path)
 
 

@@ -213,7 +213,7 @@ def test_an_array_stream_reopened_at_a_commit_goes_on_to_the_same_bytes(tmp_path
     again.close(schema)
     assert (tmp_path / "x.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
     (tmp_path / "y.partial").write_bytes(b"short")
-    with pytest.raises(ValueError, match="does not have the layout its commits record"):
+    with pytest.raises(ValueError, match="does not hold the rows its commits record"):
         ArrayStream(tmp_path / "y.npz", "npz", 9, tmp_path / "y.partial").reopen(schema, state)
     with pytest.raises(ValueError, match="is missing"):
         ArrayStream(tmp_path / "z.npz", "npz", 9, tmp_path / "z.partial").reopen(schema, state)
