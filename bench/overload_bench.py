@@ -30,7 +30,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import models  # noqa: E402
-from harness import REPO, answer_checker, bench_keys, commit, free_port, json_body, machine, rss_mb, wait_ready  # noqa: E402
+from harness import (  # noqa: E402
+    REPO,
+    answer_checker,
+    bench_keys,
+    commit,
+    free_port,
+    json_body,
+    machine,
+    rss_mb,
+    wait_listening,
+    wait_ready,
+)
 
 from daemon import artifact, loadgen  # noqa: E402
 from daemon.store import Store  # noqa: E402
@@ -118,6 +129,22 @@ async def load(port: int, reqs: list[bytes], clients: int, seconds: float, pid: 
     return phase
 
 
+def refusal_floor(work: Path, reqs: list[bytes], seconds: float, honour_retry_after: bool) -> Phase:
+    """The same 256-client load against a server that refuses everything at once, unpinned like the daemon (the
+    requests' Host header still names the daemon's port: nothing reads it)."""
+    port = free_port()
+    body = work / "refusal.json"
+    body.write_bytes(b'{"error": "overloaded: the predicted wait in the queue exceeds the deadline"}')
+    proc = subprocess.Popen([sys.executable, str(HERE / "servers.py"), "refuser", str(port), "-", str(body), "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port)
+        return asyncio.run(load(port, reqs, 256, seconds, proc.pid, lambda k, b: None, honour_retry_after))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def start_daemon(work: Path) -> tuple[subprocess.Popen[bytes], int]:
     import yaml
 
@@ -166,6 +193,7 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(30)
+    floor = refusal_floor(work, reqs, args.overload, args.honour_retry_after)
 
     figures = {
         "accepted_rps": over.ok_rps / steady.ok_rps,
@@ -192,6 +220,12 @@ def main() -> int:
         f"| 256 clients | {over.ok_rps:.0f} | {over.p(over.ok_ns, 50):.1f} | {over.p(over.ok_ns, 99):.1f} | "
         f"{len(over.refused_ns)} | {over.p(over.refused_ns, 99):.2f} | {over.rss_peak_mb:.0f} (peak) |",
         f"| {args.quiet:g} s later | | | | | | {rss_quiet:.0f} |",
+        f"| refusal floor: 256 clients, a server refusing every request at once | | | | {len(floor.refused_ns)} | "
+        f"{floor.p(floor.refused_ns, 99):.2f} | |",
+        "",
+        "The refusal floor (bench/servers.py refuser, on aiohttp's low-level server as inferd, same client, same "
+        "bodies): what a refusal's round trip costs here with this load generator and no model running; inferd's "
+        f"refused p99 is {over.p(over.refused_ns, 99) / max(floor.p(floor.refused_ns, 99), 1e-9):.2f}x of it.",
         "",
         "| target | figure | limit | met |",
         "| --- | --- | --- | --- |",

@@ -1,6 +1,8 @@
 """The reference servers bench/run.py measures inferd against, each started as its own process.
 
 - ``bare``: a handler that returns a fixed body of the same size as inferd's answer: the HTTP transport limit.
+- ``refuser``: answers every inference 503 with ``Retry-After`` at once, from the headers, without reading the body
+  (as inferd refuses): the fastest a refusal can come back through this transport and client (bench/overload_bench.py).
 - ``minimal``: what a 40-line V2 server does: parse JSON (orjson) or binary, one numpy conversion, the runtime
   through an executor, orjson out. No validation, no scheduling, no metrics.
 
@@ -8,7 +10,7 @@ Both run on aiohttp's low-level server (``web_server.Server`` behind a ``ServerR
 ``web.Application`` adds a router and middleware chain that inferd does not pay for, which would make "x of bare"
 flatter us. Both still check the method and path, as any server must.
 
-Usage: python bench/servers.py bare|minimal PORT MODEL.onnx RESPONSE_FILE THREADS
+Usage: python bench/servers.py bare|refuser|minimal PORT MODEL.onnx RESPONSE_FILE THREADS
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ def bare(response: bytes) -> Handler:
             return web.Response(status=404)
         await request.read()
         return web.Response(body=response, content_type="application/json")
+
+    return handler
+
+
+def refuser(response: bytes) -> Handler:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        if _model_of(request) is None:
+            return web.Response(status=404)
+        return web.Response(status=503, body=response, content_type="application/json", headers={"Retry-After": "1"})
 
     return handler
 
@@ -102,7 +113,9 @@ async def serve(handler: Handler, port: int) -> None:
 
 def main() -> None:
     kind, port, model, response, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-    handler = bare(Path(response).read_bytes()) if kind == "bare" else minimal(Path(model).read_bytes(), threads)
+    handlers = {"bare": lambda: bare(Path(response).read_bytes()), "refuser": lambda: refuser(Path(response).read_bytes()),
+                "minimal": lambda: minimal(Path(model).read_bytes(), threads)}
+    handler = handlers[kind]()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(handler, port))
 
