@@ -135,8 +135,10 @@ def pipelined(model: bytes, fmt: str, dst: str, path: Path, chunk: int, out: Pat
 def reference_child(model: Path, fmt: str, path: Path, chunk: int) -> tuple[float, float]:
     """(seconds, CPU seconds) of ``in_process`` run in a fresh process, as a user's script would run: inferd batch
     is a fresh process too, so neither side finds the runtime's code and allocator warm from an earlier run."""
+    # Arrow's allocator as inferd batch's (jemalloc: see docs/batch.md), so the two differ only in what batch does
+    env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "jemalloc"}
     done = subprocess.run([sys.executable, __file__, "--reference-child", str(model), fmt, str(path), str(chunk)],
-                          check=True, capture_output=True, text=True, cwd=REPO)
+                          check=True, capture_output=True, text=True, cwd=REPO, env=env)
     took, cpu = done.stdout.split()
     return float(took), float(cpu)
 
@@ -272,8 +274,9 @@ def main() -> int:
              f"Machine: {machine()}; load average {os.getloadavg()[0]:.2f} at the end (the CPUs are shared). The "
              f"tabular classifier ({SIZES['tabular'][0]:,} rows, chunks of {SIZES['tabular'][1]:,}) and the small "
              f"CNN ({SIZES['cnn'][0]:,} rows, chunks of {SIZES['cnn'][1]}), one runtime thread, every CPU allowed; "
-             f"{args.rounds} rounds, medians. in-process: a fresh process (as inferd batch is) reading the same file with the "
-             "same library, the same chunks run cold, outputs kept in memory, its loop timed. inferd batch: rows/s as it times its own run (read, check, run, "
+             f"{args.rounds} rounds, medians. in-process: a fresh process (as inferd batch is, and with its Arrow allocator, "
+             "jemalloc) reading the same file with the same library, the same chunks run cold, outputs kept in memory, "
+             "its loop timed. inferd batch: rows/s as it times its own run (read, check, run, "
              "commit each chunk, write the output atomically); end to end adds the process's start-up (imports, "
              "decrypt, load); CPU s: the reference's loop, and the batch process's less its start-up (a run over an "
              "empty input, the same rounds). read and write: the input alone read and decoded, the "

@@ -108,7 +108,7 @@ class Source:
 
     def _arrays(self, path: Path) -> dict[str, np.ndarray]:
         if self.format == "npy":
-            return {path.stem: np.load(path, mmap_mode="r", allow_pickle=False)}
+            return {self.files[0].stem: np.load(path, mmap_mode="r", allow_pickle=False)}  # one name for a folder
         npz = np.load(path, allow_pickle=False)
         arrays = {k: npz[k] for k in npz.files}  # zip members cannot be memory-mapped: read one by one, whole
         lengths = {len(a) if a.ndim else 0 for a in arrays.values()}

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from adapters.base import TensorSpec
+from daemon import batch_ints
 from daemon.batch_arrow import numpy_of
 
 #: a column as a reader hands it over: an Arrow array (CSV, Parquet), a numpy array (.npy/.npz), or Python values
@@ -162,12 +163,22 @@ def _scalars(col: Column, n: int, dtype: np.dtype[Any], allow_nan: bool,
         if col.ndim != 1 or col.dtype.kind not in "iufb":
             raise ValueError(f"array {name!r} has shape {col.shape[1:]} per row and dtype {col.dtype}: not a column "
                              "of numbers")
+        if integral and col.dtype.kind in "iub":  # exact: float64 would lose what is past 2**53
+            return batch_ints.exact(col, dtype, name)
         values = col.astype(np.float64)
     elif isinstance(col, pa.Array) and col.null_count == 0 and (
             pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
-        values = numpy_of(col).astype(np.float64)
+        raw = numpy_of(col)
+        if integral and raw.dtype.kind in "iu":
+            return batch_ints.exact(raw, dtype, name)
+        values = raw.astype(np.float64)
     else:
         parsed = None
+        if integral and isinstance(col, pa.Array) and pa.types.is_string(col.type) and col.null_count == 0:
+            try:  # text of whole numbers, exactly
+                return batch_ints.exact(numpy_of(pc.cast(col, pa.int64())), dtype, name)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                pass  # "1.0", a value past int64, or not a number: the float path or one by one says which
         if isinstance(col, pa.Array) and pa.types.is_string(col.type) and col.null_count == 0:
             try:
                 parsed = numpy_of(pc.cast(col, pa.float64()))
@@ -193,11 +204,17 @@ def _finish(values: np.ndarray, dtype: np.dtype[Any], allow_nan: bool, integral:
         for i in np.flatnonzero(frac):
             why.setdefault(int(i), f"column {name!r}: {values[i]} is not an integer")
         values = np.where(frac, 0.0, values)
+        big = batch_ints.out_of_range(values, dtype)
+        for i in np.flatnonzero(big):
+            why.setdefault(int(i), batch_ints.reason(name, values[i], dtype))
+        values = np.where(big, 0.0, values)
     return values.astype(dtype), why
 
 
 def _slow_scalars(items: list[Any], dtype: np.dtype[Any], allow_nan: bool,
                   name: str) -> tuple[np.ndarray, dict[int, str]]:
+    if dtype.kind in "iub":
+        return batch_ints.python_ints(items, dtype, name, _number)
     out = np.zeros(len(items), np.float64)
     why: dict[int, str] = {}
     for i, v in enumerate(items):
@@ -239,6 +256,12 @@ def _whole_column(col: Column, n: int, plan: InputPlan, dtype: np.dtype[Any],
                              f"takes {list(row)}")
         if col.dtype == dtype and col.size and (dtype.kind in "iub" or allow_nan or np.isfinite(col).all()):
             return col, {}  # already the model's dtype and nothing to reject: no copy, one pass at most
+        if dtype.kind in "iub" and col.dtype.kind in "iub" and col.size:  # exact, each value in the input's range
+            rows = col.reshape(len(col), -1)
+            bad = batch_ints.out_of_range(rows, dtype)
+            found = {int(i): batch_ints.reason(name, rows[i, j], dtype, at=j)
+                     for i in np.flatnonzero(bad.any(axis=1)) for j in [int(np.flatnonzero(bad[i])[0])]}
+            return (np.where(bad, 0, rows) if found else rows).reshape(col.shape).astype(dtype), found
         flat = col.reshape(len(col), -1).astype(np.float64) if col.size else col.astype(np.float64)
         checked, found = _finish_rows(flat, dtype, allow_nan, name)
         return checked.reshape(col.shape).astype(dtype), found
@@ -294,15 +317,19 @@ def _finish_rows(flat: np.ndarray, dtype: np.dtype[Any], allow_nan: bool,
     bad_value = ~np.isfinite(flat) if (integral or not allow_nan) else np.zeros(flat.shape, bool)
     if integral:
         bad_value |= np.isfinite(flat) & (flat != np.floor(flat))
+        bad_value |= np.isfinite(flat) & batch_ints.out_of_range(np.nan_to_num(flat), dtype)
     bad_rows = np.flatnonzero(bad_value.any(axis=1))
     if not len(bad_rows):
         return flat, why  # nothing to blank: no copy
     for i in bad_rows:
         j = int(np.flatnonzero(bad_value[i])[0])
         v = flat[i, j]
-        why[int(i)] = (f"column {name!r}: {v} at position {j} is not an integer" if integral and math.isfinite(v)
-                       else f"column {name!r}: {v} at position {j} is not allowed (pass --allow-nan to score NaN "
-                       "and inf)")
+        if integral and math.isfinite(v) and v == math.floor(v):
+            why[int(i)] = batch_ints.reason(name, v, dtype, at=j)
+        else:
+            why[int(i)] = (f"column {name!r}: {v} at position {j} is not an integer" if integral and math.isfinite(v)
+                           else f"column {name!r}: {v} at position {j} is not allowed (pass --allow-nan to score NaN "
+                           "and inf)")
     return np.where(bad_value, 0.0, flat), why
 
 

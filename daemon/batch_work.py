@@ -62,6 +62,7 @@ class WorkFolder:
         self._rejected: dict[int, str] = {}  # chunk -> its reject lines
         # chunks written to a .npy/.npz output in progress whose parts wait for ``settle`` (one fdatasync for them)
         self._pending: list[tuple[int, pa.Schema]] = []
+        self._id_type: pa.DataType | None = None  # the ids' type, which every chunk of a typed output keeps
 
     def start(self, resume: bool) -> dict[str, Any]:
         """The counts to go on from: fresh ones, or (``resume``) the interrupted run's, its stale files removed."""
@@ -110,8 +111,19 @@ class WorkFolder:
         elif not self.output.exists():
             raise ValueError(f"--resume: the run in {self.path} had finished, but its output {self.output} is gone; "
                              "delete the folder to start over")
-        shutil.rmtree(self.path)
+        self._remove()
         return {**sealed["counts"], "finished": True}
+
+    def _remove(self) -> None:
+        """The folder goes with its record of a sealed output last but the journal: a run stopped meanwhile is
+        still finished by --resume (or, once that record is gone, redone whole), never stuck."""
+        last = [self.path / SEALED, self.path / JOURNAL]
+        for entry in self.path.iterdir():
+            if entry not in last:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        for entry in last:
+            entry.unlink(missing_ok=True)
+        self.path.rmdir()
 
     def _committed(self) -> dict[str, int]:
         counts = {"chunks": 0, "scored": 0, "rejected": 0}
@@ -127,6 +139,11 @@ class WorkFolder:
     def write_chunk(self, k: int, id_name: str, ids: pa.Array, good: np.ndarray, outputs: Mapping[str, np.ndarray],
                     reasons: Mapping[int, str]) -> None:
         """Commit chunk ``k``: its scored rows (``good``, indices into ``ids``) and its rejected rows."""
+        if self._id_type is None or pa.types.is_null(self._id_type):
+            self._id_type = ids.type
+        elif ids.type != self._id_type and not pa.types.is_null(ids.type) and self.fmt in ("parquet", "npz"):
+            raise ValueError(f"--id-column {id_name!r}: the ids are {self._id_type} up to chunk {k} and {ids.type} "
+                             "in it (text among numbers?): give every row an id of one type")
         for name, arr in outputs.items():
             if arr.shape[:1] != (len(good),):
                 raise ValueError(f"output {name!r} has shape {list(arr.shape)} for {len(good)} rows: batch needs one "
@@ -270,7 +287,7 @@ class WorkFolder:
                 mapped.clear()  # the batches go before the maps they view
                 for m in maps:
                     m.close()
-        shutil.rmtree(self.path)
+        self._remove()
 
 
 def _schema(part: Path) -> pa.Schema:

@@ -99,3 +99,52 @@ def test_a_folder_whose_id_column_changes_type_is_an_error_not_a_short_output(tm
     assert _batch(art, keyset, "--input", str(folder), "--output", str(out), "--chunk-rows", "50",
                   "--id-column", "key") == 1
     assert not out.exists()
+
+
+def test_a_run_stopped_while_its_work_folder_goes_is_finished_by_resume(
+        tmp_path: Path, keyset: KeySet, setup: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The folder's record of the sealed output goes last but the journal: stopped just before it, the parts
+    already gone, --resume still finishes (it was: "the output in progress is missing", for good)."""
+    art, src = setup
+    out = tmp_path / "scores.npz"
+    work = out.with_name(out.name + ".inferd-batch")
+    real = Path.unlink
+    fired: list[Path] = []
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if self.name == "sealed.json" and not fired:
+            fired.append(self)
+            raise OSError(5, "Input/output error (injected)")
+        real(self, missing_ok=missing_ok)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "unlink", unlink)
+        status = _batch(art, keyset, "--input", str(src), "--output", str(out), "--chunk-rows", "300")
+    assert status == 1 and fired and "injected" in capsys.readouterr().err
+    assert out.exists() and sorted(p.name for p in work.iterdir()) == ["journal.json", "sealed.json"]
+    whole = out.read_bytes()
+    rejects = out.with_name(out.name + ".rejects.jsonl")
+    rejected = len(rejects.read_text().splitlines()) if rejects.exists() else 0
+    assert _batch(art, keyset, "--input", str(src), "--output", str(out), "--chunk-rows", "300",
+                  "--resume") == (3 if rejected else 0)
+    assert f"had already scored {2_000 - rejected:,} rows" in capsys.readouterr().out
+    assert out.read_bytes() == whole and not work.exists()
+
+
+@pytest.mark.parametrize(("suffix", "status"), [(".parquet", 1), (".npz", 1), (".jsonl", 0), (".csv", 0)])
+def test_ids_that_change_type_are_refused_with_a_clear_error_where_the_output_types_columns(
+        tmp_path: Path, keyset: KeySet, setup: tuple[Path, Path], suffix: str, status: int,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    art, _ = setup
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(f'{{"id": {i if i < 10 else repr(f"k{i}")}, "a": 1, "b": 2, "c": 3, "d": 4}}\n'
+                           .replace("'", '"') for i in range(15)))
+    out = tmp_path / f"scores{suffix}"
+    assert _batch(art, keyset, "--input", str(src), "--output", str(out), "--chunk-rows", "5",
+                  "--id-column", "id") == status
+    if status:
+        assert "the ids are int64 up to chunk 2 and string in it" in capsys.readouterr().err
+        assert not out.exists()
+    else:
+        assert out.exists()
