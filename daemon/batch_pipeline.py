@@ -69,16 +69,11 @@ class Pipeline(Generic[T]):
         self._write_q.put(result)
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._stop.set()
-        while True:  # a reader blocked on a full queue sees the stop once there is room again
-            try:
-                self._read_q.get_nowait()
-            except queue.Empty:
-                break
         # the writer drains to the end: what was scored is still committed, in order; a second Ctrl-C meanwhile
-        # must not leave the writer committing behind the caller's clean-up, so the waits are finished first
+        # must not leave the writer committing behind the caller's clean-up, so every step is finished first
         interrupted: BaseException | None = None
-        steps: list[Callable[[], object]] = [lambda: self._write_q.put(_END), self._writer.join, self._reader.join]
+        steps: list[Callable[[], object]] = [self._stop.set, self._empty_read_queue, lambda: self._write_q.put(_END),
+                                             self._writer.join, self._reader.join]
         for step in steps:
             while True:
                 try:
@@ -90,6 +85,14 @@ class Pipeline(Generic[T]):
             raise interrupted
         if kind is None:
             self._raise_write_error()
+
+    def _empty_read_queue(self) -> None:
+        """A reader blocked on a full queue sees the stop once there is room again."""
+        while True:
+            try:
+                self._read_q.get_nowait()
+            except queue.Empty:
+                return
 
     def _raise_write_error(self) -> None:
         if self._write_error is not None:

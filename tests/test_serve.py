@@ -80,7 +80,8 @@ def test_key_problems_stop_start_up_with_one_line(site: Site, keyset: KeySet, tm
 @pytest.mark.slow
 def test_sigterm_during_a_burst_answers_every_accepted_request(site: Site, keyset: KeySet, start_daemon) -> None:
     site.install(pack_model(keyset, build_slow_model(), name="slow"))
-    site.models = [{"name": "slow", "runtime": "onnxruntime", "threads": 1, "workers": 1}]
+    # admission must not refuse any of the 8 (on a loaded host the predicted wait can pass the measured default)
+    site.models = [{"name": "slow", "runtime": "onnxruntime", "threads": 1, "workers": 1, "max_queue_wait_ms": 600_000}]
     daemon = start_daemon(site.write_config())
     n = 8
     x = np.ones((16, 1024), np.float32) * 0.001
@@ -115,7 +116,8 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(site: Site, keyse
     assert daemon.proc.wait(timeout=60) == 0
     statuses = [o[0] for o in outcomes if isinstance(o, tuple)]
     assert all(not isinstance(o, Exception) for o in outcomes), outcomes
-    assert statuses == [200] * n, statuses  # all were accepted before SIGTERM, so all were answered
+    # all were accepted before SIGTERM, so all were answered
+    assert statuses == [200] * n, [o[1][:200] if isinstance(o, tuple) else o for o in outcomes]
     drained = [e for e in daemon.events() if e.startswith("draining")]
     assert drained and int(drained[0].split()[1]) >= 2, drained  # several were still in flight at SIGTERM
 
