@@ -29,6 +29,19 @@ def _identity(keyset: KeySet, tmp_path: Path, elem: int, shape: list[int | None]
     return path
 
 
+def _column(src: Path, values: list[int]) -> Path:
+    """One int64 column ``v`` in the format ``src``'s suffix names."""
+    if src.suffix == ".parquet":
+        pq.write_table(pa.table({"v": pa.array(values, pa.int64())}), src)
+    elif src.suffix == ".csv":
+        src.write_text("v\n" + "\n".join(map(str, values)) + "\n")
+    elif src.suffix == ".jsonl":
+        src.write_text("".join(json.dumps({"v": v}) + "\n" for v in values))
+    else:
+        np.save(src, np.array(values, np.int64))
+    return src
+
+
 def _run(art: Path, keyset: KeySet, src: Path, out: Path) -> int:
     return cli.main(["batch", str(art), "--kek", str(keyset.kek_path), "--signer", str(keyset.public_path),
                      "--input", str(src), "--output", str(out)])
@@ -46,15 +59,7 @@ def _rejects(out: Path) -> list[str]:
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl", "npy"])
 def test_int64_values_past_2_53_are_scored_exactly(tmp_path: Path, keyset: KeySet, fmt: str) -> None:
     art = _identity(keyset, tmp_path, TensorProto.INT64, [None], "i64")
-    src = tmp_path / f"in.{fmt}"
-    if fmt == "parquet":
-        pq.write_table(pa.table({"v": pa.array(BIG, pa.int64())}), src)
-    elif fmt == "csv":
-        src.write_text("v\n" + "\n".join(map(str, BIG)) + "\n")
-    elif fmt == "jsonl":
-        src.write_text("".join(json.dumps({"v": v}) + "\n" for v in BIG))
-    else:
-        np.save(src, np.array(BIG, np.int64))
+    src = _column(tmp_path / f"in.{fmt}", BIG)
     out = tmp_path / "out.jsonl"
     assert _run(art, keyset, src, out) == 0
     assert _written(out) == BIG
@@ -69,15 +74,7 @@ def test_a_value_outside_the_inputs_type_is_rejected_not_wrapped(tmp_path: Path,
                                                                  dtype: str, values: list[int], kept: list[int],
                                                                  fmt: str) -> None:
     art = _identity(keyset, tmp_path, elem, [None], dtype)
-    src = tmp_path / f"in.{fmt}"
-    if fmt == "parquet":
-        pq.write_table(pa.table({"v": pa.array(values, pa.int64())}), src)
-    elif fmt == "csv":
-        src.write_text("v\n" + "\n".join(map(str, values)) + "\n")
-    elif fmt == "jsonl":
-        src.write_text("".join(json.dumps({"v": v}) + "\n" for v in values))
-    else:
-        np.save(src, np.array(values, np.int64))
+    src = _column(tmp_path / f"in.{fmt}", values)
     out = tmp_path / "out.jsonl"
     assert _run(art, keyset, src, out) == 3
     assert _written(out) == kept
