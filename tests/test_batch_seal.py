@@ -134,9 +134,10 @@ def test_a_run_stopped_while_its_work_folder_goes_is_finished_by_resume(
 
 @pytest.mark.parametrize(("suffix", "status"), [(".parquet", 1), (".npz", 1), (".jsonl", 0), (".csv", 0)])
 def test_ids_that_change_type_are_refused_with_a_clear_error_where_the_output_types_columns(
-        tmp_path: Path, keyset: KeySet, setup: tuple[Path, Path], suffix: str, status: int,
+        tmp_path: Path, keyset: KeySet, mlp_onnx: bytes, suffix: str, status: int,
         capsys: pytest.CaptureFixture[str]) -> None:
-    art, _ = setup
+    art = tmp_path / "model.inferd"
+    art.write_bytes(pack_model(keyset, mlp_onnx))
     src = tmp_path / "rows.jsonl"
     src.write_text("".join(f'{{"id": {i if i < 10 else repr(f"k{i}")}, "a": 1, "b": 2, "c": 3, "d": 4}}\n'
                            .replace("'", '"') for i in range(15)))
